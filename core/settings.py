@@ -1,0 +1,273 @@
+"""One typed settings object, read once from the environment.
+
+Every variable tidemill reads is declared in ``FIELDS`` with its default and a one-line
+description; the README's configuration table and the docker-compose test are both checked
+against this list, so a variable cannot be used without being documented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """A setting has a value tidemill cannot use; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Field:
+    env: str
+    attr: str
+    default: str | None
+    help: str
+    parse: Callable[[str, str], Any]
+
+
+def _str(name: str, raw: str) -> str:
+    return raw
+
+
+def _int(name: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+
+
+def _pos_int(name: str, raw: str) -> int:
+    value = _int(name, raw)
+    if value < 1:
+        raise SettingsError(f"{name}={raw!r} must be at least 1")
+    return value
+
+
+def _port(name: str, raw: str) -> int:
+    value = _int(name, raw)
+    if not 0 < value < 65536:
+        raise SettingsError(f"{name}={raw!r} is not a TCP port (1-65535)")
+    return value
+
+
+def _float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise SettingsError(f"{name}={raw!r} must be greater than 0")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise SettingsError(f"{name}={raw!r} must be one of: {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _url(*schemes: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        scheme = urlsplit(raw).scheme
+        if scheme not in schemes:
+            raise SettingsError(
+                f"{name}={_redact(raw)!r} has scheme {scheme or '(none)'!r}; "
+                f"expected one of: {', '.join(s + '://' for s in schemes)}"
+            )
+        return raw
+
+    return parse
+
+
+def _optional_url(*schemes: str) -> Callable[[str, str], str | None]:
+    check = _url(*schemes)
+
+    def parse(name: str, raw: str) -> str | None:
+        return check(name, raw) if raw else None
+
+    return parse
+
+
+def _redact(url: str) -> str:
+    """The URL with its password replaced, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+redact_url = _redact
+
+FIELDS: tuple[Field, ...] = (
+    Field("TIDEMILL_ENV", "env", "development",
+          "development (console logs) or production (JSON logs); test is used by the suite",
+          _choice("development", "production", "test")),
+    Field("TIDEMILL_DATA_DIR", "data_dir", ".data",
+          "where embedded servers, dev mail and dev objects keep their files", _str),
+    Field("DATABASE_URL", "database_url", "",
+          "Postgres URL (postgresql://user:pass@host:port/db); unset: embedded Postgres",
+          _optional_url("postgresql", "postgres", "postgresql+psycopg")),
+    Field("REDIS_URL", "redis_url", "",
+          "Redis URL for cache keys and locks (redis://host:port/0); unset: embedded Valkey",
+          _optional_url("redis", "rediss", "unix")),
+    Field("BROKER_URL", "broker_url", "",
+          "dramatiq broker: redis://, rediss:// or amqp:// (RabbitMQ); unset: REDIS_URL",
+          _optional_url("redis", "rediss", "amqp", "amqps")),
+    Field("STORAGE_URL", "storage_url", "",
+          "object storage for archives, exports and backups: file://PATH or s3://BUCKET/PREFIX; "
+          "unset: file://DATA_DIR/objects",
+          _optional_url("file", "s3")),
+    Field("S3_ENDPOINT_URL", "s3_endpoint_url", "",
+          "S3 endpoint override (MinIO, moto); unset: AWS", _str),
+    Field("MAIL_URL", "mail_url", "",
+          "mail transport: smtp://user:pass@host:port, smtps://…, ses://REGION or "
+          "file://PATH; unset: file://DATA_DIR/mail",
+          _optional_url("smtp", "smtps", "ses", "file")),
+    Field("MAIL_FROM", "mail_from", "Tidemill <no-reply@tidemill.local>",
+          "sender address of outgoing mail", _str),
+    Field("TIDEMILL_PG_PORT", "pg_port", "54329", "port of the embedded Postgres", _port),
+    Field("TIDEMILL_REDIS_PORT", "redis_port", "63799", "port of the embedded Valkey", _port),
+    Field("TIDEMILL_WEB_HOST", "web_host", "127.0.0.1", "address the HTTP server binds", _str),
+    Field("TIDEMILL_WEB_PORT", "web_port", "8000", "port of the HTTP server", _port),
+    Field("TIDEMILL_WORKER_PROCESSES", "worker_processes", "2",
+          "dramatiq worker processes started by `tidemill up` / `tidemill worker`", _pos_int),
+    Field("TIDEMILL_WORKER_THREADS", "worker_threads", "8",
+          "threads per worker process", _pos_int),
+    Field("TIDEMILL_MAX_RETRIES", "max_retries", "10",
+          "retries of a failing message before it goes to the dead-letter queue", _int),
+    Field("TIDEMILL_MIN_BACKOFF_MS", "min_backoff_ms", "1000",
+          "first retry delay; doubles each retry", _pos_int),
+    Field("TIDEMILL_MAX_BACKOFF_MS", "max_backoff_ms", "3600000",
+          "longest retry delay", _pos_int),
+    Field("TIDEMILL_TIME_LIMIT_MS", "time_limit_ms", "600000",
+          "a message running longer than this is interrupted", _pos_int),
+    Field("TIDEMILL_MAX_AGE_MS", "max_age_ms", "259200000",
+          "a message older than this (3 days, Stripe's retry window) is dropped, not run",
+          _pos_int),
+    Field("TIDEMILL_HEARTBEAT_TIMEOUT_MS", "heartbeat_timeout_ms", "60000",
+          "a Redis-broker worker silent this long is dead; its unacked messages are requeued",
+          _pos_int),
+    Field("TIDEMILL_RELAY_POLL_S", "relay_poll_s", "2",
+          "outbox relay poll interval: the longest a row waits if its NOTIFY is lost", _float),
+    Field("TIDEMILL_RELAY_BATCH", "relay_batch", "500",
+          "outbox rows claimed per relay transaction", _pos_int),
+    Field("TIDEMILL_SHUTDOWN_GRACE_S", "shutdown_grace_s", "30",
+          "how long `tidemill up` waits for its processes to stop before killing them", _float),
+    Field("LOG_LEVEL", "log_level", "info", "debug, info, warning or error",
+          _choice("debug", "info", "warning", "error")),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str
+    data_dir: Path
+    database_url: str | None
+    redis_url: str | None
+    broker_url: str | None
+    storage_url: str
+    s3_endpoint_url: str | None
+    mail_url: str
+    mail_from: str
+    pg_port: int
+    redis_port: int
+    web_host: str
+    web_port: int
+    worker_processes: int
+    worker_threads: int
+    max_retries: int
+    min_backoff_ms: int
+    max_backoff_ms: int
+    time_limit_ms: int
+    max_age_ms: int
+    heartbeat_timeout_ms: int
+    relay_poll_s: float
+    relay_batch: int
+    shutdown_grace_s: float
+    log_level: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in FIELDS:
+            raw = environ.get(field.env)
+            if raw is None or raw == "":
+                raw = field.default or ""
+            values[field.attr] = field.parse(field.env, raw) if raw else None
+        data_dir = Path(values["data_dir"]).expanduser().resolve()
+        values["data_dir"] = data_dir
+        values["s3_endpoint_url"] = values["s3_endpoint_url"] or None
+        values["storage_url"] = values["storage_url"] or f"file://{data_dir / 'objects'}"
+        values["mail_url"] = values["mail_url"] or f"file://{data_dir / 'mail'}"
+        if values["max_retries"] < 0:
+            raise SettingsError(f"TIDEMILL_MAX_RETRIES={values['max_retries']} must be >= 0")
+        if values["min_backoff_ms"] > values["max_backoff_ms"]:
+            raise SettingsError("TIDEMILL_MIN_BACKOFF_MS must not exceed TIDEMILL_MAX_BACKOFF_MS")
+        return cls(**values)
+
+    # Resolved URLs: embedded servers fill these in when the variables are unset.
+    @property
+    def embedded_postgres(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def embedded_redis(self) -> bool:
+        return self.redis_url is None
+
+    @property
+    def effective_broker_url(self) -> str:
+        url = self.broker_url or self.redis_url
+        if url is None:
+            raise SettingsError("REDIS_URL is unset and no embedded Valkey is running")
+        return url
+
+    def with_urls(self, *, database_url: str | None = None, redis_url: str | None = None) -> Settings:
+        """A copy with the URLs of servers started on the fly (embedded defaults)."""
+        return dataclasses.replace(
+            self,
+            database_url=database_url or self.database_url,
+            redis_url=redis_url or self.redis_url,
+        )
+
+    def child_env(self) -> dict[str, str]:
+        """Environment for a child process, so it resolves exactly these servers."""
+        env = dict(os.environ)
+        if self.database_url:
+            env["DATABASE_URL"] = self.database_url
+        if self.redis_url:
+            env["REDIS_URL"] = self.redis_url
+        env["TIDEMILL_DATA_DIR"] = str(self.data_dir)
+        return env
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(variable, value) pairs for the start-up banner, passwords redacted."""
+        rows = []
+        for field in FIELDS:
+            value = getattr(self, field.attr)
+            shown = "" if value is None else str(value)
+            if field.attr in {"database_url", "redis_url", "broker_url", "mail_url"} and shown:
+                shown = _redact(shown)
+            rows.append((field.env, shown))
+        return rows
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use and then kept."""
+    return Settings.from_env()
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (a process that changed its own environment, e.g. `up`)."""
+    get_settings.cache_clear()

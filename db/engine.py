@@ -1,0 +1,122 @@
+"""Engine, sessions and the unit of work: one session, one transaction, commit or roll back."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.settings import Settings, get_settings, redact_url
+
+
+class ServiceUnreachable(RuntimeError):
+    """A configured server cannot be reached; the message names host and port, no traceback."""
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Any Postgres URL spelling -> the psycopg 3 dialect."""
+    scheme, _, rest = url.partition("://")
+    if scheme in {"postgres", "postgresql"}:
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
+def libpq_url(url: str) -> str:
+    """The URL psycopg and pg_dump understand (no SQLAlchemy dialect suffix)."""
+    scheme, _, rest = url.partition("://")
+    return f"postgresql://{rest}" if scheme.startswith("postgres") else url
+
+
+def host_port(url: str, default_port: int) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or default_port}"
+
+
+def check_postgres(url: str, *, timeout: int = 5) -> None:
+    try:
+        with psycopg.connect(libpq_url(url), connect_timeout=timeout) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ServiceUnreachable(
+            f"cannot reach Postgres at {host_port(url, 5432)} ({redact_url(url)}): {reason}"
+        ) from None
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.engine: Engine = create_engine(
+            sqlalchemy_url(url),
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+            future=True,
+        )
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+_lock = threading.Lock()
+_databases: dict[str, Database] = {}
+
+
+def get_database(settings: Settings | None = None) -> Database:
+    settings = settings or get_settings()
+    if settings.database_url is None:
+        raise ServiceUnreachable("DATABASE_URL is unset and no embedded Postgres is running")
+    with _lock:
+        db = _databases.get(settings.database_url)
+        if db is None:
+            db = _databases[settings.database_url] = Database(settings.database_url)
+        return db
+
+
+def dispose_all() -> None:
+    """Close every pool (after fork, or when a test recreates its database)."""
+    with _lock:
+        for db in _databases.values():
+            db.dispose()
+        _databases.clear()
+
+
+class UnitOfWork:
+    """A session inside one transaction. `commit()` ends it; anything else rolls it back."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.committed = False
+
+    def commit(self) -> None:
+        self.session.commit()
+        self.committed = True
+
+    def rollback(self) -> None:
+        self.session.rollback()
+
+    def close(self) -> None:
+        if not self.committed:
+            self.session.rollback()
+        self.session.close()
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return self.session.execute(*args, **kwargs)
+
+
+@contextmanager
+def unit_of_work(settings: Settings | None = None) -> Iterator[UnitOfWork]:
+    """Commit when the block returns, roll back when it raises."""
+    uow = UnitOfWork(get_database(settings).sessions())
+    try:
+        yield uow
+        uow.commit()
+    finally:
+        uow.close()

@@ -1,0 +1,52 @@
+"""The actor decorator: ids in, unit of work, call a function, commit."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import dramatiq
+
+import workers.broker  # noqa: F401  (sets the global broker before any actor is declared)
+from db.engine import UnitOfWork
+from workers.middleware import close_unit_of_work, open_unit_of_work
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class TidemillError(Exception):
+    """Root of tidemill's own errors. Subclasses that are permanent go in an actor's throws=."""
+
+
+class PermanentError(TidemillError):
+    """Retrying cannot help (bad input, missing row): fail now, keep the message as dead letter."""
+
+
+def actor(
+    *, queue_name: str = "default", **options: Any
+) -> Callable[[Callable[Concatenate[UnitOfWork, P], R]], dramatiq.Actor[P, R]]:
+    """Declare an actor whose function receives the message's unit of work first.
+
+    The commit happens inside the actor call, so a failed commit is a failed message that
+    the Retries middleware sees (and eventually dead-letters), never a silent ack.
+    """
+
+    def decorate(fn: Callable[Concatenate[UnitOfWork, P], R]) -> dramatiq.Actor[P, R]:
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            uow = open_unit_of_work()
+            try:
+                result = fn(uow, *args, **kwargs)
+                uow.commit()
+                return result
+            finally:
+                # Rolls back if the commit did not happen. Also outside a worker (a direct call
+                # in a test or the CLI), where no middleware is there to close the session.
+                close_unit_of_work()
+
+        options.setdefault("throws", (PermanentError,))
+        return dramatiq.actor(run, queue_name=queue_name, **options)  # type: ignore[no-any-return]
+
+    return decorate

@@ -1,0 +1,84 @@
+"""tidemill's own dramatiq middleware: log context and the per-message unit of work."""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from typing import Any
+
+import structlog
+from dramatiq.middleware import Middleware
+
+from core.log import get_logger
+from db.engine import UnitOfWork, get_database
+
+log = get_logger("workers")
+
+_uow: ContextVar[UnitOfWork | None] = ContextVar("tidemill_uow", default=None)
+_started: ContextVar[float] = ContextVar("tidemill_started", default=0.0)
+
+
+class LogContext(Middleware):
+    """Bind message_id, actor, queue and retries to every log line of the message, then clear
+    them, so a worker thread never carries one message's context into the next."""
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            message_id=message.message_id,
+            actor=message.actor_name,
+            queue=message.queue_name,
+            retries=message.options.get("retries", 0),
+        )
+        _started.set(time.perf_counter())
+
+    def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
+                              exception: BaseException | None = None) -> None:
+        duration_ms = round((time.perf_counter() - _started.get()) * 1000, 2)
+        if exception is None:
+            # debug, not info: one line per message would cost more than the no-op work itself
+            log.debug("message_processed", duration_ms=duration_ms)
+        else:
+            log.warning("message_failed", duration_ms=duration_ms,
+                        error=f"{type(exception).__name__}: {exception}")
+        structlog.contextvars.clear_contextvars()
+
+    def after_skip_message(self, broker: Any, message: Any) -> None:
+        log.info("message_skipped")
+        structlog.contextvars.clear_contextvars()
+
+
+class UnitOfWorkMiddleware(Middleware):
+    """One session and one transaction per message.
+
+    The session is opened lazily (a message that never touches Postgres costs nothing) and
+    closed here, rolling back whatever was not committed. The commit itself happens inside the
+    actor call (see ``workers.base.actor``): dramatiq logs and swallows exceptions raised in
+    ``after_process_message``, so a commit failing there would ack a message whose work was lost.
+    """
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        _uow.set(None)
+
+    def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
+                              exception: BaseException | None = None) -> None:
+        close_unit_of_work()
+
+    def after_skip_message(self, broker: Any, message: Any) -> None:
+        close_unit_of_work()
+
+
+def open_unit_of_work() -> UnitOfWork:
+    """The current message's unit of work, opened on first use."""
+    uow = _uow.get()
+    if uow is None:
+        uow = UnitOfWork(get_database().sessions())
+        _uow.set(uow)
+    return uow
+
+
+def close_unit_of_work() -> None:
+    uow = _uow.get()
+    if uow is not None:
+        _uow.set(None)
+        uow.close()
