@@ -59,7 +59,9 @@ def _require_services(settings: Settings, *, broker: bool = True) -> None:
     from db.redis import check_redis
 
     if settings.database_url is None:
-        raise ServiceUnreachable("DATABASE_URL is not set (or run `tidemill up` for embedded servers)")
+        raise ServiceUnreachable(
+            "DATABASE_URL is not set (or run `tidemill up` for embedded servers)"
+        )
     if settings.redis_url is None:
         raise ServiceUnreachable("REDIS_URL is not set (or run `tidemill up` for embedded servers)")
     check_postgres(settings.database_url)
@@ -82,7 +84,9 @@ def _stop_event() -> threading.Event:
 @app.command()
 @friendly_errors
 def up(
-    workers: Annotated[int | None, typer.Option(help="worker processes (TIDEMILL_WORKER_PROCESSES)")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="worker processes (TIDEMILL_WORKER_PROCESSES)")
+    ] = None,
 ) -> None:
     """Run the whole system in the foreground: embedded Postgres and Valkey unless DATABASE_URL /
     REDIS_URL are set, migrations, then relay, workers, scheduler and web."""
@@ -102,10 +106,18 @@ def up(
 @app.command()
 @friendly_errors
 def worker(
-    modules: Annotated[list[str] | None, typer.Argument(help="extra modules declaring actors")] = None,
-    processes: Annotated[int | None, typer.Option(help="processes (TIDEMILL_WORKER_PROCESSES)")] = None,
-    threads: Annotated[int | None, typer.Option(help="threads per process (TIDEMILL_WORKER_THREADS)")] = None,
-    queues: Annotated[list[str] | None, typer.Option("--queue", "-Q", help="only these queues")] = None,
+    modules: Annotated[
+        list[str] | None, typer.Argument(help="extra modules declaring actors")
+    ] = None,
+    processes: Annotated[
+        int | None, typer.Option(help="processes (TIDEMILL_WORKER_PROCESSES)")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="threads per process (TIDEMILL_WORKER_THREADS)")
+    ] = None,
+    queues: Annotated[
+        list[str] | None, typer.Option("--queue", "-Q", help="only these queues")
+    ] = None,
 ) -> None:
     """Run dramatiq worker processes for every actor family."""
     from dramatiq.cli import main as dramatiq_main
@@ -114,9 +126,12 @@ def worker(
     settings = _settings()
     _require_services(settings)
     argv = [
-        "workers.actors", *(modules or []),
-        "--processes", str(processes or settings.worker_processes),
-        "--threads", str(threads or settings.worker_threads),
+        "workers.actors",
+        *(modules or []),
+        "--processes",
+        str(processes or settings.worker_processes),
+        "--threads",
+        str(threads or settings.worker_threads),
     ]
     if queues:
         argv += ["--queues", *queues]
@@ -136,7 +151,12 @@ def relay() -> None:
 
     relay = Relay(settings, broker)
     stop = _stop_event()
-    threading.Thread(target=lambda: (stop.wait(), relay.stop()), daemon=True).start()
+
+    def stop_on_signal() -> None:
+        stop.wait()
+        relay.stop()
+
+    threading.Thread(target=stop_on_signal, daemon=True).start()
     relay.run()
 
 
@@ -169,8 +189,14 @@ def web(
     port = port or settings.web_port
     ensure_port_free(port, "TIDEMILL_WEB_PORT", host)
     log.info("web_starting", url=f"http://{host}:{port}")
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None,
-                access_log=False, timeout_graceful_shutdown=10)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
 
 
 @app.command()

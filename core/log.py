@@ -42,7 +42,9 @@ def mask_personal_data(
     return event_dict
 
 
-def configure_logging(*, env: str = "development", level: str = "info", force: bool = False) -> None:
+def configure_logging(
+    *, env: str = "development", level: str = "info", force: bool = False
+) -> None:
     """Configure structlog and the stdlib root logger; later calls are no-ops unless forced."""
     global _configured
     if _configured and not force:

@@ -85,7 +85,10 @@ def spawn(
 
 
 def stop_process(
-    proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, timeout: float = 30.0,
+    proc: subprocess.Popen[bytes],
+    *,
+    sig: int = signal.SIGTERM,
+    timeout: float = 30.0,
     group: bool = False,
 ) -> int | None:
     """Send `sig`, wait up to `timeout`, then SIGKILL (the whole group when `group`)."""
@@ -112,7 +115,10 @@ def stop_process(
 
 
 def wait_until(
-    check: Callable[[], bool], *, timeout: float, interval: float = 0.05,
+    check: Callable[[], bool],
+    *,
+    timeout: float,
+    interval: float = 0.05,
     alive: Callable[[], bool] | None = None,
 ) -> bool:
     deadline = time.monotonic() + timeout

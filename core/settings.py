@@ -109,62 +109,154 @@ def _redact(url: str) -> str:
 redact_url = _redact
 
 FIELDS: tuple[Field, ...] = (
-    Field("TIDEMILL_ENV", "env", "development",
-          "development (console logs) or production (JSON logs); test is used by the suite",
-          _choice("development", "production", "test")),
-    Field("TIDEMILL_DATA_DIR", "data_dir", ".data",
-          "where embedded servers, dev mail and dev objects keep their files", _str),
-    Field("DATABASE_URL", "database_url", "",
-          "Postgres URL (postgresql://user:pass@host:port/db); unset: embedded Postgres",
-          _optional_url("postgresql", "postgres", "postgresql+psycopg")),
-    Field("REDIS_URL", "redis_url", "",
-          "Redis URL for cache keys and locks (redis://host:port/0); unset: embedded Valkey",
-          _optional_url("redis", "rediss", "unix")),
-    Field("BROKER_URL", "broker_url", "",
-          "dramatiq broker: redis://, rediss:// or amqp:// (RabbitMQ); unset: REDIS_URL",
-          _optional_url("redis", "rediss", "amqp", "amqps")),
-    Field("STORAGE_URL", "storage_url", "",
-          "object storage for archives, exports and backups: file://PATH or s3://BUCKET/PREFIX; "
-          "unset: file://DATA_DIR/objects",
-          _optional_url("file", "s3")),
-    Field("S3_ENDPOINT_URL", "s3_endpoint_url", "",
-          "S3 endpoint override (MinIO, moto); unset: AWS", _str),
-    Field("MAIL_URL", "mail_url", "",
-          "mail transport: smtp://user:pass@host:port, smtps://…, ses://REGION or "
-          "file://PATH; unset: file://DATA_DIR/mail",
-          _optional_url("smtp", "smtps", "ses", "file")),
-    Field("MAIL_FROM", "mail_from", "Tidemill <no-reply@tidemill.local>",
-          "sender address of outgoing mail", _str),
+    Field(
+        "TIDEMILL_ENV",
+        "env",
+        "development",
+        "development (console logs) or production (JSON logs); test is used by the suite",
+        _choice("development", "production", "test"),
+    ),
+    Field(
+        "TIDEMILL_DATA_DIR",
+        "data_dir",
+        ".data",
+        "where embedded servers, dev mail and dev objects keep their files",
+        _str,
+    ),
+    Field(
+        "DATABASE_URL",
+        "database_url",
+        "",
+        "Postgres URL (postgresql://user:pass@host:port/db); unset: embedded Postgres",
+        _optional_url("postgresql", "postgres", "postgresql+psycopg"),
+    ),
+    Field(
+        "REDIS_URL",
+        "redis_url",
+        "",
+        "Redis URL for cache keys and locks (redis://host:port/0); unset: embedded Valkey",
+        _optional_url("redis", "rediss", "unix"),
+    ),
+    Field(
+        "BROKER_URL",
+        "broker_url",
+        "",
+        "dramatiq broker: redis://, rediss:// or amqp:// (RabbitMQ); unset: REDIS_URL",
+        _optional_url("redis", "rediss", "amqp", "amqps"),
+    ),
+    Field(
+        "STORAGE_URL",
+        "storage_url",
+        "",
+        "object storage for archives, exports and backups: file://PATH or s3://BUCKET/PREFIX; "
+        "unset: file://DATA_DIR/objects",
+        _optional_url("file", "s3"),
+    ),
+    Field(
+        "S3_ENDPOINT_URL",
+        "s3_endpoint_url",
+        "",
+        "S3 endpoint override (MinIO, moto); unset: AWS",
+        _str,
+    ),
+    Field(
+        "MAIL_URL",
+        "mail_url",
+        "",
+        "mail transport: smtp://user:pass@host:port, smtps://…, ses://REGION or "
+        "file://PATH; unset: file://DATA_DIR/mail",
+        _optional_url("smtp", "smtps", "ses", "file"),
+    ),
+    Field(
+        "MAIL_FROM",
+        "mail_from",
+        "Tidemill <no-reply@tidemill.local>",
+        "sender address of outgoing mail",
+        _str,
+    ),
     Field("TIDEMILL_PG_PORT", "pg_port", "54329", "port of the embedded Postgres", _port),
     Field("TIDEMILL_REDIS_PORT", "redis_port", "63799", "port of the embedded Valkey", _port),
     Field("TIDEMILL_WEB_HOST", "web_host", "127.0.0.1", "address the HTTP server binds", _str),
     Field("TIDEMILL_WEB_PORT", "web_port", "8000", "port of the HTTP server", _port),
-    Field("TIDEMILL_WORKER_PROCESSES", "worker_processes", "2",
-          "dramatiq worker processes started by `tidemill up` / `tidemill worker`", _pos_int),
-    Field("TIDEMILL_WORKER_THREADS", "worker_threads", "8",
-          "threads per worker process", _pos_int),
-    Field("TIDEMILL_MAX_RETRIES", "max_retries", "10",
-          "retries of a failing message before it goes to the dead-letter queue", _int),
-    Field("TIDEMILL_MIN_BACKOFF_MS", "min_backoff_ms", "1000",
-          "first retry delay; doubles each retry", _pos_int),
-    Field("TIDEMILL_MAX_BACKOFF_MS", "max_backoff_ms", "3600000",
-          "longest retry delay", _pos_int),
-    Field("TIDEMILL_TIME_LIMIT_MS", "time_limit_ms", "600000",
-          "a message running longer than this is interrupted", _pos_int),
-    Field("TIDEMILL_MAX_AGE_MS", "max_age_ms", "259200000",
-          "a message older than this (3 days, Stripe's retry window) is dropped, not run",
-          _pos_int),
-    Field("TIDEMILL_HEARTBEAT_TIMEOUT_MS", "heartbeat_timeout_ms", "60000",
-          "a Redis-broker worker silent this long is dead; its unacked messages are requeued",
-          _pos_int),
-    Field("TIDEMILL_RELAY_POLL_S", "relay_poll_s", "2",
-          "outbox relay poll interval: the longest a row waits if its NOTIFY is lost", _float),
-    Field("TIDEMILL_RELAY_BATCH", "relay_batch", "500",
-          "outbox rows claimed per relay transaction", _pos_int),
-    Field("TIDEMILL_SHUTDOWN_GRACE_S", "shutdown_grace_s", "30",
-          "how long `tidemill up` waits for its processes to stop before killing them", _float),
-    Field("LOG_LEVEL", "log_level", "info", "debug, info, warning or error",
-          _choice("debug", "info", "warning", "error")),
+    Field(
+        "TIDEMILL_WORKER_PROCESSES",
+        "worker_processes",
+        "2",
+        "dramatiq worker processes started by `tidemill up` / `tidemill worker`",
+        _pos_int,
+    ),
+    Field("TIDEMILL_WORKER_THREADS", "worker_threads", "8", "threads per worker process", _pos_int),
+    Field(
+        "TIDEMILL_MAX_RETRIES",
+        "max_retries",
+        "10",
+        "retries of a failing message before it goes to the dead-letter queue",
+        _int,
+    ),
+    Field(
+        "TIDEMILL_MIN_BACKOFF_MS",
+        "min_backoff_ms",
+        "1000",
+        "first retry delay; doubles each retry",
+        _pos_int,
+    ),
+    Field("TIDEMILL_MAX_BACKOFF_MS", "max_backoff_ms", "3600000", "longest retry delay", _pos_int),
+    Field(
+        "TIDEMILL_TIME_LIMIT_MS",
+        "time_limit_ms",
+        "600000",
+        "a message running longer than this is interrupted",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_MAX_AGE_MS",
+        "max_age_ms",
+        "259200000",
+        "a message older than this (3 days, Stripe's retry window) is dropped, not run",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_HEARTBEAT_TIMEOUT_MS",
+        "heartbeat_timeout_ms",
+        "60000",
+        "a Redis-broker worker silent this long is dead; its unacked messages are requeued",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_REDIS_MAINTENANCE_CHANCE",
+        "redis_maintenance_chance",
+        "1000",
+        "per million broker commands: how often one also requeues dead workers' messages",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_RELAY_POLL_S",
+        "relay_poll_s",
+        "2",
+        "outbox relay poll interval: the longest a row waits if its NOTIFY is lost",
+        _float,
+    ),
+    Field(
+        "TIDEMILL_RELAY_BATCH",
+        "relay_batch",
+        "500",
+        "outbox rows claimed per relay transaction",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_SHUTDOWN_GRACE_S",
+        "shutdown_grace_s",
+        "30",
+        "how long `tidemill up` waits for its processes to stop before killing them",
+        _float,
+    ),
+    Field(
+        "LOG_LEVEL",
+        "log_level",
+        "info",
+        "debug, info, warning or error",
+        _choice("debug", "info", "warning", "error"),
+    ),
 )
 
 
@@ -191,6 +283,7 @@ class Settings:
     time_limit_ms: int
     max_age_ms: int
     heartbeat_timeout_ms: int
+    redis_maintenance_chance: int
     relay_poll_s: float
     relay_batch: int
     shutdown_grace_s: float
@@ -232,7 +325,9 @@ class Settings:
             raise SettingsError("REDIS_URL is unset and no embedded Valkey is running")
         return url
 
-    def with_urls(self, *, database_url: str | None = None, redis_url: str | None = None) -> Settings:
+    def with_urls(
+        self, *, database_url: str | None = None, redis_url: str | None = None
+    ) -> Settings:
         """A copy with the URLs of servers started on the fly (embedded defaults)."""
         return dataclasses.replace(
             self,

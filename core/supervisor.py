@@ -3,6 +3,8 @@ system in the foreground. Ctrl-C or SIGTERM stops them all, in order, servers la
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -98,8 +100,12 @@ class Supervisor:
             # processes, which drain; a second SIGTERM would make them abandon messages.
             code = stop_process(proc, sig=signal.SIGTERM, timeout=grace)
             _kill_group(proc.pid)  # anything left in the group (grandchildren) goes now
-            log.info("process_stopped", process=name, exit_code=code,
-                     seconds=round(time.monotonic() - started, 2))
+            log.info(
+                "process_stopped",
+                process=name,
+                exit_code=code,
+                seconds=round(time.monotonic() - started, 2),
+            )
         self.children.clear()
         for server in reversed(self.servers):
             server.stop()
@@ -108,7 +114,9 @@ class Supervisor:
     def _banner(self) -> None:
         s = self.settings
         base = f"http://{s.web_host}:{s.web_port}"
-        pg_note = f"embedded, data in {s.data_dir / 'postgres'}" if s.embedded_postgres else "external"
+        pg_note = (
+            f"embedded, data in {s.data_dir / 'postgres'}" if s.embedded_postgres else "external"
+        )
         rd_note = f"embedded, data in {s.data_dir / 'valkey'}" if s.embedded_redis else "external"
         lines = [
             "",
@@ -129,9 +137,5 @@ class Supervisor:
 
 
 def _kill_group(pgid: int) -> None:
-    import os
-
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

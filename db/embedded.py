@@ -36,7 +36,9 @@ class EmbeddedServerError(RuntimeError):
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedServerError(f"package {name!r} is not installed; run `make up` or `pip install -e .`")
+        raise EmbeddedServerError(
+            f"package {name!r} is not installed; run `make up` or `pip install -e .`"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -70,8 +72,16 @@ def _system_user() -> tuple[int, int] | None:
         entry = pwd.getpwnam(PG_SYSTEM_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_SYSTEM_USER],
-            check=True, capture_output=True,
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                PG_SYSTEM_USER,
+            ],
+            check=True,
+            capture_output=True,
         )
         entry = pwd.getpwnam(PG_SYSTEM_USER)
     return entry.pw_uid, entry.pw_gid
@@ -103,7 +113,9 @@ class EmbeddedPostgres:
 
     def _run_as(self, argv: list[str]) -> None:
         result = subprocess.run(
-            argv, capture_output=True, text=True,
+            argv,
+            capture_output=True,
+            text=True,
             user=self._user[0] if self._user else None,
             group=self._user[1] if self._user else None,
         )
@@ -120,10 +132,19 @@ class EmbeddedPostgres:
         if (self.pgdata / "PG_VERSION").exists():
             return
         log.info("embedded_postgres_initdb", pgdata=str(self.pgdata))
-        self._run_as([
-            postgres_bin("initdb"), "-D", str(self.pgdata), "-U", "postgres",
-            "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions",
-        ])
+        self._run_as(
+            [
+                postgres_bin("initdb"),
+                "-D",
+                str(self.pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ]
+        )
 
     def start(self, *, timeout: float = 60.0) -> str:
         ensure_port_free(self.port, self.setting)
@@ -131,11 +152,24 @@ class EmbeddedPostgres:
         logf = open(self.logfile, "ab")  # noqa: SIM115 - handed to the child
         self.proc = spawn(
             [
-                postgres_bin("postgres"), "-D", str(self.pgdata), "-p", str(self.port),
-                "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
-                "-c", "max_connections=200", "-c", "fsync=on",
+                postgres_bin("postgres"),
+                "-D",
+                str(self.pgdata),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "fsync=on",
             ],
-            stdout=logf, stderr=logf, death_signal=signal.SIGINT, user=self._user,
+            stdout=logf,
+            stderr=logf,
+            death_signal=signal.SIGINT,
+            user=self._user,
         )
         logf.close()
         if not wait_until(self._ready, timeout=timeout, interval=0.1, alive=self._alive):
@@ -160,7 +194,9 @@ class EmbeddedPostgres:
 
     def _ensure_database(self, name: str) -> None:
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
             if not exists:
                 conn.execute(f'CREATE DATABASE "{name}"')
 
@@ -191,11 +227,27 @@ class EmbeddedValkey:
         logf = open(self.logfile, "ab")  # noqa: SIM115 - handed to the child
         self.proc = spawn(
             [
-                str(valkey_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec",
-                "--save", "", "--daemonize", "no", "--protected-mode", "no",
+                str(valkey_binary()),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
             ],
-            stdout=logf, stderr=logf, death_signal=signal.SIGTERM,
+            stdout=logf,
+            stderr=logf,
+            death_signal=signal.SIGTERM,
         )
         logf.close()
         if not wait_until(self._ready, timeout=timeout, interval=0.05, alive=self._alive):

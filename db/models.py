@@ -15,7 +15,6 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
-    Boolean,
     CheckConstraint,
     Date,
     DateTime,
@@ -369,7 +368,9 @@ class ComplianceLog(Base):
     record that the erasure happened."""
 
     __tablename__ = "compliance_logs"
-    __table_args__ = (Index("ix_compliance_logs_action_type_created_at", "action_type", "created_at"),)
+    __table_args__ = (
+        Index("ix_compliance_logs_action_type_created_at", "action_type", "created_at"),
+    )
 
     id: Mapped[uuid.UUID] = uuid_pk()
     user_id: Mapped[uuid.UUID | None] = user_fk(nullable=True, ondelete="SET NULL")
@@ -416,9 +417,7 @@ class WebhookEvent(Base):
 
     __tablename__ = "webhook_events"
     __table_args__ = (
-        CheckConstraint(
-            "status IN ('received', 'processed', 'ignored', 'failed')", name="status"
-        ),
+        CheckConstraint("status IN ('received', 'processed', 'ignored', 'failed')", name="status"),
         Index("ix_webhook_events_status_received_at", "status", "received_at"),
     )
 

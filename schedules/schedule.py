@@ -20,5 +20,7 @@ class Schedule:
 
 
 SCHEDULES: tuple[Schedule, ...] = (
-    Schedule(name="outbox-prune", cron="17 * * * *", actor="prune_outbox", queue_name="maintenance"),
+    Schedule(
+        name="outbox-prune", cron="17 * * * *", actor="prune_outbox", queue_name="maintenance"
+    ),
 )

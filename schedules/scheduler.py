@@ -39,19 +39,32 @@ def identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def fire(schedule: Schedule, tick: datetime, *, settings: Settings | None = None,
-         manual: bool = False) -> bool:
+def fire(
+    schedule: Schedule, tick: datetime, *, settings: Settings | None = None, manual: bool = False
+) -> bool:
     """Record the tick and enqueue its actor; False when this tick had already fired."""
     with unit_of_work(settings) as uow:
-        inserted = uow.execute(_TICK, {
-            "schedule": schedule.name, "tick": tick, "fired_by": identity(), "manual": manual,
-        }).first()
+        inserted = uow.execute(
+            _TICK,
+            {
+                "schedule": schedule.name,
+                "tick": tick,
+                "fired_by": identity(),
+                "manual": manual,
+            },
+        ).first()
         if inserted is None:
             log.info("tick_already_fired", schedule=schedule.name, tick=tick.isoformat())
             return False
         kwargs = {**schedule.kwargs, "tick": tick.isoformat()}
-        uow.execute(_ENQUEUE, {"actor": schedule.actor, "queue_name": schedule.queue_name,
-                               "kwargs": json.dumps(kwargs)})
+        uow.execute(
+            _ENQUEUE,
+            {
+                "actor": schedule.actor,
+                "queue_name": schedule.queue_name,
+                "kwargs": json.dumps(kwargs),
+            },
+        )
     log.info("tick_fired", schedule=schedule.name, tick=tick.isoformat(), manual=manual)
     return True
 
@@ -67,8 +80,15 @@ def run_scheduler(settings: Settings, stop: threading.Event) -> None:
             tick = datetime.now(UTC).replace(second=0, microsecond=0)
             fire(sched, tick, settings=settings)
 
-        scheduler.add_job(job, trigger, id=sched.name, name=sched.name,
-                          misfire_grace_time=300, coalesce=True, max_instances=1)
+        scheduler.add_job(
+            job,
+            trigger,
+            id=sched.name,
+            name=sched.name,
+            misfire_grace_time=300,
+            coalesce=True,
+            max_instances=1,
+        )
     scheduler.start()
     log.info("scheduler_started", schedules=[s.name for s in SCHEDULES])
     for j in scheduler.get_jobs():

@@ -59,12 +59,19 @@ def overview(settings: Settings) -> dict[str, Any]:
         for i, q in enumerate(QUEUES)
     ]
     with get_database(settings).engine.connect() as conn:
-        backlog, oldest = conn.execute(text(
-            "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at)) "
-            "FROM outbox WHERE dispatched_at IS NULL"
-        )).one()
-    return {"queues": queues, "outbox_backlog": backlog,
-            "outbox_oldest_s": round(float(oldest), 1) if oldest is not None else None}
+        row = conn.execute(
+            text(
+                "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at)) "
+                "FROM outbox WHERE dispatched_at IS NULL"
+            )
+        ).one()
+    backlog: int = row[0]
+    oldest: Any = row[1]
+    return {
+        "queues": queues,
+        "outbox_backlog": backlog,
+        "outbox_oldest_s": round(float(oldest), 1) if oldest is not None else None,
+    }
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -72,8 +79,10 @@ def create_app(settings: Settings) -> Starlette:
         pg = await run_in_threadpool(_check_postgres, settings)
         rd = await run_in_threadpool(_check_redis, settings)
         ok = pg == "ok" and rd == "ok"
-        return JSONResponse({"status": "ok" if ok else "degraded", "postgres": pg, "redis": rd},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "degraded", "postgres": pg, "redis": rd},
+            status_code=200 if ok else 503,
+        )
 
     async def dashboard(request: Request) -> HTMLResponse:
         data = await run_in_threadpool(overview, settings)
@@ -89,9 +98,11 @@ def create_app(settings: Settings) -> Starlette:
     async def root(request: Request) -> RedirectResponse:
         return RedirectResponse("/dashboard")
 
-    return Starlette(routes=[
-        Route("/", root),
-        Route("/healthz", healthz),
-        Route("/dashboard", dashboard),
-        Route("/metrics", metrics),
-    ])
+    return Starlette(
+        routes=[
+            Route("/", root),
+            Route("/healthz", healthz),
+            Route("/dashboard", dashboard),
+            Route("/metrics", metrics),
+        ]
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -15,21 +17,27 @@ class StoreCollector:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         from web.app import overview
 
         data = overview(self.settings)
-        depth = GaugeMetricFamily("tidemill_queue_messages", "Messages per queue and state",
-                                  labels=["queue", "state"])
+        depth = GaugeMetricFamily(
+            "tidemill_queue_messages", "Messages per queue and state", labels=["queue", "state"]
+        )
         for q in data["queues"]:
             for state in ("ready", "delayed", "dead"):
                 depth.add_metric([q["name"], state], q[state])
         yield depth
-        yield GaugeMetricFamily("tidemill_outbox_backlog", "Outbox rows not yet dispatched",
-                                value=data["outbox_backlog"])
-        yield GaugeMetricFamily("tidemill_outbox_oldest_seconds",
-                                "Age of the oldest undispatched outbox row",
-                                value=data["outbox_oldest_s"] or 0.0)
+        yield GaugeMetricFamily(
+            "tidemill_outbox_backlog",
+            "Outbox rows not yet dispatched",
+            value=data["outbox_backlog"],
+        )
+        yield GaugeMetricFamily(
+            "tidemill_outbox_oldest_seconds",
+            "Age of the oldest undispatched outbox row",
+            value=data["outbox_oldest_s"] or 0.0,
+        )
 
 
 def render(settings: Settings) -> tuple[bytes, str]:

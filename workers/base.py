@@ -47,6 +47,7 @@ def actor(
                 close_unit_of_work()
 
         options.setdefault("throws", (PermanentError,))
-        return dramatiq.actor(run, queue_name=queue_name, **options)  # type: ignore[no-any-return]
+        declared: dramatiq.Actor[P, R] = dramatiq.actor(queue_name=queue_name, **options)(run)
+        return declared
 
     return decorate

@@ -62,12 +62,13 @@ def _prometheus(settings: Settings) -> Middleware:
             if self._booted():
                 super().before_process_message(broker, message)
 
-        def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
-                                  exception: Any = None) -> None:
+        def after_process_message(
+            self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
+        ) -> None:
             if self._booted():
                 super().after_process_message(broker, message, result=result, exception=exception)
 
-        after_skip_message = after_process_message  # type: ignore[assignment]
+        after_skip_message = after_process_message
 
     return TidemillPrometheus()
 
@@ -100,7 +101,12 @@ def build_broker(settings: Settings, *, metrics: bool = True) -> dramatiq.Broker
     scheme = urlsplit(url).scheme
     mw = middleware(settings, metrics=metrics)
     if scheme in {"redis", "rediss", "unix"}:
-        return RedisBroker(url=url, middleware=mw, heartbeat_timeout=settings.heartbeat_timeout_ms)
+        return RedisBroker(
+            url=url,
+            middleware=mw,
+            heartbeat_timeout=settings.heartbeat_timeout_ms,
+            maintenance_chance=settings.redis_maintenance_chance,
+        )
     if scheme in {"amqp", "amqps"}:
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 

@@ -32,15 +32,24 @@ class LogContext(Middleware):
         )
         _started.set(time.perf_counter())
 
-    def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
-                              exception: BaseException | None = None) -> None:
+    def after_process_message(
+        self,
+        broker: Any,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
         duration_ms = round((time.perf_counter() - _started.get()) * 1000, 2)
         if exception is None:
             # debug, not info: one line per message would cost more than the no-op work itself
             log.debug("message_processed", duration_ms=duration_ms)
         else:
-            log.warning("message_failed", duration_ms=duration_ms,
-                        error=f"{type(exception).__name__}: {exception}")
+            log.warning(
+                "message_failed",
+                duration_ms=duration_ms,
+                error=f"{type(exception).__name__}: {exception}",
+            )
         structlog.contextvars.clear_contextvars()
 
     def after_skip_message(self, broker: Any, message: Any) -> None:
@@ -60,8 +69,14 @@ class UnitOfWorkMiddleware(Middleware):
     def before_process_message(self, broker: Any, message: Any) -> None:
         _uow.set(None)
 
-    def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
-                              exception: BaseException | None = None) -> None:
+    def after_process_message(
+        self,
+        broker: Any,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
         close_unit_of_work()
 
     def after_skip_message(self, broker: Any, message: Any) -> None:

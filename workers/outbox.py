@@ -55,7 +55,9 @@ _MARK = text("""
 """)
 
 
-def relay_batch(broker: dramatiq.Broker, *, batch: int, settings: Settings | None = None) -> RelayStats:
+def relay_batch(
+    broker: dramatiq.Broker, *, batch: int, settings: Settings | None = None
+) -> RelayStats:
     """Claim up to `batch` pending rows, enqueue them, mark them; one transaction."""
     stats = RelayStats()
     db = get_database(settings)
@@ -79,10 +81,13 @@ def relay_batch(broker: dramatiq.Broker, *, batch: int, settings: Settings | Non
                 stats.rejected += 1
                 continue
             message = actor.message_with_options(
-                args=tuple(row.args or ()), kwargs=row.kwargs or {}, outbox_id=row.id,
+                args=tuple(row.args or ()),
+                kwargs=row.kwargs or {},
+                outbox_id=row.id,
             )
-            message = message.copy(message_id=message_id_for(row.id), queue_name=row.queue_name
-                                   or actor.queue_name)
+            message = message.copy(
+                message_id=message_id_for(row.id), queue_name=row.queue_name or actor.queue_name
+            )
             broker.enqueue(message)
             mids.append(message.message_id)
             errors.append(None)
@@ -116,10 +121,14 @@ class Relay:
     def run(self) -> None:
         assert self.settings.database_url
         backoff = 0.5
-        log.info("relay_started", poll_s=self.settings.relay_poll_s, batch=self.settings.relay_batch)
+        log.info(
+            "relay_started", poll_s=self.settings.relay_poll_s, batch=self.settings.relay_batch
+        )
         while not self.stopping.is_set():
             try:
-                with psycopg.connect(libpq_url(self.settings.database_url), autocommit=True) as conn:
+                with psycopg.connect(
+                    libpq_url(self.settings.database_url), autocommit=True
+                ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     backoff = 0.5
                     self._loop(conn)

@@ -24,8 +24,9 @@ def _url() -> str:
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True,
-                      compare_type=True)
+    context.configure(
+        url=_url(), target_metadata=target_metadata, literal_binds=True, compare_type=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -36,8 +37,9 @@ def run_migrations_online() -> None:
         # Serialize concurrent `migrate` runs (several containers starting at once).
         connection.exec_driver_sql("SELECT pg_advisory_lock(72731001)")
         try:
-            context.configure(connection=connection, target_metadata=target_metadata,
-                              compare_type=True)
+            context.configure(
+                connection=connection, target_metadata=target_metadata, compare_type=True
+            )
             with context.begin_transaction():
                 context.run_migrations()
         finally:

@@ -1,0 +1,153 @@
+"""Real servers for the whole session: embedded Postgres and Valkey, started once.
+
+They start in ``pytest_configure``, before test modules are imported, because importing
+``workers.broker`` builds the broker from the environment. Each test that asks for ``db`` gets
+a fresh database cloned from a migrated template, and an empty Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DB = "tidemill_test"
+TEMPLATE_DB = "tidemill_template"
+
+
+class Servers:
+    def __init__(self) -> None:
+        from core.proc import free_port
+        from db.embedded import EmbeddedPostgres, EmbeddedValkey
+
+        self.root = Path(tempfile.mkdtemp(prefix="tidemill-test-"))
+        self.pg = EmbeddedPostgres(self.root, port=free_port())
+        self.valkey = EmbeddedValkey(self.root, port=free_port())
+
+    def start(self) -> None:
+        from db.migrate import upgrade
+
+        self.pg.start()
+        self.valkey.start()
+        with psycopg.connect(self.pg.url("postgres"), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        upgrade(self.pg.url(TEMPLATE_DB))
+
+    def stop(self) -> None:
+        self.valkey.stop()
+        self.pg.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    @property
+    def admin_url(self) -> str:
+        return self.pg.url("postgres")
+
+    @property
+    def database_url(self) -> str:
+        return self.pg.url(TEST_DB)
+
+    @property
+    def redis_url(self) -> str:
+        return self.valkey.url(0)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for a tidemill subprocess pointed at these servers."""
+        env = dict(os.environ)
+        env.update(extra)
+        return env
+
+
+_servers: Servers | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _servers
+    if hasattr(config, "workerinput"):
+        return
+    _servers = Servers()
+    _servers.start()
+    os.environ.update(
+        {
+            "DATABASE_URL": _servers.database_url,
+            "REDIS_URL": _servers.redis_url,
+            "TIDEMILL_DATA_DIR": str(_servers.root / "data"),
+            "TIDEMILL_ENV": "test",
+            "TIDEMILL_MIN_BACKOFF_MS": "50",
+            "TIDEMILL_MAX_BACKOFF_MS": "200",
+            "TIDEMILL_MAX_RETRIES": "3",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+    )
+    _recreate_test_database()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _servers is not None:
+        from db.engine import dispose_all
+
+        dispose_all()
+        _servers.stop()
+
+
+def _recreate_test_database() -> None:
+    assert _servers is not None
+    with psycopg.connect(_servers.admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{TEST_DB}" TEMPLATE "{TEMPLATE_DB}"')
+
+
+@pytest.fixture(scope="session")
+def servers() -> Servers:
+    assert _servers is not None
+    return _servers
+
+
+@pytest.fixture
+def db(servers: Servers) -> Iterator[str]:
+    """A fresh, migrated database and an empty Redis; yields the database URL."""
+    import redis as redis_lib
+
+    from db.engine import dispose_all
+
+    dispose_all()  # pooled connections would keep the old database alive
+    _recreate_test_database()
+    redis_lib.Redis.from_url(servers.redis_url).flushall()
+    yield servers.database_url
+    dispose_all()
+
+
+@pytest.fixture
+def sql(db: str) -> Iterator[Any]:
+    """An autocommit psycopg connection to the test database, for arranging and asserting."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def redis_client(servers: Servers) -> Any:
+    import redis as redis_lib
+
+    return redis_lib.Redis.from_url(servers.redis_url, decode_responses=True)
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run `tidemill ARGS` as a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "core.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env or dict(os.environ),
+        timeout=timeout,
+        cwd=ROOT,
+    )

@@ -1,0 +1,60 @@
+"""Actors used by the tests, declared on tidemill's real broker with tidemill's decorator."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import text
+
+from db.engine import UnitOfWork
+from db.redis import get_redis
+from workers.base import PermanentError, actor
+
+
+def _record(uow: UnitOfWork, key: str) -> None:
+    uow.execute(
+        text(
+            "INSERT INTO audit_logs (action, entity_type, entity_id) VALUES ('test', 'probe', :k)"
+        ),
+        {"k": key},
+    )
+
+
+@actor(queue_name="tests")
+def write_row(uow: UnitOfWork, key: str) -> None:
+    """Writes one audit_logs row and notes the log context it saw."""
+    import structlog
+
+    ctx = structlog.contextvars.get_contextvars()
+    get_redis().hset(f"ctx:{key}", mapping={k: str(v) for k, v in ctx.items()})
+    _record(uow, key)
+
+
+@actor(queue_name="tests", max_retries=3)
+def fail_then_write(uow: UnitOfWork, key: str, failures: int) -> None:
+    """Writes its row, then fails on the first `failures` attempts: the row must be rolled back."""
+    attempt = int(get_redis().incr(f"attempts:{key}"))
+    _record(uow, f"{key}:{attempt}")
+    if attempt <= failures:
+        raise RuntimeError(f"transient failure {attempt}")
+
+
+@actor(queue_name="tests", max_retries=3)
+def always_permanent(uow: UnitOfWork, key: str) -> None:
+    get_redis().incr(f"attempts:{key}")
+    raise PermanentError("bad input")
+
+
+@actor(queue_name="tests-slow", time_limit=120_000)
+def hold_then_write(uow: UnitOfWork, key: str) -> None:
+    """Counts the attempt, then waits for a release key before writing (a test kills the
+    worker while it waits)."""
+    r = get_redis()
+    r.incr(f"attempts:{key}")
+    r.set(f"started:{key}", "1")
+    deadline = time.monotonic() + 90
+    while not r.exists(f"release:{key}"):
+        if time.monotonic() > deadline:
+            raise TimeoutError("never released")
+        time.sleep(0.05)
+    _record(uow, key)

@@ -1,0 +1,133 @@
+"""The outbox relay: rows become messages; the table is the truth, NOTIFY only wakes."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any, cast
+
+import dramatiq
+import pytest
+from dramatiq.brokers.redis import RedisBroker
+
+from core.proc import wait_until
+from core.settings import get_settings
+from tests.support import actors  # noqa: F401  (declares the actors the rows name)
+from workers.broker import broker
+from workers.outbox import Relay, drain, message_id_for
+
+
+def redis_broker() -> RedisBroker:
+    return cast(RedisBroker, broker)
+
+
+def add_row(sql: Any, actor: str, *args: Any, queue: str = "tests") -> int:
+    row = sql.execute(
+        "INSERT INTO outbox (actor, queue_name, args) VALUES (%s, %s, %s::jsonb) RETURNING id",
+        (actor, queue, json.dumps(list(args))),
+    ).fetchone()
+    return int(row[0])
+
+
+@pytest.fixture
+def worker(db: str) -> Iterator[dramatiq.Worker]:
+    broker.flush_all()
+    w = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
+    w.start()
+    yield w
+    w.stop()
+
+
+def test_drain_enqueues_marks_and_the_worker_applies(worker, sql) -> None:
+    ids = [add_row(sql, "write_row", f"o{i}") for i in range(5)]
+    assert drain(broker, batch=2) == 5
+    broker.join("tests", timeout=30_000)
+    worker.join()
+    marked = sql.execute(
+        "SELECT id, message_id FROM outbox WHERE dispatched_at IS NOT NULL ORDER BY id"
+    ).fetchall()
+    assert [(r[0], r[1]) for r in marked] == [(i, message_id_for(i)) for i in ids]
+    written = sql.execute("SELECT count(*) FROM audit_logs WHERE entity_id LIKE 'o%'").fetchone()
+    assert written[0] == 5
+    # a second drain finds nothing left
+    assert drain(broker, batch=2) == 0
+
+
+def test_unknown_actor_is_kept_with_its_error_not_retried(db, sql) -> None:
+    broker.flush_all()
+    oid = add_row(sql, "no_such_actor", 1)
+    assert drain(broker, batch=10) == 1
+    row = sql.execute(
+        "SELECT dispatched_at, message_id, last_error FROM outbox WHERE id = %s", (oid,)
+    ).fetchone()
+    assert row[0] is not None and row[1] is None
+    assert "unknown actor 'no_such_actor'" in row[2]
+    assert redis_broker().client.llen("dramatiq:tests") == 0
+
+
+def test_skip_locked_lets_two_relays_split_the_rows(db, sql) -> None:
+    broker.flush_all()
+    for i in range(200):
+        add_row(sql, "write_row", f"s{i}")
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(drain(broker, batch=7))) for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # every row sent exactly once between them
+    assert sum(results) == 200
+    assert redis_broker().client.hlen("dramatiq:tests.msgs") == 200
+
+
+def test_running_relay_wakes_on_notify(db, sql) -> None:
+    broker.flush_all()
+    # a long poll interval: only the NOTIFY can deliver the row quickly
+    import dataclasses
+
+    relay = Relay(dataclasses.replace(get_settings(), relay_poll_s=3600), broker)
+    thread = threading.Thread(target=relay.run)
+    thread.start()
+    try:
+        assert wait_until(lambda: _listening(sql), timeout=20)
+        oid = add_row(sql, "write_row", "n1")
+        assert wait_until(lambda: _dispatched(sql, oid), timeout=20)
+    finally:
+        relay.stop()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_running_relay_polls_when_notify_is_lost(db, sql) -> None:
+    broker.flush_all()
+    import dataclasses
+
+    # rows inserted with the trigger disabled: no NOTIFY is ever sent
+    sql.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_wakeup")
+    relay = Relay(dataclasses.replace(get_settings(), relay_poll_s=0.2), broker)
+    thread = threading.Thread(target=relay.run)
+    thread.start()
+    try:
+        assert wait_until(lambda: _listening(sql), timeout=20)
+        oid = add_row(sql, "write_row", "p1")
+        assert wait_until(lambda: _dispatched(sql, oid), timeout=20)
+    finally:
+        relay.stop()
+        thread.join(timeout=10)
+        sql.execute("ALTER TABLE outbox ENABLE TRIGGER outbox_wakeup")
+
+
+def _listening(sql: Any) -> bool:
+    return bool(
+        sql.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'").fetchone()[
+            0
+        ]
+    )
+
+
+def _dispatched(sql: Any, oid: int) -> bool:
+    row = sql.execute("SELECT dispatched_at FROM outbox WHERE id = %s", (oid,)).fetchone()
+    return row[0] is not None
