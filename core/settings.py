@@ -97,6 +97,13 @@ def _optional_url(*schemes: str) -> Callable[[str, str], str | None]:
     return parse
 
 
+def _secrets(name: str, raw: str) -> tuple[str, ...]:
+    secrets = tuple(s.strip() for s in raw.split(",") if s.strip())
+    if not secrets:
+        raise SettingsError(f"{name} must name at least one secret")
+    return secrets
+
+
 def _redact(url: str) -> str:
     """The URL with its password replaced, fit for logs and error messages."""
     parts = urlsplit(url)
@@ -251,6 +258,21 @@ FIELDS: tuple[Field, ...] = (
         _float,
     ),
     Field(
+        "STRIPE_WEBHOOK_SECRETS",
+        "stripe_webhook_secrets",
+        "whsec_tidemill_dev_secret",
+        "comma-separated webhook signing secrets; every one is tried, so a secret can be "
+        "rotated; the default is for development only",
+        _secrets,
+    ),
+    Field(
+        "STRIPE_WEBHOOK_TOLERANCE_S",
+        "stripe_webhook_tolerance_s",
+        "300",
+        "oldest signature timestamp accepted (replay protection)",
+        _pos_int,
+    ),
+    Field(
         "LOG_LEVEL",
         "log_level",
         "info",
@@ -287,6 +309,8 @@ class Settings:
     relay_poll_s: float
     relay_batch: int
     shutdown_grace_s: float
+    stripe_webhook_secrets: tuple[str, ...]
+    stripe_webhook_tolerance_s: int
     log_level: str
 
     @classmethod
@@ -353,6 +377,8 @@ class Settings:
             shown = "" if value is None else str(value)
             if field.attr in {"database_url", "redis_url", "broker_url", "mail_url"} and shown:
                 shown = _redact(shown)
+            if field.attr == "stripe_webhook_secrets":
+                shown = ", ".join(secret[:10] + "…" for secret in value)
             rows.append((field.env, shown))
         return rows
 

@@ -241,6 +241,9 @@ class Transaction(Base):
     description: Mapped[str | None]
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata")
     stripe_payment_intent_id: Mapped[str | None] = mapped_column(unique=True)
+    stripe_charge_id: Mapped[str | None] = mapped_column(unique=True)
+    # open while Stripe holds the funds; won / lost once closed (a closed dispute never reopens)
+    dispute_status: Mapped[str | None]
     created_at: Mapped[datetime] = now_col()
     updated_at: Mapped[datetime] = now_col()
 
@@ -298,6 +301,9 @@ class Subscription(Base):
     current_period_start: Mapped[datetime | None]
     current_period_end: Mapped[datetime | None]
     cancel_at_period_end: Mapped[bool] = mapped_column(server_default=text("false"))
+    # Stripe's event.created of the newest event applied: an older one never overwrites
+    stripe_event_created: Mapped[datetime | None]
+    stripe_event_id: Mapped[str | None]
     created_at: Mapped[datetime] = now_col()
     updated_at: Mapped[datetime] = now_col()
 
@@ -432,6 +438,30 @@ class WebhookEvent(Base):
     attempts: Mapped[int] = mapped_column(server_default="0")
     last_error: Mapped[str | None]
     processed_at: Mapped[datetime | None]
+    # the object whose state the event folds into (subscription id), set when it is applied
+    subject_id: Mapped[str | None] = mapped_column(index=True)
+
+
+class LedgerEntry(Base):
+    """Every money movement, unique on its Stripe source: a duplicate or retried event inserts
+    nothing. users.balance always equals the sum of a user's entries."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        CheckConstraint(
+            "kind IN ('payment', 'refund', 'dispute_hold', 'dispute_release')", name="kind"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    user_id: Mapped[uuid.UUID | None] = user_fk(nullable=True, ondelete="SET NULL")
+    source_id: Mapped[str] = mapped_column(unique=True)  # pi_…, re_…, dp_…:hold, …
+    kind: Mapped[str]
+    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    currency: Mapped[str]
+    stripe_charge_id: Mapped[str | None] = mapped_column(index=True)
+    stripe_event_id: Mapped[str]
+    created_at: Mapped[datetime] = now_col()
 
 
 class Outbox(Base):

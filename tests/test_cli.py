@@ -86,6 +86,12 @@ def test_up_port_in_use_names_the_port(tmp_path) -> None:
 
 
 def test_migrate_reports_the_revision(db) -> None:
+    from alembic.script import ScriptDirectory
+
+    from db.migrate import MIGRATIONS, alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config(db)).get_current_head()
     result = run_cli("migrate")
     assert result.returncode == 0, result.stderr
-    assert "database at revision 0002" in result.stdout
+    assert f"database at revision {head}" in result.stdout
+    assert str(MIGRATIONS).endswith("migrations")

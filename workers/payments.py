@@ -1,0 +1,98 @@
+"""Payment actors: apply one stored Stripe event, exactly once."""
+
+from __future__ import annotations
+
+from dramatiq.middleware import CurrentMessage
+from sqlalchemy import text
+
+from core.log import get_logger
+from core.settings import get_settings
+from db.engine import UnitOfWork, unit_of_work
+from workers.base import PermanentError, actor
+from workers.stripe_effects import apply_event
+
+log = get_logger(__name__)
+
+
+class EventNotFound(PermanentError):
+    pass
+
+
+# Its own retry budget: a refund that arrived before its payment waits through retries.
+@actor(queue_name="payments", max_retries=20)
+def process_event(uow: UnitOfWork, event_id: str) -> None:
+    """Lock the event row, apply it, mark it; a processed or ignored event is left alone."""
+    try:
+        row = uow.execute(
+            text("SELECT status, payload FROM webhook_events WHERE id = :id FOR UPDATE"),
+            {"id": event_id},
+        ).first()
+        if row is None:
+            raise EventNotFound(f"webhook event {event_id} is not stored")
+        if row.status in ("processed", "ignored"):
+            log.info("webhook_event_already_applied", event_id=event_id, status=row.status)
+            return
+        outcome = apply_event(uow, row.payload)
+        uow.execute(
+            text("""UPDATE webhook_events SET status = :s, attempts = attempts + 1,
+                    last_error = NULL, processed_at = now() WHERE id = :id"""),
+            {"s": outcome, "id": event_id},
+        )
+        log.info(
+            "webhook_event_applied", event_id=event_id, type=row.payload["type"], outcome=outcome
+        )
+    except Exception as exc:
+        uow.rollback()
+        record_failure(event_id, exc)
+        raise
+
+
+def _final_attempt(exc: Exception) -> bool:
+    if isinstance(exc, PermanentError):
+        return True
+    message = CurrentMessage.get_current_message()
+    if message is None:
+        return True  # called directly (replay from the CLI): no retry follows
+    retries = message.options.get("retries", 0)
+    limit = process_event.options.get("max_retries", get_settings().max_retries)
+    return bool(retries >= limit)
+
+
+def record_failure(event_id: str, exc: Exception) -> None:
+    """Count the attempt in its own transaction (the failed one rolled back); after the last
+    retry the event is marked failed with its error."""
+    error = f"{type(exc).__name__}: {exc}"[:2000]
+    final = _final_attempt(exc)
+    with unit_of_work() as uow:
+        uow.execute(
+            text("""UPDATE webhook_events SET attempts = attempts + 1, last_error = :e,
+                    status = CASE WHEN :final THEN 'failed' ELSE status END
+                    WHERE id = :id AND status NOT IN ('processed', 'ignored')"""),
+            {"e": error, "final": final, "id": event_id},
+        )
+    log.warning("webhook_event_failed", event_id=event_id, error=error, final=final)
+
+
+def replay(event_id: str) -> str:
+    """Run a stored event again now, in this process; returns its new status."""
+    with unit_of_work() as uow:
+        updated = uow.execute(
+            text(
+                "UPDATE webhook_events SET status = 'received' WHERE id = :id "
+                "AND status = 'failed' RETURNING id"
+            ),
+            {"id": event_id},
+        ).first()
+        if updated is None:
+            exists = uow.execute(
+                text("SELECT status FROM webhook_events WHERE id = :id"), {"id": event_id}
+            ).first()
+            if exists is None:
+                raise EventNotFound(f"webhook event {event_id} is not stored")
+    process_event(event_id)
+    with unit_of_work() as uow:
+        return str(
+            uow.execute(
+                text("SELECT status FROM webhook_events WHERE id = :id"), {"id": event_id}
+            ).scalar_one()
+        )

@@ -1,0 +1,525 @@
+"""What a Stripe event does to our tables. Called by ``workers.payments.process_event`` inside
+the message's unit of work, with the event row already locked.
+
+Exactly once, whatever the order:
+- money moves only through ``ledger_entries`` rows unique on their Stripe source id, and a
+  user's balance changes in the same statement batch as the insert that created the entry;
+- all events of one payment serialise on its ``transactions`` row (``SELECT … FOR UPDATE``),
+  so a refund's delta is computed against every refund already applied;
+- a transaction's status only moves up (pending < failed < completed) and a closed dispute
+  never reopens;
+- a subscription's state is recomputed as a fold over every applied event for it in
+  ``(created, id)`` order, under a per-subscription advisory lock, so the final state equals
+  the in-order state whatever order the events arrived in.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import dramatiq
+from sqlalchemy import text
+
+from db.engine import UnitOfWork
+from workers.base import PermanentError
+
+Event = dict[str, Any]
+ENTITLED = ("active", "trialing", "past_due")  # past_due: Stripe is still retrying the card
+ZERO_DECIMAL = {
+    "bif",
+    "clp",
+    "djf",
+    "gnf",
+    "jpy",
+    "kmf",
+    "krw",
+    "mga",
+    "pyg",
+    "rwf",
+    "ugx",
+    "vnd",
+    "vuv",
+    "xaf",
+    "xof",
+    "xpf",
+}
+
+
+class UnknownCustomer(PermanentError):
+    """No user can be found for the event: retrying cannot help; replay after fixing data."""
+
+
+class AwaitingPayment(dramatiq.Retry):
+    """A refund or dispute arrived before its payment (Stripe does not order events), and
+    only the payment tells whose money it is: an expected wait, retried with backoff."""
+
+
+def money(minor: int, currency: str) -> Decimal:
+    if currency.lower() in ZERO_DECIMAL:
+        return Decimal(minor)
+    return (Decimal(minor) / 100).quantize(Decimal("0.01"))
+
+
+def _uuid(value: Any) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def find_user(uow: UnitOfWork, obj: dict[str, Any]) -> uuid.UUID:
+    """metadata.user_id when it names a user, else the user with this Stripe customer."""
+    candidate = _uuid((obj.get("metadata") or {}).get("user_id"))
+    if candidate is not None:
+        row = uow.execute(text("SELECT id FROM users WHERE id = :id"), {"id": candidate}).first()
+        if row:
+            return uuid.UUID(str(row[0]))
+    customer = obj.get("customer")
+    if customer:
+        row = uow.execute(
+            text("SELECT id FROM users WHERE stripe_customer_id = :c"), {"c": customer}
+        ).first()
+        if row:
+            return uuid.UUID(str(row[0]))
+    raise UnknownCustomer(f"no user for {obj.get('object')} {obj.get('id')}")
+
+
+def credit(
+    uow: UnitOfWork,
+    *,
+    user_id: uuid.UUID | None,
+    source_id: str,
+    kind: str,
+    amount: Decimal,
+    currency: str,
+    charge_id: str | None,
+    event_id: str,
+) -> bool:
+    """Insert the ledger entry and move the balance, once per source id. True if it moved."""
+    inserted = uow.execute(
+        text("""
+        INSERT INTO ledger_entries (user_id, source_id, kind, amount, currency, stripe_charge_id,
+                                    stripe_event_id)
+        VALUES (:user_id, :source_id, :kind, :amount, :currency, :charge_id, :event_id)
+        ON CONFLICT (source_id) DO NOTHING
+        RETURNING id
+    """),
+        {
+            "user_id": user_id,
+            "source_id": source_id,
+            "kind": kind,
+            "amount": amount,
+            "currency": currency.upper(),
+            "charge_id": charge_id,
+            "event_id": event_id,
+        },
+    ).first()
+    if inserted is None:
+        return False
+    if user_id is not None:
+        uow.execute(
+            text("UPDATE users SET balance = balance + :a, updated_at = now() WHERE id = :u"),
+            {"a": amount, "u": user_id},
+        )
+    return True
+
+
+def notify(
+    uow: UnitOfWork, user_id: uuid.UUID, kind: str, title: str, data: dict[str, Any]
+) -> None:
+    uow.execute(
+        text("""
+        INSERT INTO notifications (user_id, type, title, body, data)
+        VALUES (:u, :t, :title, NULL, CAST(:d AS jsonb))
+    """),
+        {"u": user_id, "t": kind, "title": title, "d": json.dumps(data)},
+    )
+
+
+def lock_payment(
+    uow: UnitOfWork,
+    *,
+    intent_id: str,
+    user_id: uuid.UUID | None,
+    amount: Decimal,
+    currency: str,
+    moment_id: uuid.UUID | None = None,
+    charge_id: str | None = None,
+) -> Any:
+    """The transaction row of a PaymentIntent, created pending if the app never wrote it,
+    locked for the rest of the unit of work."""
+    uow.execute(
+        text("""
+        INSERT INTO transactions (user_id, moment_id, type, amount, currency, status,
+                                  stripe_payment_intent_id, stripe_charge_id)
+        VALUES (:u, :m, 'payment', :a, :c, 'pending', :pi, :ch)
+        ON CONFLICT (stripe_payment_intent_id) DO NOTHING
+    """),
+        {
+            "u": user_id,
+            "m": moment_id,
+            "a": amount,
+            "c": currency.upper(),
+            "pi": intent_id,
+            "ch": charge_id,
+        },
+    )
+    row = uow.execute(
+        text("""
+        SELECT id, user_id, status, dispute_status, stripe_charge_id FROM transactions
+        WHERE stripe_payment_intent_id = :pi FOR UPDATE
+    """),
+        {"pi": intent_id},
+    ).one()
+    if charge_id and row.stripe_charge_id is None:
+        uow.execute(
+            text("UPDATE transactions SET stripe_charge_id = :ch WHERE id = :id"),
+            {"ch": charge_id, "id": row.id},
+        )
+    return row
+
+
+def _moment(obj: dict[str, Any]) -> uuid.UUID | None:
+    return _uuid((obj.get("metadata") or {}).get("moment_id"))
+
+
+def payment_succeeded(uow: UnitOfWork, event: Event) -> None:
+    pi = event["data"]["object"]
+    user_id = find_user(uow, pi)
+    currency = pi.get("currency", "try")
+    amount = money(int(pi.get("amount_received") or pi["amount"]), currency)
+    charge = pi.get("latest_charge")
+    row = lock_payment(
+        uow,
+        intent_id=pi["id"],
+        user_id=user_id,
+        amount=amount,
+        currency=currency,
+        moment_id=_moment(pi),
+        charge_id=charge,
+    )
+    uow.execute(
+        text(
+            "UPDATE transactions SET status = 'completed', amount = :a, "
+            "updated_at = now() WHERE id = :id"
+        ),
+        {"a": amount, "id": row.id},
+    )
+    if credit(
+        uow,
+        user_id=row.user_id or user_id,
+        source_id=pi["id"],
+        kind="payment",
+        amount=amount,
+        currency=currency,
+        charge_id=charge,
+        event_id=event["id"],
+    ):
+        notify(
+            uow,
+            row.user_id or user_id,
+            "payment_succeeded",
+            "Payment received",
+            {"payment_intent": pi["id"], "amount": str(amount), "currency": currency.upper()},
+        )
+
+
+def payment_failed(uow: UnitOfWork, event: Event) -> None:
+    pi = event["data"]["object"]
+    user_id = find_user(uow, pi)
+    currency = pi.get("currency", "try")
+    amount = money(int(pi["amount"]), currency)
+    row = lock_payment(
+        uow,
+        intent_id=pi["id"],
+        user_id=user_id,
+        amount=amount,
+        currency=currency,
+        moment_id=_moment(pi),
+    )
+    if row.status == "pending":  # never downgrade a completed payment; failed is already failed
+        uow.execute(
+            text("UPDATE transactions SET status = 'failed', updated_at = now() WHERE id = :id"),
+            {"id": row.id},
+        )
+        notify(
+            uow,
+            row.user_id or user_id,
+            "payment_failed",
+            "Payment failed",
+            {"payment_intent": pi["id"]},
+        )
+
+
+def _payment_for_charge(
+    uow: UnitOfWork, obj: dict[str, Any], *, charge_id: str, intent_id: str | None
+) -> Any:
+    if not intent_id:
+        raise PermanentError(f"{obj.get('object')} {obj.get('id')} has no payment_intent")
+    row = uow.execute(
+        text("SELECT user_id FROM transactions WHERE stripe_payment_intent_id = :pi"),
+        {"pi": intent_id},
+    ).first()
+    if row and row.user_id:
+        user_id = row.user_id
+    else:
+        try:
+            user_id = find_user(uow, obj)
+        except UnknownCustomer:
+            raise AwaitingPayment(f"payment {intent_id} not seen yet") from None
+    currency = obj.get("currency", "try")
+    return lock_payment(
+        uow,
+        intent_id=intent_id,
+        user_id=user_id,
+        amount=money(int(obj.get("amount", 0)), currency),
+        currency=currency,
+        charge_id=charge_id,
+    )
+
+
+def charge_refunded(uow: UnitOfWork, event: Event) -> None:
+    charge = event["data"]["object"]
+    currency = charge.get("currency", "try")
+    row = _payment_for_charge(
+        uow, charge, charge_id=charge["id"], intent_id=charge.get("payment_intent")
+    )
+    # amount_refunded is cumulative: refund only what no earlier event has refunded. The
+    # payment row lock above serialises every refund event of this charge.
+    already = uow.execute(
+        text("""
+        SELECT COALESCE(-sum(amount), 0) FROM ledger_entries
+        WHERE stripe_charge_id = :ch AND kind = 'refund'
+    """),
+        {"ch": charge["id"]},
+    ).scalar_one()
+    total = money(int(charge.get("amount_refunded") or 0), currency)
+    delta = total - Decimal(already)
+    if delta > 0:
+        credit(
+            uow,
+            user_id=row.user_id,
+            source_id=f"{charge['id']}:refunded:{total}",
+            kind="refund",
+            amount=-delta,
+            currency=currency,
+            charge_id=charge["id"],
+            event_id=event["id"],
+        )
+
+
+def dispute_created(uow: UnitOfWork, event: Event) -> None:
+    dispute = event["data"]["object"]
+    currency = dispute.get("currency", "try")
+    row = _payment_for_charge(
+        uow, dispute, charge_id=dispute["charge"], intent_id=dispute.get("payment_intent")
+    )
+    credit(
+        uow,
+        user_id=row.user_id,
+        source_id=f"{dispute['id']}:hold",
+        kind="dispute_hold",
+        amount=-money(int(dispute["amount"]), currency),
+        currency=currency,
+        charge_id=dispute["charge"],
+        event_id=event["id"],
+    )
+    if row.dispute_status not in ("won", "lost"):  # a closed dispute never reopens
+        uow.execute(
+            text("UPDATE transactions SET dispute_status = 'open' WHERE id = :id"), {"id": row.id}
+        )
+
+
+def dispute_closed(uow: UnitOfWork, event: Event) -> None:
+    dispute = event["data"]["object"]
+    currency = dispute.get("currency", "try")
+    row = _payment_for_charge(
+        uow, dispute, charge_id=dispute["charge"], intent_id=dispute.get("payment_intent")
+    )
+    outcome = "won" if dispute.get("status") == "won" else "lost"
+    if outcome == "won":
+        credit(
+            uow,
+            user_id=row.user_id,
+            source_id=f"{dispute['id']}:release",
+            kind="dispute_release",
+            amount=money(int(dispute["amount"]), currency),
+            currency=currency,
+            charge_id=dispute["charge"],
+            event_id=event["id"],
+        )
+    uow.execute(
+        text("UPDATE transactions SET dispute_status = :s WHERE id = :id"),
+        {"s": outcome, "id": row.id},
+    )
+
+
+# --- subscriptions: state is a fold over the subscription's events ------------------------------
+
+
+def subscription_id_of(event: Event) -> str | None:
+    obj = event["data"]["object"]
+    if obj.get("object") == "subscription":
+        return str(obj["id"])
+    sub = obj.get("subscription")
+    if sub is None:  # API versions >= 2025: invoice.parent.subscription_details.subscription
+        sub = ((obj.get("parent") or {}).get("subscription_details") or {}).get("subscription")
+    if isinstance(sub, dict):
+        sub = sub.get("id")
+    return str(sub) if sub else None
+
+
+def _ts(value: Any) -> datetime | None:
+    return datetime.fromtimestamp(int(value), UTC) if value else None
+
+
+def _tier(sub: dict[str, Any]) -> str:
+    tier = (sub.get("metadata") or {}).get("tier")
+    if not tier:
+        items = (sub.get("items") or {}).get("data") or []
+        price = (items[0].get("price") or {}) if items else {}
+        tier = price.get("lookup_key") or (price.get("metadata") or {}).get("tier")
+    return str(tier or "premium")
+
+
+def fold_subscription(events: list[Event]) -> dict[str, Any]:
+    """The subscription's state after applying `events` in order. Pure: no I/O."""
+    state: dict[str, Any] = {}
+    for event in events:
+        obj = event["data"]["object"]
+        kind = event["type"]
+        if kind.startswith("customer.subscription."):
+            items = (obj.get("items") or {}).get("data") or [{}]
+            state.update(
+                customer=obj.get("customer"),
+                tier=_tier(obj),
+                status="canceled" if kind.endswith(".deleted") else obj.get("status", "active"),
+                period_start=_ts(
+                    obj.get("current_period_start") or items[0].get("current_period_start")
+                ),
+                period_end=_ts(obj.get("current_period_end") or items[0].get("current_period_end")),
+                cancel_at_period_end=bool(obj.get("cancel_at_period_end")),
+                metadata=obj.get("metadata") or {},
+            )
+        elif kind == "invoice.paid":
+            if state.get("status") != "canceled":
+                state["status"] = "active"
+            lines = (obj.get("lines") or {}).get("data") or []
+            period = (lines[0].get("period") or {}) if lines else {}
+            if period.get("end"):
+                state["period_start"] = _ts(period.get("start"))
+                state["period_end"] = _ts(period["end"])
+            state.setdefault("customer", obj.get("customer"))
+        elif kind == "invoice.payment_failed":
+            if state.get("status") != "canceled":
+                state["status"] = "past_due"
+            state.setdefault("customer", obj.get("customer"))
+        state["event_created"] = _ts(event["created"])
+        state["event_id"] = event["id"]
+    return state
+
+
+def subscription_event(uow: UnitOfWork, event: Event) -> None:
+    sub_id = subscription_id_of(event)
+    if sub_id is None:
+        return  # an invoice not tied to a subscription: nothing to change
+    # One subscription's events apply one at a time; after the lock this transaction sees
+    # every event committed before it.
+    uow.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+        {"k": f"subscription:{sub_id}"},
+    )
+    uow.execute(
+        text("UPDATE webhook_events SET subject_id = :s WHERE id = :id"),
+        {"s": sub_id, "id": event["id"]},
+    )
+    rows = (
+        uow.execute(
+            text("""
+        SELECT payload FROM webhook_events
+        WHERE subject_id = :s AND (status = 'processed' OR id = :id)
+        ORDER BY created, id
+    """),
+            {"s": sub_id, "id": event["id"]},
+        )
+        .scalars()
+        .all()
+    )
+    state = fold_subscription(list(rows))
+    if "tier" not in state:
+        return  # only invoices so far: the subscription row waits for its subscription event
+    user_id = find_user(
+        uow,
+        {
+            "object": "subscription",
+            "id": sub_id,
+            "metadata": state.get("metadata"),
+            "customer": state["customer"],
+        },
+    )
+    uow.execute(
+        text("""
+        INSERT INTO subscriptions (user_id, tier, status, stripe_subscription_id,
+            stripe_customer_id, current_period_start, current_period_end, cancel_at_period_end,
+            stripe_event_created, stripe_event_id)
+        VALUES (:u, :tier, :status, :sid, :cust, :ps, :pe, :cancel, :ec, :eid)
+        ON CONFLICT (stripe_subscription_id) DO UPDATE SET
+            user_id = EXCLUDED.user_id, tier = EXCLUDED.tier, status = EXCLUDED.status,
+            stripe_customer_id = EXCLUDED.stripe_customer_id,
+            current_period_start = EXCLUDED.current_period_start,
+            current_period_end = EXCLUDED.current_period_end,
+            cancel_at_period_end = EXCLUDED.cancel_at_period_end,
+            stripe_event_created = EXCLUDED.stripe_event_created,
+            stripe_event_id = EXCLUDED.stripe_event_id, updated_at = now()
+    """),
+        {
+            "u": user_id,
+            "tier": state["tier"],
+            "status": state["status"],
+            "sid": sub_id,
+            "cust": state["customer"],
+            "ps": state["period_start"],
+            "pe": state["period_end"],
+            "cancel": state["cancel_at_period_end"],
+            "ec": state["event_created"],
+            "eid": state["event_id"],
+        },
+    )
+    uow.execute(
+        text("""
+        UPDATE users SET subscription_tier = COALESCE((
+            SELECT tier FROM subscriptions
+            WHERE user_id = :u AND status = ANY(CAST(:entitled AS text[]))
+            ORDER BY current_period_end DESC NULLS LAST, stripe_subscription_id LIMIT 1), 'free')
+        WHERE id = :u
+    """),
+        {"u": user_id, "entitled": list(ENTITLED)},
+    )
+
+
+HANDLERS: dict[str, Callable[[UnitOfWork, Event], None]] = {
+    "payment_intent.succeeded": payment_succeeded,
+    "payment_intent.payment_failed": payment_failed,
+    "charge.refunded": charge_refunded,
+    "charge.dispute.created": dispute_created,
+    "charge.dispute.closed": dispute_closed,
+    "customer.subscription.created": subscription_event,
+    "customer.subscription.updated": subscription_event,
+    "customer.subscription.deleted": subscription_event,
+    "invoice.paid": subscription_event,
+    "invoice.payment_failed": subscription_event,
+}
+
+
+def apply_event(uow: UnitOfWork, event: Event) -> str:
+    """Apply one event; 'processed', or 'ignored' for a type we do not act on."""
+    handler = HANDLERS.get(event["type"])
+    if handler is None:
+        return "ignored"
+    handler(uow, event)
+    return "processed"
