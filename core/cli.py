@@ -48,8 +48,15 @@ def friendly_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _settings() -> Settings:
+def _settings(*, adopt_running: bool = True) -> Settings:
     settings = get_settings()
+    if adopt_running:
+        from core.settings import reset_settings_cache
+        from core.supervisor import load_run_env
+
+        if load_run_env(settings):  # a `tidemill up` is running: use its embedded servers
+            reset_settings_cache()
+            settings = get_settings()
     configure_logging(env=settings.env, level=settings.log_level)
     return settings
 
@@ -97,7 +104,7 @@ def up(
 
     if workers is not None:
         os.environ["TIDEMILL_WORKER_PROCESSES"] = str(workers)
-    settings = _settings()
+    settings = _settings(adopt_running=False)
     if workers is not None:
         settings = dataclasses.replace(settings, worker_processes=workers)
     raise typer.Exit(Supervisor(settings).run())
@@ -212,6 +219,161 @@ def migrate(
     assert settings.database_url
     upgrade(settings.database_url, revision)
     print(f"database at revision {current(settings.database_url)}")
+
+
+webhooks_app = typer.Typer(help="Stored Stripe webhook events.", no_args_is_help=True)
+stripe_app = typer.Typer(help="Try the payment flow without Stripe.", no_args_is_help=True)
+app.add_typer(webhooks_app, name="webhooks")
+app.add_typer(stripe_app, name="stripe")
+
+
+@webhooks_app.command("list")
+@friendly_errors
+def webhooks_list(
+    status: Annotated[
+        str | None, typer.Option(help="received, processed, ignored or failed")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="newest N events")] = 50,
+) -> None:
+    """Show stored events, newest first."""
+    from rich.console import Console
+    from rich.table import Table
+    from sqlalchemy import text
+
+    from db.engine import unit_of_work
+
+    settings = _settings()
+    _require_services(settings, broker=False)
+    with unit_of_work(settings) as uow:
+        rows = uow.execute(
+            text("""SELECT id, type, status, attempts, received_at, last_error FROM webhook_events
+                    WHERE CAST(:status AS text) IS NULL OR status = :status
+                    ORDER BY received_at DESC, id DESC LIMIT :limit"""),
+            {"status": status, "limit": limit},
+        ).all()
+    table = Table("id", "type", "status", "attempts", "received", "last error")
+    for r in rows:
+        table.add_row(
+            r.id,
+            r.type,
+            r.status,
+            str(r.attempts),
+            f"{r.received_at:%Y-%m-%d %H:%M:%S}",
+            (r.last_error or "")[:60],
+        )
+    Console().print(table)
+    print(f"{len(rows)} event(s)")
+
+
+@webhooks_app.command("replay")
+@friendly_errors
+def webhooks_replay(event_id: Annotated[str, typer.Argument(help="evt_…")]) -> None:
+    """Apply a failed event again now (processed and ignored events are left alone)."""
+    settings = _settings()
+    _require_services(settings)
+    from workers.payments import EventNotFound, replay
+
+    try:
+        outcome = replay(event_id)
+    except EventNotFound as exc:
+        _fail(str(exc))
+    except Exception as exc:
+        _fail(f"{event_id} failed again: {type(exc).__name__}: {exc}", code=1)
+    print(f"{event_id}: {outcome}")
+
+
+@stripe_app.command("send")
+@friendly_errors
+def stripe_send(
+    type_: Annotated[str, typer.Argument(metavar="TYPE", help="e.g. payment_intent.succeeded")],
+    amount: Annotated[int, typer.Option(help="minor units (2500 = 25.00)")] = 2500,
+    currency: Annotated[str, typer.Option()] = "try",
+    user: Annotated[str | None, typer.Option(help="user id; default: a demo user")] = None,
+    ref: Annotated[str | None, typer.Option(help="pi_… or sub_… to continue a story")] = None,
+    refunded: Annotated[int | None, typer.Option(help="charge.refunded: cumulative refund")] = None,
+    outcome: Annotated[str, typer.Option(help="charge.dispute.closed: won or lost")] = "won",
+    tier: Annotated[str, typer.Option(help="subscription tier")] = "premium",
+    url: Annotated[str | None, typer.Option(help="receiver URL; default: this host's web")] = None,
+    wait: Annotated[float, typer.Option(help="seconds to wait for the event to be applied")] = 10,
+) -> None:
+    """Build a realistic event, sign it with the configured secret, post it to the receiver."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    import stripe
+    from sqlalchemy import text
+
+    from core.stripe_samples import SAMPLE_TYPES, sample
+    from db.engine import unit_of_work
+
+    if type_ not in SAMPLE_TYPES:
+        _fail(f"unknown type {type_!r}; known: {', '.join(SAMPLE_TYPES)}")
+    settings = _settings()
+    _require_services(settings, broker=False)
+    with unit_of_work(settings) as uow:
+        if user is None:
+            user = str(
+                uow.execute(
+                    text("""
+                INSERT INTO users (email, full_name) VALUES ('demo@tidemill.local', 'Demo User')
+                ON CONFLICT (email) DO UPDATE SET email = EXCLUDED.email RETURNING id""")
+                ).scalar_one()
+            )
+        elif (
+            uow.execute(
+                text("SELECT 1 FROM users WHERE id = CAST(:u AS uuid)"), {"u": user}
+            ).first()
+            is None
+        ):
+            _fail(f"no user {user}")
+    event = sample(
+        type_,
+        user_id=user,
+        amount=amount,
+        currency=currency,
+        ref=ref,
+        refunded=refunded,
+        outcome=outcome,
+        tier=tier,
+    )
+    body = json.dumps(event)
+    header = stripe.WebhookSignature.generate_signature_header(
+        body, settings.stripe_webhook_secrets[0]
+    )
+    target = url or f"http://{settings.web_host}:{settings.web_port}/webhooks/stripe"
+    request = urllib.request.Request(
+        target,
+        data=body.encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Stripe-Signature": header},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            answer = resp.read().decode()
+            print(f"POST {target} -> {resp.status} {answer}")
+    except urllib.error.HTTPError as exc:
+        _fail(f"POST {target} -> {exc.code} {exc.read().decode()}", code=1)
+    except OSError as exc:
+        _fail(f"cannot reach the receiver at {target}: {exc} (is `tidemill up` running?)")
+    obj = event["data"]["object"]
+    print(f"event {event['id']} ({type_}) for user {user}, object {obj['id']}")
+    deadline = time.monotonic() + wait
+    status = "received"
+    while time.monotonic() < deadline:
+        with unit_of_work(settings) as uow:
+            status = uow.execute(
+                text("SELECT status FROM webhook_events WHERE id = :id"), {"id": event["id"]}
+            ).scalar_one()
+            balance, tier_now = uow.execute(
+                text("SELECT balance, subscription_tier FROM users WHERE id = CAST(:u AS uuid)"),
+                {"u": user},
+            ).one()
+        if status != "received":
+            break
+        time.sleep(0.2)
+    print(f"status {status}; user balance {balance}, subscription tier {tier_now}")
 
 
 def main() -> None:

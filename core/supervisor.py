@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 from core.log import get_logger
@@ -72,6 +73,7 @@ class Supervisor:
             if self.stopping.is_set():
                 return 0
             env = settings.child_env()
+            self._write_run_env()
             for name in PROCESSES:
                 self.children[name] = spawn([sys.executable, "-m", "core.cli", name], env=env)
             self._banner()
@@ -110,6 +112,15 @@ class Supervisor:
         for server in reversed(self.servers):
             server.stop()
         self.servers.clear()
+        run_env_path(self.settings).unlink(missing_ok=True)
+
+    def _write_run_env(self) -> None:
+        """Where the embedded servers are, for commands run from another terminal."""
+        path = run_env_path(self.settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            f"DATABASE_URL={self.settings.database_url}\nREDIS_URL={self.settings.redis_url}\n"
+        )
 
     def _banner(self) -> None:
         s = self.settings
@@ -134,6 +145,22 @@ class Supervisor:
             "",
         ]
         print("\n".join(lines), flush=True)
+
+
+def run_env_path(settings: Settings) -> Path:
+    return settings.data_dir / "up.env"
+
+
+def load_run_env(settings: Settings) -> bool:
+    """Adopt a running `tidemill up`'s server URLs when DATABASE_URL / REDIS_URL are unset."""
+    path = run_env_path(settings)
+    if not path.exists() or (settings.database_url and settings.redis_url):
+        return False
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key in {"DATABASE_URL", "REDIS_URL"} and value:
+            os.environ.setdefault(key, value)
+    return True
 
 
 def _kill_group(pgid: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -89,23 +89,37 @@ def dispose_all() -> None:
 
 
 class UnitOfWork:
-    """A session inside one transaction. `commit()` ends it; anything else rolls it back."""
+    """A session inside one transaction. `commit()` ends it; anything else rolls it back.
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
+    The session is created on first use: a message that never touches Postgres pays nothing.
+    """
+
+    def __init__(self, sessions: Callable[[], Session]) -> None:
+        self._sessions = sessions
+        self._session: Session | None = None
         self.committed = False
 
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            self._session = self._sessions()
+        return self._session
+
     def commit(self) -> None:
-        self.session.commit()
+        if self._session is not None:
+            self._session.commit()
         self.committed = True
 
     def rollback(self) -> None:
-        self.session.rollback()
+        if self._session is not None:
+            self._session.rollback()
 
     def close(self) -> None:
+        if self._session is None:
+            return
         if not self.committed:
-            self.session.rollback()
-        self.session.close()
+            self._session.rollback()
+        self._session.close()
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         return self.session.execute(*args, **kwargs)
@@ -114,7 +128,7 @@ class UnitOfWork:
 @contextmanager
 def unit_of_work(settings: Settings | None = None) -> Iterator[UnitOfWork]:
     """Commit when the block returns, roll back when it raises."""
-    uow = UnitOfWork(get_database(settings).sessions())
+    uow = UnitOfWork(get_database(settings).sessions)
     try:
         yield uow
         uow.commit()

@@ -18,6 +18,7 @@ from core.log import get_logger
 from core.settings import Settings
 from db.engine import get_database
 from db.redis import get_redis
+from web import webhooks
 
 log = get_logger(__name__)
 
@@ -104,5 +105,6 @@ def create_app(settings: Settings) -> Starlette:
             Route("/healthz", healthz),
             Route("/dashboard", dashboard),
             Route("/metrics", metrics),
+            webhooks.route(settings),
         ]
     )

@@ -24,7 +24,7 @@ from dramatiq.middleware import (
 
 from core.log import configure_logging
 from core.settings import Settings, SettingsError, get_settings, redact_url
-from workers.middleware import LogContext, UnitOfWorkMiddleware
+from workers.middleware import FreezeImports, LogContext, UnitOfWorkMiddleware
 
 
 def _prometheus(settings: Settings) -> Middleware:
@@ -90,6 +90,7 @@ def middleware(settings: Settings, *, metrics: bool = True) -> list[Middleware]:
             max_backoff=settings.max_backoff_ms,
         ),
         UnitOfWorkMiddleware(),
+        FreezeImports(),
     ]
     if metrics:
         stack.insert(1, _prometheus(settings))

@@ -1,0 +1,370 @@
+"""Stripe webhook intake over real HTTP: a uvicorn server in a thread, real Postgres behind it.
+
+Events are signed with stripe's own signer. A refused request must leave webhook_events and
+outbox empty; an accepted one stores exactly one event row and one outbox row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+import uvicorn
+
+from core.log import configure_logging
+from core.proc import free_port, wait_until
+from core.settings import Settings, get_settings
+from web.app import create_app
+from web.webhooks import MAX_BODY_BYTES, PATH
+
+EMAIL = "alice.smith@example.com"
+JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
+
+
+@contextmanager
+def serve(settings: Settings) -> Iterator[str]:
+    """create_app(settings) on a real uvicorn server in a background thread."""
+    configure_logging(env=settings.env, level=settings.log_level)  # no-op once configured
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started, timeout=30, alive=thread.is_alive)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextmanager
+def client_for(settings: Settings) -> Iterator[httpx.Client]:
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def client(db: str) -> Iterator[httpx.Client]:
+    with client_for(get_settings()) as c:
+        yield c
+
+
+def secret() -> str:
+    return get_settings().stripe_webhook_secrets[0]
+
+
+def sample_event(event_id: str = "evt_1PxTest", **fields: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "id": event_id,
+        "object": "event",
+        "api_version": "2024-06-20",
+        "created": 1_718_000_000,
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None},
+        "type": "payment_intent.succeeded",
+        "data": {
+            "object": {
+                "id": "pi_1PxTest",
+                "object": "payment_intent",
+                "amount": 1999,
+                "currency": "eur",
+                "receipt_email": EMAIL,
+                "metadata": {"user_id": "6f1c0e1a-0000-4000-8000-000000000001"},
+            }
+        },
+    }
+    event.update(fields)
+    return event
+
+
+def signature(payload: str, *, key: str | None = None, timestamp: int | None = None) -> str:
+    return stripe.WebhookSignature.generate_signature_header(
+        payload, key or secret(), timestamp=timestamp
+    )
+
+
+def post_signed(
+    client: httpx.Client, payload: str, *, key: str | None = None, timestamp: int | None = None
+) -> httpx.Response:
+    headers = {**JSON_HEADERS, "Stripe-Signature": signature(payload, key=key, timestamp=timestamp)}
+    return client.post(PATH, content=payload.encode(), headers=headers)
+
+
+def counts(sql: Any) -> tuple[int, int]:
+    events = sql.execute("SELECT count(*) FROM webhook_events").fetchone()[0]
+    outbox = sql.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    return events, outbox
+
+
+def assert_refused(response: httpx.Response, status: int, error: str, sql: Any) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json() == {"error": error}
+    assert counts(sql) == (0, 0)
+
+
+# --- accepted ---------------------------------------------------------------------------------
+
+
+def test_valid_event_is_stored_with_one_outbox_row(client, sql) -> None:
+    # Given an event signed with the configured secret
+    event = sample_event()
+    payload = json.dumps(event)
+    # When Stripe delivers it
+    response = post_signed(client, payload)
+    # Then it is acknowledged and stored once, with its follow-up queued in the outbox
+    assert response.status_code == 200, response.text
+    assert response.json() == {"received": True, "duplicate": False}
+    row = sql.execute(
+        "SELECT id, type, EXTRACT(EPOCH FROM created)::bigint, livemode, api_version, payload, "
+        "status, attempts, last_error, processed_at FROM webhook_events"
+    ).fetchall()
+    assert row == [
+        (
+            "evt_1PxTest",
+            "payment_intent.succeeded",
+            1_718_000_000,
+            False,
+            "2024-06-20",
+            event,
+            "received",
+            0,
+            None,
+            None,
+        )
+    ]
+    outbox = sql.execute(
+        "SELECT actor, queue_name, args, kwargs, dispatched_at FROM outbox"
+    ).fetchall()
+    assert outbox == [("process_event", "payments", ["evt_1PxTest"], {}, None)]
+
+
+def test_duplicate_delivery_is_acknowledged_and_stores_nothing_new(client, sql) -> None:
+    payload = json.dumps(sample_event())
+    assert post_signed(client, payload).json() == {"received": True, "duplicate": False}
+    # When Stripe delivers the same event again (a retry, signed anew)
+    response = post_signed(client, payload, timestamp=int(time.time()) + 1)
+    # Then it is acknowledged as a duplicate and nothing more is stored or queued
+    assert response.status_code == 200
+    assert response.json() == {"received": True, "duplicate": True}
+    assert counts(sql) == (1, 1)
+
+
+def test_event_without_api_version_and_live_mode_is_stored(client, sql) -> None:
+    payload = json.dumps(sample_event(api_version=None, livemode=True))
+    assert post_signed(client, payload).status_code == 200
+    assert sql.execute("SELECT livemode, api_version FROM webhook_events").fetchall() == [
+        (True, None)
+    ]
+
+
+def test_every_configured_secret_is_accepted_during_rotation(db, sql) -> None:
+    rotated = dataclasses.replace(get_settings(), stripe_webhook_secrets=("whsec_old", "whsec_new"))
+    with client_for(rotated) as client:
+        old = post_signed(client, json.dumps(sample_event("evt_old")), key="whsec_old")
+        new = post_signed(client, json.dumps(sample_event("evt_new")), key="whsec_new")
+        retired = post_signed(client, json.dumps(sample_event("evt_x")), key=secret())
+    assert (old.status_code, new.status_code) == (200, 200)
+    assert retired.status_code == 400 and retired.json() == {"error": "signature mismatch"}
+    assert sql.execute("SELECT id FROM webhook_events ORDER BY id").fetchall() == [
+        ("evt_new",),
+        ("evt_old",),
+    ]
+    assert counts(sql) == (2, 2)
+
+
+def test_body_of_exactly_one_mib_is_accepted(client, sql) -> None:
+    event = sample_event()
+    padding = MAX_BODY_BYTES - len(json.dumps({**event, "pad": ""}))
+    payload = json.dumps({**event, "pad": "x" * padding})
+    assert len(payload.encode()) == MAX_BODY_BYTES
+    assert post_signed(client, payload).status_code == 200
+    assert counts(sql) == (1, 1)
+
+
+# --- refused: signature -----------------------------------------------------------------------
+
+
+def test_missing_signature_header(client, sql) -> None:
+    response = client.post(PATH, content=json.dumps(sample_event()), headers=JSON_HEADERS)
+    assert_refused(response, 400, "missing signature header", sql)
+
+
+@pytest.mark.parametrize("header", ["garbage", "t=soon,v1=abc", "t=1718000000", "v1=abc"])
+def test_garbled_signature_header(client, sql, header) -> None:
+    headers = {**JSON_HEADERS, "Stripe-Signature": header}
+    response = client.post(PATH, content=json.dumps(sample_event()), headers=headers)
+    assert_refused(response, 400, "malformed signature header", sql)
+
+
+def test_wrong_secret(client, sql) -> None:
+    response = post_signed(client, json.dumps(sample_event()), key="whsec_not_ours")
+    assert_refused(response, 400, "signature mismatch", sql)
+
+
+def test_timestamp_outside_tolerance_is_a_replay(client, sql) -> None:
+    stale = int(time.time()) - get_settings().stripe_webhook_tolerance_s - 60
+    response = post_signed(client, json.dumps(sample_event()), timestamp=stale)
+    assert_refused(response, 400, "timestamp outside tolerance", sql)
+
+
+def test_body_changed_after_signing(client, sql) -> None:
+    signed = json.dumps(sample_event())
+    tampered = signed.replace('"amount": 1999', '"amount": 1')
+    assert tampered != signed
+    headers = {**JSON_HEADERS, "Stripe-Signature": signature(signed)}
+    response = client.post(PATH, content=tampered, headers=headers)
+    assert_refused(response, 400, "signature mismatch", sql)
+
+
+# --- refused: body ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("payload", ["not json at all", '{"id": "evt_1"', "", "NaN"])
+def test_signed_body_that_is_not_json(client, sql, payload) -> None:
+    response = post_signed(client, payload)
+    assert_refused(response, 400, "body is not JSON", sql)
+
+
+def test_body_that_is_not_utf8(client, sql) -> None:
+    headers = {**JSON_HEADERS, "Stripe-Signature": signature("{}")}
+    response = client.post(PATH, content=b'{"id": "\xff"}', headers=headers)
+    assert_refused(response, 400, "body is not UTF-8", sql)
+
+
+def _without(field: str) -> dict[str, Any]:
+    event = sample_event()
+    del event[field]
+    return event
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [
+        ([sample_event()], "object"),
+        (sample_event(object="charge"), "object"),
+        (_without("object"), "object"),
+        (sample_event("ch_1PxTest"), "id"),
+        (sample_event(id=42), "id"),
+        (_without("type"), "type"),
+        (sample_event(type=7), "type"),
+        (sample_event(created="1718000000"), "created"),
+        (sample_event(created=True), "created"),
+        (sample_event(created=1.5e9), "created"),
+        (sample_event(livemode="false"), "livemode"),
+        (_without("livemode"), "livemode"),
+        (sample_event(api_version=2024), "api_version"),
+        (sample_event(data={}), "data.object"),
+        (sample_event(data={"object": "pi_1"}), "data.object"),
+        (_without("data"), "data.object"),
+    ],
+)
+def test_signed_json_that_is_not_a_stripe_event(client, sql, event, field) -> None:
+    response = post_signed(client, json.dumps(event))
+    assert_refused(response, 400, f"not a Stripe event ({field})", sql)
+
+
+def test_body_over_one_mib_refused_by_content_length(client, sql) -> None:
+    payload = json.dumps({**sample_event(), "pad": "x" * MAX_BODY_BYTES})
+    response = post_signed(client, payload)
+    assert_refused(response, 413, "body too large", sql)
+
+
+def test_chunked_body_over_one_mib_refused_while_reading(client, sql) -> None:
+    # Given a client that sends no Content-Length: the cap must hold while streaming
+    payload = json.dumps({**sample_event(), "pad": "x" * (2 * MAX_BODY_BYTES)}).encode()
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(payload), 64 * 1024):
+            yield payload[start : start + 64 * 1024]
+
+    headers = {**JSON_HEADERS, "Stripe-Signature": signature(payload.decode())}
+    response = client.post(PATH, content=chunks(), headers=headers)
+    assert "content-length" not in response.request.headers
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    assert_refused(response, 413, "body too large", sql)
+
+
+# --- refused: method, content type --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE"])
+def test_wrong_method(client, sql, method) -> None:
+    payload = json.dumps(sample_event())
+    headers = {**JSON_HEADERS, "Stripe-Signature": signature(payload)}
+    response = client.request(method, PATH, content=payload, headers=headers)
+    assert_refused(response, 405, "method not allowed", sql)
+    assert response.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonx"]
+)
+def test_wrong_content_type(client, sql, content_type) -> None:
+    payload = json.dumps(sample_event())
+    headers = {"Stripe-Signature": signature(payload)}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    response = client.post(PATH, content=payload, headers=headers)
+    assert_refused(response, 415, "unsupported content type", sql)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "Application/JSON; charset=UTF-8"])
+def test_json_content_type_with_or_without_parameters_is_accepted(client, sql, content_type):
+    payload = json.dumps(sample_event())
+    headers = {"Content-Type": content_type, "Stripe-Signature": signature(payload)}
+    assert client.post(PATH, content=payload, headers=headers).status_code == 200
+
+
+# --- storage down, logs -----------------------------------------------------------------------
+
+
+def test_database_down_answers_503_so_stripe_retries(db, sql, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    down = dataclasses.replace(
+        get_settings(), database_url=f"postgresql://tidemill@127.0.0.1:{free_port()}/gone"
+    )
+    with client_for(down) as client:
+        response = post_signed(client, json.dumps(sample_event()))
+    assert response.status_code == 503
+    assert response.json() == {"error": "storage unavailable"}
+    failed = [r.msg for r in caplog.records if _event(r) == "webhook_store_failed"]
+    assert failed and failed[0]["event_id"] == "evt_1PxTest"
+
+
+def _event(record: logging.LogRecord) -> str | None:
+    return record.msg.get("event") if isinstance(record.msg, dict) else None
+
+
+def test_logs_carry_reason_and_size_but_no_payload(client, sql, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    signed = json.dumps(sample_event())
+    tampered = signed.replace('"amount": 1999', '"amount": 1')
+    headers = {**JSON_HEADERS, "Stripe-Signature": signature(signed)}
+    assert client.post(PATH, content=tampered, headers=headers).status_code == 400
+    assert post_signed(client, signed).status_code == 200
+
+    rejected = [r.msg for r in caplog.records if _event(r) == "webhook_rejected"]
+    received = [r.msg for r in caplog.records if _event(r) == "webhook_received"]
+    assert len(rejected) == 1 and len(received) == 1
+    assert rejected[0]["reason"] == "signature mismatch"
+    assert rejected[0]["size"] == len(tampered.encode())
+    assert received[0]["event_id"] == "evt_1PxTest"
+    assert received[0]["type"] == "payment_intent.succeeded"
+    assert received[0]["duplicate"] is False
+    # neither the address (masked or not) nor any other payload content reaches the logs
+    assert "alice" not in caplog.text and "example.com" not in caplog.text
+    assert "pi_1PxTest" not in caplog.text and "1999" not in caplog.text

@@ -1,0 +1,272 @@
+"""The Stripe webhook receiver: verify, persist, enqueue through the outbox, answer 2xx.
+
+Checks run cheapest first, and nothing unauthenticated is parsed beyond what stripe needs:
+method -> content type -> declared size -> signature header present -> body read under the
+size cap -> signature (every configured secret, so a secret can be rotated) -> JSON -> event
+shape -> one transaction (event row + outbox row). A rejected request stores and enqueues
+nothing and is logged without any of its content.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import stripe
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from core.log import get_logger
+from core.settings import Settings
+from db.engine import ServiceUnreachable, unit_of_work
+
+log = get_logger(__name__)
+
+PATH = "/webhooks/stripe"
+MAX_BODY_BYTES = 1024 * 1024  # Stripe events are a few KiB; 1 MiB is generous
+SIGNATURE_HEADER = "stripe-signature"
+# Year 9999: to_timestamp() and datetime both overflow beyond it.
+_MAX_CREATED = 253_402_300_799
+
+_INSERT_EVENT = text(
+    """
+    INSERT INTO webhook_events (id, type, created, livemode, api_version, payload, status, attempts)
+    VALUES (:id, :type, :created, :livemode, :api_version, CAST(:payload AS jsonb), 'received', 0)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+    """
+)
+_INSERT_OUTBOX = text(
+    "INSERT INTO outbox (actor, queue_name, args) "
+    "VALUES ('process_event', 'payments', CAST(:args AS jsonb))"
+)
+
+
+class Rejected(Exception):
+    """A request refused before anything is stored; `reason` is safe to log and to return."""
+
+    def __init__(self, status: int, reason: str, *, headers: dict[str, str] | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class StripeEvent:
+    id: str
+    type: str
+    created: datetime
+    livemode: bool
+    api_version: str | None
+    payload: str  # the verified body, stored as received
+
+
+# --- pure checks -------------------------------------------------------------------------------
+
+
+def check_content_type(value: str | None) -> None:
+    media_type = (value or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise Rejected(415, "unsupported content type")
+
+
+def check_declared_size(value: str | None) -> int | None:
+    if value is None:
+        return None  # chunked: the cap is enforced while reading
+    if not value.strip().isdigit():
+        raise Rejected(400, "invalid content length")
+    size = int(value)
+    if size > MAX_BODY_BYTES:
+        raise Rejected(413, "body too large")
+    return size
+
+
+def _signature_reason(exc: stripe.SignatureVerificationError) -> str:
+    message = exc.user_message or ""
+    if message.startswith("Timestamp outside the tolerance zone"):
+        return "timestamp outside tolerance"
+    if message.startswith(("Unable to extract timestamp", "No signatures found with expected")):
+        return "malformed signature header"
+    return "signature mismatch"
+
+
+# A stale timestamp is only reported after a secret matched, so it is the most telling reason.
+_REASON_ORDER = ("timestamp outside tolerance", "malformed signature header", "signature mismatch")
+
+
+def verify_signature(
+    payload: str, header: str, *, secrets: tuple[str, ...], tolerance: int
+) -> None:
+    """Stripe's own verification against every secret; raises `Rejected` if none accepts."""
+    reasons = []
+    for secret in secrets:
+        try:
+            stripe.WebhookSignature.verify_header(payload, header, secret, tolerance=tolerance)
+            return
+        except stripe.SignatureVerificationError as exc:
+            reasons.append(_signature_reason(exc))
+    raise Rejected(400, min(reasons, key=_REASON_ORDER.index, default="signature mismatch"))
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN / Infinity are not JSON and jsonb refuses them.
+    raise ValueError(name)
+
+
+def parse_event(payload: str) -> StripeEvent:
+    """The verified body as a Stripe event; raises `Rejected` if it is not JSON or not one."""
+    try:
+        data = json.loads(payload, parse_constant=_reject_constant)
+    except ValueError:
+        raise Rejected(400, "body is not JSON") from None
+
+    def invalid(field: str) -> Rejected:
+        return Rejected(400, f"not a Stripe event ({field})")
+
+    if not isinstance(data, dict):
+        raise invalid("object")
+    if data.get("object") != "event":
+        raise invalid("object")
+    event_id = data.get("id")
+    if not isinstance(event_id, str) or not event_id.startswith("evt_") or len(event_id) > 255:
+        raise invalid("id")
+    event_type = data.get("type")
+    if not isinstance(event_type, str) or not event_type:
+        raise invalid("type")
+    created = data.get("created")
+    # bool is an int subclass: `true` is not a timestamp.
+    if (
+        isinstance(created, bool)
+        or not isinstance(created, int)
+        or not 0 <= created <= _MAX_CREATED
+    ):
+        raise invalid("created")
+    livemode = data.get("livemode")
+    if not isinstance(livemode, bool):
+        raise invalid("livemode")
+    api_version = data.get("api_version")
+    if api_version is not None and not isinstance(api_version, str):
+        raise invalid("api_version")
+    inner = data.get("data")
+    if not isinstance(inner, dict) or not isinstance(inner.get("object"), dict):
+        raise invalid("data.object")
+    return StripeEvent(
+        id=event_id,
+        type=event_type,
+        created=datetime.fromtimestamp(created, UTC),
+        livemode=livemode,
+        api_version=api_version,
+        payload=payload,
+    )
+
+
+# --- I/O ---------------------------------------------------------------------------------------
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused as soon as it passes the cap: a chunked or lying client cannot push
+    more than MAX_BODY_BYTES into memory."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise Rejected(413, "body too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def store_event(settings: Settings, event: StripeEvent) -> bool:
+    """Event row and outbox row in one transaction; False when the event was already stored."""
+    with unit_of_work(settings) as uow:
+        inserted = uow.execute(
+            _INSERT_EVENT,
+            {
+                "id": event.id,
+                "type": event.type,
+                "created": event.created,
+                "livemode": event.livemode,
+                "api_version": event.api_version,
+                "payload": event.payload,
+            },
+        ).first()
+        if inserted is None:
+            return False  # a duplicate delivery: the first one already queued the work
+        uow.execute(_INSERT_OUTBOX, {"args": json.dumps([event.id])})
+    return True
+
+
+class StripeWebhook:
+    """ASGI endpoint. A plain ASGI app (not a Starlette function endpoint), so every method
+    reaches it and a wrong one gets the same JSON error shape as every other refusal."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        response = await self.handle(request)
+        await response(scope, receive, send)
+
+    async def handle(self, request: Request) -> JSONResponse:
+        size: int | None = None
+        try:
+            if request.method != "POST":
+                raise Rejected(405, "method not allowed", headers={"Allow": "POST"})
+            check_content_type(request.headers.get("content-type"))
+            size = check_declared_size(request.headers.get("content-length"))
+            header = request.headers.get(SIGNATURE_HEADER)
+            if not header:
+                raise Rejected(400, "missing signature header")
+            try:
+                body = await read_body(request)
+            except ClientDisconnect:
+                raise Rejected(400, "client disconnected") from None
+            size = len(body)
+            try:
+                payload = body.decode("utf-8")  # what stripe signs; it would decode it too
+            except UnicodeDecodeError:
+                raise Rejected(400, "body is not UTF-8") from None
+            verify_signature(
+                payload,
+                header,
+                secrets=self.settings.stripe_webhook_secrets,
+                tolerance=self.settings.stripe_webhook_tolerance_s,
+            )
+            event = parse_event(payload)
+        except Rejected as rejected:
+            log.warning(
+                "webhook_rejected",
+                reason=rejected.reason,
+                status=rejected.status,
+                method=request.method,
+                size=size,
+            )
+            return JSONResponse(
+                {"error": rejected.reason}, status_code=rejected.status, headers=rejected.headers
+            )
+
+        try:
+            inserted = await run_in_threadpool(store_event, self.settings, event)
+        except (SQLAlchemyError, psycopg.Error, ServiceUnreachable) as exc:
+            # Stripe retries any non-2xx for three days: 503 hands the event back to it.
+            log.error(
+                "webhook_store_failed", event_id=event.id, type=event.type, error=type(exc).__name__
+            )
+            return JSONResponse({"error": "storage unavailable"}, status_code=503)
+        log.info("webhook_received", event_id=event.id, type=event.type, duplicate=not inserted)
+        return JSONResponse({"received": True, "duplicate": not inserted})
+
+
+def route(settings: Settings) -> Route:
+    """The `POST /webhooks/stripe` route for `create_app`."""
+    return Route(PATH, StripeWebhook(settings), name="stripe_webhook")
