@@ -251,7 +251,10 @@ def webhooks_list(
                     ORDER BY received_at DESC, id DESC LIMIT :limit"""),
             {"status": status, "limit": limit},
         ).all()
-    table = Table("id", "type", "status", "attempts", "received", "last error")
+    table = Table()
+    for column in ("id", "type", "status", "attempts", "received"):
+        table.add_column(column, no_wrap=True)  # ids are copied into `replay`: never wrapped
+    table.add_column("last error", overflow="fold")
     for r in rows:
         table.add_row(
             r.id,
@@ -261,7 +264,7 @@ def webhooks_list(
             f"{r.received_at:%Y-%m-%d %H:%M:%S}",
             (r.last_error or "")[:60],
         )
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     print(f"{len(rows)} event(s)")
 
 

@@ -1,0 +1,143 @@
+"""Payments with real worker processes: two processes at once, and one killed mid-event."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+
+from core.proc import wait_until
+from tests.conftest import ROOT
+from tests.support import stripe_events as se
+from tests.test_payments import (
+    apply,
+    assert_balance_is_sum_of_ledger,
+    customer_streams,
+    fresh_state,
+    make_user,
+    snapshot,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def start_worker(*, processes: int, threads: int, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "core.cli",
+            "worker",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+            "--queue",
+            "payments",
+        ],
+        env=dict(os.environ, **env),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
+
+
+def pending(conn: Any) -> int:
+    return int(
+        conn.execute("SELECT count(*) FROM webhook_events WHERE status = 'received'").fetchone()[0]
+    )
+
+
+def test_two_worker_processes_on_shuffled_duplicated_stream_equal_in_order(servers, db) -> None:
+    from workers.broker import broker
+    from workers.payments import process_event
+
+    users, events = customer_streams(seed=4242, customers=8)
+    with fresh_state(servers, users) as conn:
+        apply(sorted(events, key=lambda e: (e["created"], e["id"])))
+        expected = snapshot(conn)
+    rnd = random.Random(99)
+    delivered = events + rnd.sample(events, k=len(events))  # every event twice
+    rnd.shuffle(delivered)
+    with fresh_state(servers, users) as conn:
+        broker.flush_all()
+        se.store(delivered)
+        for e in delivered:
+            process_event.send(e["id"])
+        worker = start_worker(processes=2, threads=4)
+        try:
+            assert wait_until(lambda: pending(conn) == 0, timeout=120, interval=0.2)
+            assert wait_until(
+                lambda: broker.client.hlen("dramatiq:payments.msgs") == 0,  # type: ignore[attr-defined]
+                timeout=60,
+                interval=0.2,
+            )
+        finally:
+            stop(worker)
+        assert snapshot(conn) == expected
+        assert_balance_is_sum_of_ledger(conn)
+
+
+def test_worker_killed_mid_event_applies_it_exactly_once(servers, db, sql) -> None:
+    from workers.broker import broker
+    from workers.payments import process_event
+
+    broker.flush_all()
+    uid = make_user(sql)
+    e = se.event(
+        "payment_intent.succeeded",
+        se.payment_intent("pi_kill", user_id=uid, amount=4200),
+        created=1_760_000_000,
+    )
+    se.store([e])
+    env = {"TIDEMILL_HEARTBEAT_TIMEOUT_MS": "2000", "TIDEMILL_REDIS_MAINTENANCE_CHANCE": "1000000"}
+    # Given another session holding the user's row, so the worker stops inside its transaction
+    # right after it has written the ledger entry and before it moves the balance
+    with psycopg.connect(servers.database_url) as holder:
+        holder.execute("SELECT 1 FROM users WHERE id = %s FOR NO KEY UPDATE", (uid,))
+        process_event.send(e["id"])
+        first = start_worker(processes=1, threads=2, **env)
+        try:
+            assert wait_until(
+                lambda: (
+                    sql.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE 'UPDATE users SET balance%%'"
+                    ).fetchone()[0]
+                    == 1
+                ),
+                timeout=60,
+            )
+        finally:
+            # When the worker is killed with SIGKILL mid-event
+            stop(first, signal.SIGKILL)
+        holder.rollback()
+    # its uncommitted work is gone
+    assert sql.execute("SELECT count(*) FROM ledger_entries").fetchone()[0] == 0
+    # Then a new worker gets the message again and applies the event exactly once
+    second = start_worker(processes=1, threads=2, **env)
+    try:
+        assert wait_until(lambda: pending(sql) == 0, timeout=90, interval=0.2)
+    finally:
+        stop(second)
+    assert sql.execute("SELECT balance FROM users WHERE id = %s", (uid,)).fetchone()[0] == Decimal(
+        "42.00"
+    )
+    assert sql.execute("SELECT count(*) FROM ledger_entries").fetchone()[0] == 1
+    assert sql.execute("SELECT count(*) FROM notifications").fetchone()[0] == 1
+    assert sql.execute("SELECT status FROM webhook_events").fetchone()[0] == "processed"
