@@ -139,6 +139,20 @@ def redis_client(servers: Servers) -> Any:
     return redis_lib.Redis.from_url(servers.redis_url, decode_responses=True)
 
 
+@pytest.fixture
+def inproc_worker(db: str) -> Iterator[Any]:
+    """A real dramatiq Worker (2 threads) in this process, on tidemill's broker, emptied first."""
+    import dramatiq
+
+    from workers.broker import broker
+
+    broker.flush_all()
+    worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
+    worker.start()
+    yield worker
+    worker.stop()
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:

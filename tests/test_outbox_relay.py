@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
 from typing import Any, cast
 
-import dramatiq
-import pytest
 from dramatiq.brokers.redis import RedisBroker
 
 from core.proc import wait_until
@@ -30,20 +30,11 @@ def add_row(sql: Any, actor: str, *args: Any, queue: str = "tests") -> int:
     return int(row[0])
 
 
-@pytest.fixture
-def worker(db: str) -> Iterator[dramatiq.Worker]:
-    broker.flush_all()
-    w = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
-    w.start()
-    yield w
-    w.stop()
-
-
-def test_drain_enqueues_marks_and_the_worker_applies(worker, sql) -> None:
+def test_drain_enqueues_marks_and_the_worker_applies(inproc_worker, sql) -> None:
     ids = [add_row(sql, "write_row", f"o{i}") for i in range(5)]
     assert drain(broker, batch=2) == 5
     broker.join("tests", timeout=30_000)
-    worker.join()
+    inproc_worker.join()
     marked = sql.execute(
         "SELECT id, message_id FROM outbox WHERE dispatched_at IS NOT NULL ORDER BY id"
     ).fetchall()
@@ -83,40 +74,38 @@ def test_skip_locked_lets_two_relays_split_the_rows(db, sql) -> None:
     assert redis_broker().client.hlen("dramatiq:tests.msgs") == 200
 
 
-def test_running_relay_wakes_on_notify(db, sql) -> None:
-    broker.flush_all()
-    # a long poll interval: only the NOTIFY can deliver the row quickly
-    import dataclasses
-
-    relay = Relay(dataclasses.replace(get_settings(), relay_poll_s=3600), broker)
+@contextlib.contextmanager
+def running_relay(sql: Any, *, poll_s: float) -> Iterator[None]:
+    """A real Relay in a thread, LISTENing before the block starts; stopped after it."""
+    relay = Relay(dataclasses.replace(get_settings(), relay_poll_s=poll_s), broker)
     thread = threading.Thread(target=relay.run)
     thread.start()
     try:
         assert wait_until(lambda: _listening(sql), timeout=20)
-        oid = add_row(sql, "write_row", "n1")
-        assert wait_until(lambda: _dispatched(sql, oid), timeout=20)
+        yield
     finally:
         relay.stop()
         thread.join(timeout=10)
     assert not thread.is_alive()
 
 
+def test_running_relay_wakes_on_notify(db, sql) -> None:
+    broker.flush_all()
+    # a poll interval of an hour: only the NOTIFY can deliver the row in time
+    with running_relay(sql, poll_s=3600):
+        oid = add_row(sql, "write_row", "n1")
+        assert wait_until(lambda: _dispatched(sql, oid), timeout=20)
+
+
 def test_running_relay_polls_when_notify_is_lost(db, sql) -> None:
     broker.flush_all()
-    import dataclasses
-
     # rows inserted with the trigger disabled: no NOTIFY is ever sent
     sql.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_wakeup")
-    relay = Relay(dataclasses.replace(get_settings(), relay_poll_s=0.2), broker)
-    thread = threading.Thread(target=relay.run)
-    thread.start()
     try:
-        assert wait_until(lambda: _listening(sql), timeout=20)
-        oid = add_row(sql, "write_row", "p1")
-        assert wait_until(lambda: _dispatched(sql, oid), timeout=20)
+        with running_relay(sql, poll_s=0.2):
+            oid = add_row(sql, "write_row", "p1")
+            assert wait_until(lambda: _dispatched(sql, oid), timeout=20)
     finally:
-        relay.stop()
-        thread.join(timeout=10)
         sql.execute("ALTER TABLE outbox ENABLE TRIGGER outbox_wakeup")
 
 

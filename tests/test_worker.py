@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
-
-import dramatiq
-import pytest
 
 from tests.support import actors
 from workers.broker import broker
-
-
-@pytest.fixture
-def worker(db: str) -> Iterator[dramatiq.Worker]:
-    broker.flush_all()
-    w = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
-    w.start()
-    yield w
-    w.stop()
 
 
 def rows(sql: Any, key_prefix: str) -> list[str]:
@@ -31,12 +18,14 @@ def rows(sql: Any, key_prefix: str) -> list[str]:
     ]
 
 
-def test_message_writes_a_row_through_real_broker_and_worker(worker, sql, redis_client) -> None:
+def test_message_writes_a_row_through_real_broker_and_worker(
+    inproc_worker, sql, redis_client
+) -> None:
     # Given a message sent through the Redis broker
     message = actors.write_row.send("k1")
     # When the worker has processed the queue
     broker.join("tests", timeout=30_000)
-    worker.join()
+    inproc_worker.join()
     # Then the actor's unit of work was committed exactly once
     assert rows(sql, "k1") == ["k1"]
     # and the log context was bound to this message while it ran, and cleared afterwards
@@ -47,30 +36,30 @@ def test_message_writes_a_row_through_real_broker_and_worker(worker, sql, redis_
     assert ctx["retries"] == "0"
 
 
-def test_failed_attempts_roll_back_and_retry_commits_once(worker, sql, redis_client) -> None:
+def test_failed_attempts_roll_back_and_retry_commits_once(inproc_worker, sql, redis_client) -> None:
     actors.fail_then_write.send("k2", 2)
     broker.join("tests", timeout=30_000)
-    worker.join()
+    inproc_worker.join()
     # attempts 1 and 2 wrote a row and then raised: rolled back; attempt 3 committed
     assert redis_client.get("attempts:k2") == "3"
     assert rows(sql, "k2") == ["k2:3"]
 
 
 def test_permanent_error_is_not_retried_and_lands_in_dead_letters(
-    worker, sql, redis_client
+    inproc_worker, sql, redis_client
 ) -> None:
     actors.always_permanent.send("k3")
     broker.join("tests", timeout=30_000)
-    worker.join()
+    inproc_worker.join()
     assert redis_client.get("attempts:k3") == "1"
     dead = redis_client.zrange("dramatiq:tests.XQ", 0, -1)
     assert len(dead) == 1, dead
 
 
-def test_exhausted_retries_dead_letter_the_message(worker, sql, redis_client) -> None:
+def test_exhausted_retries_dead_letter_the_message(inproc_worker, sql, redis_client) -> None:
     actors.fail_then_write.send("k4", 99)
     broker.join("tests", timeout=30_000)
-    worker.join()
+    inproc_worker.join()
     # max_retries=3: the first attempt plus three retries, then the dead-letter set
     assert redis_client.get("attempts:k4") == "4"
     assert rows(sql, "k4") == []

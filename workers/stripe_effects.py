@@ -313,22 +313,31 @@ def charge_refunded(uow: UnitOfWork, event: Event) -> None:
         )
 
 
-def dispute_created(uow: UnitOfWork, event: Event) -> None:
-    dispute = event["data"]["object"]
-    currency = dispute.get("currency", "try")
-    row = _payment_for_charge(
+def _dispute_payment(uow: UnitOfWork, dispute: dict[str, Any]) -> Any:
+    return _payment_for_charge(
         uow, dispute, charge_id=dispute["charge"], intent_id=dispute.get("payment_intent")
     )
+
+
+def _dispute_money(uow: UnitOfWork, event: Event, row: Any, *, step: str, sign: int) -> None:
+    """Hold (sign -1) or release (sign +1) the disputed amount, once per dispute and step."""
+    dispute = event["data"]["object"]
+    currency = dispute.get("currency", "try")
     credit(
         uow,
         user_id=row.user_id,
-        source_id=f"{dispute['id']}:hold",
-        kind="dispute_hold",
-        amount=-money(int(dispute["amount"]), currency),
+        source_id=f"{dispute['id']}:{step}",
+        kind=f"dispute_{step}",
+        amount=sign * money(int(dispute["amount"]), currency),
         currency=currency,
         charge_id=dispute["charge"],
         event_id=event["id"],
     )
+
+
+def dispute_created(uow: UnitOfWork, event: Event) -> None:
+    row = _dispute_payment(uow, event["data"]["object"])
+    _dispute_money(uow, event, row, step="hold", sign=-1)
     if row.dispute_status not in ("won", "lost"):  # a closed dispute never reopens
         uow.execute(
             text("UPDATE transactions SET dispute_status = 'open' WHERE id = :id"), {"id": row.id}
@@ -337,22 +346,10 @@ def dispute_created(uow: UnitOfWork, event: Event) -> None:
 
 def dispute_closed(uow: UnitOfWork, event: Event) -> None:
     dispute = event["data"]["object"]
-    currency = dispute.get("currency", "try")
-    row = _payment_for_charge(
-        uow, dispute, charge_id=dispute["charge"], intent_id=dispute.get("payment_intent")
-    )
+    row = _dispute_payment(uow, dispute)
     outcome = "won" if dispute.get("status") == "won" else "lost"
     if outcome == "won":
-        credit(
-            uow,
-            user_id=row.user_id,
-            source_id=f"{dispute['id']}:release",
-            kind="dispute_release",
-            amount=money(int(dispute["amount"]), currency),
-            currency=currency,
-            charge_id=dispute["charge"],
-            event_id=event["id"],
-        )
+        _dispute_money(uow, event, row, step="release", sign=+1)
     uow.execute(
         text("UPDATE transactions SET dispute_status = :s WHERE id = :id"),
         {"s": outcome, "id": row.id},
