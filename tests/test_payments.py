@@ -416,3 +416,46 @@ def test_any_order_and_duplication_with_threads_equals_in_order(
             ).fetchone()[0]
             == 0
         )
+
+
+def test_exhausted_retries_mark_the_event_failed_and_dead_letter_it(
+    inproc_worker, sql, redis_client
+) -> None:
+    from workers.broker import broker
+
+    # Given a refund whose payment never arrives: an expected wait, retried with backoff
+    uid = make_user(sql)
+    refund = se.event(
+        "charge.refunded",
+        {
+            **se.charge("ch_lost", pi="pi_lost", user_id=uid, amount=900, refunded=900),
+            "metadata": {},
+        },
+        created=T0,
+    )
+    se.store([refund])
+    process_event.send(refund["id"])
+    broker.join("payments", timeout=60_000)
+    inproc_worker.join()
+    # Then after the last retry the event is failed with its error, and the message is dead
+    status, attempts, error = sql.execute(
+        "SELECT status, attempts, last_error FROM webhook_events"
+    ).fetchone()
+    assert status == "failed"
+    assert attempts == 1 + process_event.options["max_retries"]
+    assert "payment pi_lost not seen yet" in error
+    assert redis_client.zcard("dramatiq:payments.XQ") == 1
+    assert sql.execute("SELECT count(*) FROM ledger_entries").fetchone()[0] == 0
+    # and once the payment is in, a replay applies it
+    apply(
+        [
+            se.event(
+                "payment_intent.succeeded",
+                se.payment_intent("pi_lost", user_id=uid, amount=900, charge="ch_lost"),
+                created=T0 - 5,
+            )
+        ]
+    )
+    assert replay(refund["id"]) == "processed"
+    assert sql.execute("SELECT balance FROM users").fetchone()[0] == Decimal("0.00")
+    assert_balance_is_sum_of_ledger(sql)

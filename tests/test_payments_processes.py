@@ -13,6 +13,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from core.proc import wait_until
 from tests.conftest import ROOT
@@ -63,15 +65,21 @@ def pending(conn: Any) -> int:
     )
 
 
-def test_two_worker_processes_on_shuffled_duplicated_stream_equal_in_order(servers, db) -> None:
+@settings(
+    max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(0, 10_000), shuffle_seed=st.integers(0, 10_000))
+def test_two_worker_processes_on_shuffled_duplicated_stream_equal_in_order(
+    servers, db, seed, shuffle_seed
+) -> None:
     from workers.broker import broker
     from workers.payments import process_event
 
-    users, events = customer_streams(seed=4242, customers=8)
+    users, events = customer_streams(seed, customers=6)
     with fresh_state(servers, users) as conn:
         apply(sorted(events, key=lambda e: (e["created"], e["id"])))
         expected = snapshot(conn)
-    rnd = random.Random(99)
+    rnd = random.Random(shuffle_seed)
     delivered = events + rnd.sample(events, k=len(events))  # every event twice
     rnd.shuffle(delivered)
     with fresh_state(servers, users) as conn:
