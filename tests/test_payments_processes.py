@@ -125,7 +125,7 @@ def test_worker_killed_mid_event_applies_it_exactly_once(servers, db, sql) -> No
                 lambda: (
                     sql.execute(
                         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND query LIKE 'UPDATE users SET balance%%'"
+                        "AND query LIKE '%%UPDATE users SET balance%%'"
                     ).fetchone()[0]
                     == 1
                 ),

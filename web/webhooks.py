@@ -9,6 +9,7 @@ nothing and is logged without any of its content.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,9 +17,6 @@ from typing import Any
 
 import psycopg
 import stripe
-from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -26,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from core.log import get_logger
 from core.settings import Settings
-from db.engine import ServiceUnreachable, unit_of_work
+from db.engine import libpq_url
 
 log = get_logger(__name__)
 
@@ -36,18 +34,28 @@ SIGNATURE_HEADER = "stripe-signature"
 # Year 9999: to_timestamp() and datetime both overflow beyond it.
 _MAX_CREATED = 253_402_300_799
 
-_INSERT_EVENT = text(
-    """
-    INSERT INTO webhook_events (id, type, created, livemode, api_version, payload, status, attempts)
-    VALUES (:id, :type, :created, :livemode, :api_version, CAST(:payload AS jsonb), 'received', 0)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id
-    """
-)
-_INSERT_OUTBOX = text(
-    "INSERT INTO outbox (actor, queue_name, args) "
-    "VALUES ('process_event', 'payments', CAST(:args AS jsonb))"
-)
+# Group commit: the events of concurrent requests are stored by one statement. It is atomic
+# like any single statement: an outbox row exists exactly for each event row that was new, and
+# a duplicate delivery (even twice in one batch) inserts neither.
+_STORE_EVENTS = """
+    WITH input AS (
+        SELECT * FROM unnest(%(ids)s::text[], %(types)s::text[], %(created)s::timestamptz[],
+                             %(livemode)s::boolean[], %(api_versions)s::text[],
+                             %(payloads)s::text[])
+            AS t(id, type, created, livemode, api_version, payload)
+    ), event AS (
+        INSERT INTO webhook_events (id, type, created, livemode, api_version, payload, status,
+                                    attempts)
+        SELECT id, type, created, livemode, api_version, payload::jsonb, 'received', 0
+        FROM input
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id
+    )
+    INSERT INTO outbox (actor, queue_name, args)
+    SELECT 'process_event', 'payments', jsonb_build_array(event.id) FROM event
+    RETURNING args ->> 0 AS id
+"""
+MAX_BATCH = 256
 
 
 class Rejected(Exception):
@@ -185,24 +193,85 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def store_event(settings: Settings, event: StripeEvent) -> bool:
-    """Event row and outbox row in one transaction; False when the event was already stored."""
-    with unit_of_work(settings) as uow:
-        inserted = uow.execute(
-            _INSERT_EVENT,
-            {
-                "id": event.id,
-                "type": event.type,
-                "created": event.created,
-                "livemode": event.livemode,
-                "api_version": event.api_version,
-                "payload": event.payload,
-            },
-        ).first()
-        if inserted is None:
-            return False  # a duplicate delivery: the first one already queued the work
-        uow.execute(_INSERT_OUTBOX, {"args": json.dumps([event.id])})
-    return True
+def _batch_params(events: list[StripeEvent]) -> dict[str, list[Any]]:
+    return {
+        "ids": [e.id for e in events],
+        "types": [e.type for e in events],
+        "created": [e.created for e in events],
+        "livemode": [e.livemode for e in events],
+        "api_versions": [e.api_version for e in events],
+        "payloads": [e.payload for e in events],
+    }
+
+
+class EventWriter:
+    """Stores events for the requests of one server process, many per statement.
+
+    Each request waits for the commit that holds its event before it is answered. While one
+    batch is being written the next requests queue up and go together in the next statement,
+    so under load a round trip and a commit are shared, and when idle a batch is one event.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.database_url
+        self.url = libpq_url(settings.database_url)
+        self.queue: asyncio.Queue[tuple[StripeEvent, asyncio.Future[bool]]] = asyncio.Queue()
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+        self.task = asyncio.get_running_loop().create_task(self._run(), name="webhook-writer")
+
+    async def store(self, event: StripeEvent) -> bool:
+        """True if the event was new; raises if it could not be stored."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await self.queue.put((event, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < MAX_BATCH and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                new = await self._write([event for event, _ in batch])
+            except Exception as exc:
+                if len(batch) == 1:
+                    _settle(batch[0][1], exc=exc)
+                    continue
+                # One bad event (say a body jsonb refuses) must not fail its neighbours: retry
+                # them one by one so that only the bad one gets its error.
+                for event, future in batch:
+                    try:
+                        _settle(future, result=event.id in await self._write([event]))
+                    except Exception as single:
+                        _settle(future, exc=single)
+                continue
+            claimed: set[str] = set()
+            for event, future in batch:
+                # the same event twice in one batch: the first is new, the second a duplicate
+                _settle(future, result=event.id in new and event.id not in claimed)
+                claimed.add(event.id)
+
+    async def _write(self, events: list[StripeEvent]) -> set[str]:
+        if self.conn is None or self.conn.closed:
+            self.conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=5
+            )
+        try:
+            cursor = await self.conn.execute(_STORE_EVENTS, _batch_params(events))
+            return {row[0] for row in await cursor.fetchall()}
+        except psycopg.OperationalError:
+            await self.conn.close()  # reconnect for the next batch
+            raise
+
+
+def _settle(
+    future: asyncio.Future[bool], *, result: bool = False, exc: Exception | None = None
+) -> None:
+    if future.done():  # the request went away (client disconnect cancelled it)
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 class StripeWebhook:
@@ -211,6 +280,7 @@ class StripeWebhook:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.writer: EventWriter | None = None  # started on the first event, inside the loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -256,8 +326,10 @@ class StripeWebhook:
             )
 
         try:
-            inserted = await run_in_threadpool(store_event, self.settings, event)
-        except (SQLAlchemyError, psycopg.Error, ServiceUnreachable) as exc:
+            if self.writer is None:
+                self.writer = EventWriter(self.settings)
+            inserted = await self.writer.store(event)
+        except (psycopg.Error, OSError) as exc:
             # Stripe retries any non-2xx for three days: 503 hands the event back to it.
             log.error(
                 "webhook_store_failed", event_id=event.id, type=event.type, error=type(exc).__name__

@@ -18,26 +18,27 @@ class EventNotFound(PermanentError):
     pass
 
 
+_LOCK_EVENT = "SELECT status, payload FROM webhook_events WHERE id = %(id)s FOR UPDATE"
+_MARK_APPLIED = """
+    UPDATE webhook_events SET status = %(status)s, attempts = attempts + 1, last_error = NULL,
+        processed_at = now()
+    WHERE id = %(id)s
+"""
+
+
 # Its own retry budget: a refund that arrived before its payment waits through retries.
 @actor(queue_name="payments", max_retries=20)
 def process_event(uow: UnitOfWork, event_id: str) -> None:
     """Lock the event row, apply it, mark it; a processed or ignored event is left alone."""
     try:
-        row = uow.execute(
-            text("SELECT status, payload FROM webhook_events WHERE id = :id FOR UPDATE"),
-            {"id": event_id},
-        ).first()
+        row = uow.sql(_LOCK_EVENT, {"id": event_id}).fetchone()
         if row is None:
             raise EventNotFound(f"webhook event {event_id} is not stored")
         if row.status in ("processed", "ignored"):
             log.info("webhook_event_already_applied", event_id=event_id, status=row.status)
             return
         outcome = apply_event(uow, row.payload)
-        uow.execute(
-            text("""UPDATE webhook_events SET status = :s, attempts = attempts + 1,
-                    last_error = NULL, processed_at = now() WHERE id = :id"""),
-            {"s": outcome, "id": event_id},
-        )
+        uow.sql(_MARK_APPLIED, {"status": outcome, "id": event_id})
         log.info(
             "webhook_event_applied", event_id=event_id, type=row.payload["type"], outcome=outcome
         )

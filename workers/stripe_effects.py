@@ -23,7 +23,6 @@ from decimal import Decimal
 from typing import Any
 
 import dramatiq
-from sqlalchemy import text
 
 from db.engine import UnitOfWork
 from workers.base import PermanentError
@@ -72,20 +71,73 @@ def _uuid(value: Any) -> uuid.UUID | None:
         return None
 
 
+_USER_BY_ID = "SELECT id FROM users WHERE id = %(id)s"
+_USER_BY_CUSTOMER = "SELECT id FROM users WHERE stripe_customer_id = %(customer)s"
+
+# The entry and the balance move in one statement: the balance moves only if the entry is new.
+_CREDIT = """
+    WITH entry AS (
+        INSERT INTO ledger_entries (user_id, source_id, kind, amount, currency, stripe_charge_id,
+                                    stripe_event_id)
+        VALUES (%(user_id)s, %(source_id)s, %(kind)s, %(amount)s, %(currency)s, %(charge_id)s,
+                %(event_id)s)
+        ON CONFLICT (source_id) DO NOTHING
+        RETURNING user_id, amount
+    ), moved AS (
+        UPDATE users SET balance = users.balance + entry.amount, updated_at = now()
+        FROM entry WHERE users.id = entry.user_id
+    )
+    SELECT count(*) AS inserted FROM entry
+"""
+_NOTIFY = """
+    INSERT INTO notifications (user_id, type, title, body, data)
+    VALUES (%(user_id)s, %(type)s, %(title)s, NULL, %(data)s::jsonb)
+"""
+# ON CONFLICT DO UPDATE locks the existing row as FOR UPDATE would, and returns it: one
+# statement finds, creates if missing, and locks the payment's transaction.
+_LOCK_PAYMENT = """
+    INSERT INTO transactions (user_id, moment_id, type, amount, currency, status,
+                              stripe_payment_intent_id, stripe_charge_id)
+    VALUES (%(user_id)s, %(moment_id)s, 'payment', %(amount)s, %(currency)s, 'pending',
+            %(intent_id)s, %(charge_id)s)
+    ON CONFLICT (stripe_payment_intent_id) DO UPDATE
+        SET stripe_charge_id = COALESCE(transactions.stripe_charge_id, EXCLUDED.stripe_charge_id)
+    RETURNING id, user_id, status, dispute_status
+"""
+_COMPLETE_PAYMENT = """
+    INSERT INTO transactions (user_id, moment_id, type, amount, currency, status,
+                              stripe_payment_intent_id, stripe_charge_id)
+    VALUES (%(user_id)s, %(moment_id)s, 'payment', %(amount)s, %(currency)s, 'completed',
+            %(intent_id)s, %(charge_id)s)
+    ON CONFLICT (stripe_payment_intent_id) DO UPDATE
+        SET status = 'completed', amount = EXCLUDED.amount, updated_at = now(),
+            stripe_charge_id = COALESCE(transactions.stripe_charge_id, EXCLUDED.stripe_charge_id)
+    RETURNING id, user_id
+"""
+_FAIL_PAYMENT = "UPDATE transactions SET status = 'failed', updated_at = now() WHERE id = %(id)s"
+_PAYMENT_FOR_UPDATE = """
+    SELECT id, user_id, status, dispute_status FROM transactions
+    WHERE stripe_payment_intent_id = %(intent_id)s FOR UPDATE
+"""
+_REFUNDED_SO_FAR = """
+    SELECT COALESCE(-sum(amount), 0) AS refunded FROM ledger_entries
+    WHERE stripe_charge_id = %(charge_id)s AND kind = 'refund'
+"""
+_SET_DISPUTE = "UPDATE transactions SET dispute_status = %(status)s WHERE id = %(id)s"
+
+
 def find_user(uow: UnitOfWork, obj: dict[str, Any]) -> uuid.UUID:
     """metadata.user_id when it names a user, else the user with this Stripe customer."""
     candidate = _uuid((obj.get("metadata") or {}).get("user_id"))
     if candidate is not None:
-        row = uow.execute(text("SELECT id FROM users WHERE id = :id"), {"id": candidate}).first()
+        row = uow.sql(_USER_BY_ID, {"id": candidate}).fetchone()
         if row:
-            return uuid.UUID(str(row[0]))
+            return uuid.UUID(str(row.id))
     customer = obj.get("customer")
     if customer:
-        row = uow.execute(
-            text("SELECT id FROM users WHERE stripe_customer_id = :c"), {"c": customer}
-        ).first()
+        row = uow.sql(_USER_BY_CUSTOMER, {"customer": customer}).fetchone()
         if row:
-            return uuid.UUID(str(row[0]))
+            return uuid.UUID(str(row.id))
     raise UnknownCustomer(f"no user for {obj.get('object')} {obj.get('id')}")
 
 
@@ -101,14 +153,8 @@ def credit(
     event_id: str,
 ) -> bool:
     """Insert the ledger entry and move the balance, once per source id. True if it moved."""
-    inserted = uow.execute(
-        text("""
-        INSERT INTO ledger_entries (user_id, source_id, kind, amount, currency, stripe_charge_id,
-                                    stripe_event_id)
-        VALUES (:user_id, :source_id, :kind, :amount, :currency, :charge_id, :event_id)
-        ON CONFLICT (source_id) DO NOTHING
-        RETURNING id
-    """),
+    row = uow.sql(
+        _CREDIT,
         {
             "user_id": user_id,
             "source_id": source_id,
@@ -118,27 +164,14 @@ def credit(
             "charge_id": charge_id,
             "event_id": event_id,
         },
-    ).first()
-    if inserted is None:
-        return False
-    if user_id is not None:
-        uow.execute(
-            text("UPDATE users SET balance = balance + :a, updated_at = now() WHERE id = :u"),
-            {"a": amount, "u": user_id},
-        )
-    return True
+    ).fetchone()
+    return bool(row and row.inserted)
 
 
 def notify(
     uow: UnitOfWork, user_id: uuid.UUID, kind: str, title: str, data: dict[str, Any]
 ) -> None:
-    uow.execute(
-        text("""
-        INSERT INTO notifications (user_id, type, title, body, data)
-        VALUES (:u, :t, :title, NULL, CAST(:d AS jsonb))
-    """),
-        {"u": user_id, "t": kind, "title": title, "d": json.dumps(data)},
-    )
+    uow.sql(_NOTIFY, {"user_id": user_id, "type": kind, "title": title, "data": json.dumps(data)})
 
 
 def lock_payment(
@@ -153,35 +186,17 @@ def lock_payment(
 ) -> Any:
     """The transaction row of a PaymentIntent, created pending if the app never wrote it,
     locked for the rest of the unit of work."""
-    uow.execute(
-        text("""
-        INSERT INTO transactions (user_id, moment_id, type, amount, currency, status,
-                                  stripe_payment_intent_id, stripe_charge_id)
-        VALUES (:u, :m, 'payment', :a, :c, 'pending', :pi, :ch)
-        ON CONFLICT (stripe_payment_intent_id) DO NOTHING
-    """),
+    return uow.sql(
+        _LOCK_PAYMENT,
         {
-            "u": user_id,
-            "m": moment_id,
-            "a": amount,
-            "c": currency.upper(),
-            "pi": intent_id,
-            "ch": charge_id,
+            "user_id": user_id,
+            "moment_id": moment_id,
+            "amount": amount,
+            "currency": currency.upper(),
+            "intent_id": intent_id,
+            "charge_id": charge_id,
         },
-    )
-    row = uow.execute(
-        text("""
-        SELECT id, user_id, status, dispute_status, stripe_charge_id FROM transactions
-        WHERE stripe_payment_intent_id = :pi FOR UPDATE
-    """),
-        {"pi": intent_id},
-    ).one()
-    if charge_id and row.stripe_charge_id is None:
-        uow.execute(
-            text("UPDATE transactions SET stripe_charge_id = :ch WHERE id = :id"),
-            {"ch": charge_id, "id": row.id},
-        )
-    return row
+    ).fetchone()
 
 
 def _moment(obj: dict[str, Any]) -> uuid.UUID | None:
@@ -194,25 +209,22 @@ def payment_succeeded(uow: UnitOfWork, event: Event) -> None:
     currency = pi.get("currency", "try")
     amount = money(int(pi.get("amount_received") or pi["amount"]), currency)
     charge = pi.get("latest_charge")
-    row = lock_payment(
-        uow,
-        intent_id=pi["id"],
-        user_id=user_id,
-        amount=amount,
-        currency=currency,
-        moment_id=_moment(pi),
-        charge_id=charge,
-    )
-    uow.execute(
-        text(
-            "UPDATE transactions SET status = 'completed', amount = :a, "
-            "updated_at = now() WHERE id = :id"
-        ),
-        {"a": amount, "id": row.id},
-    )
+    row = uow.sql(
+        _COMPLETE_PAYMENT,
+        {
+            "user_id": user_id,
+            "moment_id": _moment(pi),
+            "amount": amount,
+            "currency": currency.upper(),
+            "intent_id": pi["id"],
+            "charge_id": charge,
+        },
+    ).fetchone()
+    assert row is not None  # INSERT … ON CONFLICT DO UPDATE … RETURNING always returns the row
+    owner = row.user_id or user_id
     if credit(
         uow,
-        user_id=row.user_id or user_id,
+        user_id=owner,
         source_id=pi["id"],
         kind="payment",
         amount=amount,
@@ -222,7 +234,7 @@ def payment_succeeded(uow: UnitOfWork, event: Event) -> None:
     ):
         notify(
             uow,
-            row.user_id or user_id,
+            owner,
             "payment_succeeded",
             "Payment received",
             {"payment_intent": pi["id"], "amount": str(amount), "currency": currency.upper()},
@@ -243,10 +255,7 @@ def payment_failed(uow: UnitOfWork, event: Event) -> None:
         moment_id=_moment(pi),
     )
     if row.status == "pending":  # never downgrade a completed payment; failed is already failed
-        uow.execute(
-            text("UPDATE transactions SET status = 'failed', updated_at = now() WHERE id = :id"),
-            {"id": row.id},
-        )
+        uow.sql(_FAIL_PAYMENT, {"id": row.id})
         notify(
             uow,
             row.user_id or user_id,
@@ -261,17 +270,13 @@ def _payment_for_charge(
 ) -> Any:
     if not intent_id:
         raise PermanentError(f"{obj.get('object')} {obj.get('id')} has no payment_intent")
-    row = uow.execute(
-        text("SELECT user_id FROM transactions WHERE stripe_payment_intent_id = :pi"),
-        {"pi": intent_id},
-    ).first()
-    if row and row.user_id:
-        user_id = row.user_id
-    else:
-        try:
-            user_id = find_user(uow, obj)
-        except UnknownCustomer:
-            raise AwaitingPayment(f"payment {intent_id} not seen yet") from None
+    row = uow.sql(_PAYMENT_FOR_UPDATE, {"intent_id": intent_id}).fetchone()
+    if row is not None and row.user_id is not None:
+        return row
+    try:
+        user_id = find_user(uow, obj)
+    except UnknownCustomer:
+        raise AwaitingPayment(f"payment {intent_id} not seen yet") from None
     currency = obj.get("currency", "try")
     return lock_payment(
         uow,
@@ -291,13 +296,8 @@ def charge_refunded(uow: UnitOfWork, event: Event) -> None:
     )
     # amount_refunded is cumulative: refund only what no earlier event has refunded. The
     # payment row lock above serialises every refund event of this charge.
-    already = uow.execute(
-        text("""
-        SELECT COALESCE(-sum(amount), 0) FROM ledger_entries
-        WHERE stripe_charge_id = :ch AND kind = 'refund'
-    """),
-        {"ch": charge["id"]},
-    ).scalar_one()
+    refunded = uow.sql(_REFUNDED_SO_FAR, {"charge_id": charge["id"]}).fetchone()
+    already = refunded.refunded if refunded else 0
     total = money(int(charge.get("amount_refunded") or 0), currency)
     delta = total - Decimal(already)
     if delta > 0:
@@ -339,9 +339,7 @@ def dispute_created(uow: UnitOfWork, event: Event) -> None:
     row = _dispute_payment(uow, event["data"]["object"])
     _dispute_money(uow, event, row, step="hold", sign=-1)
     if row.dispute_status not in ("won", "lost"):  # a closed dispute never reopens
-        uow.execute(
-            text("UPDATE transactions SET dispute_status = 'open' WHERE id = :id"), {"id": row.id}
-        )
+        uow.sql(_SET_DISPUTE, {"status": "open", "id": row.id})
 
 
 def dispute_closed(uow: UnitOfWork, event: Event) -> None:
@@ -350,10 +348,7 @@ def dispute_closed(uow: UnitOfWork, event: Event) -> None:
     outcome = "won" if dispute.get("status") == "won" else "lost"
     if outcome == "won":
         _dispute_money(uow, event, row, step="release", sign=+1)
-    uow.execute(
-        text("UPDATE transactions SET dispute_status = :s WHERE id = :id"),
-        {"s": outcome, "id": row.id},
-    )
+    uow.sql(_SET_DISPUTE, {"status": outcome, "id": row.id})
 
 
 # --- subscriptions: state is a fold over the subscription's events ------------------------------
@@ -421,33 +416,54 @@ def fold_subscription(events: list[Event]) -> dict[str, Any]:
     return state
 
 
+_SUBSCRIPTION_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0))"
+# Tag this event with its subscription and read every applied event of it, this one included.
+_SUBSCRIPTION_EVENTS = """
+    WITH tagged AS (
+        UPDATE webhook_events SET subject_id = %(sub_id)s WHERE id = %(event_id)s RETURNING id
+    )
+    SELECT payload FROM webhook_events
+    WHERE subject_id = %(sub_id)s AND (status = 'processed' OR id = %(event_id)s)
+    UNION ALL
+    SELECT payload FROM webhook_events
+    WHERE id = %(event_id)s AND subject_id IS DISTINCT FROM %(sub_id)s
+"""
+_UPSERT_SUBSCRIPTION = """
+    INSERT INTO subscriptions (user_id, tier, status, stripe_subscription_id, stripe_customer_id,
+        current_period_start, current_period_end, cancel_at_period_end, stripe_event_created,
+        stripe_event_id)
+    VALUES (%(user_id)s, %(tier)s, %(status)s, %(sub_id)s, %(customer)s, %(period_start)s,
+        %(period_end)s, %(cancel)s, %(event_created)s, %(event_id)s)
+    ON CONFLICT (stripe_subscription_id) DO UPDATE SET
+        user_id = EXCLUDED.user_id, tier = EXCLUDED.tier, status = EXCLUDED.status,
+        stripe_customer_id = EXCLUDED.stripe_customer_id,
+        current_period_start = EXCLUDED.current_period_start,
+        current_period_end = EXCLUDED.current_period_end,
+        cancel_at_period_end = EXCLUDED.cancel_at_period_end,
+        stripe_event_created = EXCLUDED.stripe_event_created,
+        stripe_event_id = EXCLUDED.stripe_event_id, updated_at = now()
+"""
+_USER_TIER = """
+    UPDATE users SET subscription_tier = COALESCE((
+        SELECT tier FROM subscriptions
+        WHERE user_id = %(user_id)s AND status = ANY(%(entitled)s)
+        ORDER BY current_period_end DESC NULLS LAST, stripe_subscription_id LIMIT 1), 'free')
+    WHERE id = %(user_id)s
+"""
+
+
 def subscription_event(uow: UnitOfWork, event: Event) -> None:
     sub_id = subscription_id_of(event)
     if sub_id is None:
         return  # an invoice not tied to a subscription: nothing to change
     # One subscription's events apply one at a time; after the lock this transaction sees
     # every event committed before it.
-    uow.execute(
-        text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-        {"k": f"subscription:{sub_id}"},
-    )
-    uow.execute(
-        text("UPDATE webhook_events SET subject_id = :s WHERE id = :id"),
-        {"s": sub_id, "id": event["id"]},
-    )
-    rows = (
-        uow.execute(
-            text("""
-        SELECT payload FROM webhook_events
-        WHERE subject_id = :s AND (status = 'processed' OR id = :id)
-        ORDER BY created, id
-    """),
-            {"s": sub_id, "id": event["id"]},
-        )
-        .scalars()
-        .all()
-    )
-    state = fold_subscription(list(rows))
+    uow.sql(_SUBSCRIPTION_LOCK, {"key": f"subscription:{sub_id}"})
+    payloads = [
+        r.payload
+        for r in uow.sql(_SUBSCRIPTION_EVENTS, {"sub_id": sub_id, "event_id": event["id"]})
+    ]
+    state = fold_subscription(sorted(payloads, key=lambda e: (e["created"], e["id"])))
     if "tier" not in state:
         return  # only invoices so far: the subscription row waits for its subscription event
     user_id = find_user(
@@ -459,44 +475,22 @@ def subscription_event(uow: UnitOfWork, event: Event) -> None:
             "customer": state["customer"],
         },
     )
-    uow.execute(
-        text("""
-        INSERT INTO subscriptions (user_id, tier, status, stripe_subscription_id,
-            stripe_customer_id, current_period_start, current_period_end, cancel_at_period_end,
-            stripe_event_created, stripe_event_id)
-        VALUES (:u, :tier, :status, :sid, :cust, :ps, :pe, :cancel, :ec, :eid)
-        ON CONFLICT (stripe_subscription_id) DO UPDATE SET
-            user_id = EXCLUDED.user_id, tier = EXCLUDED.tier, status = EXCLUDED.status,
-            stripe_customer_id = EXCLUDED.stripe_customer_id,
-            current_period_start = EXCLUDED.current_period_start,
-            current_period_end = EXCLUDED.current_period_end,
-            cancel_at_period_end = EXCLUDED.cancel_at_period_end,
-            stripe_event_created = EXCLUDED.stripe_event_created,
-            stripe_event_id = EXCLUDED.stripe_event_id, updated_at = now()
-    """),
+    uow.sql(
+        _UPSERT_SUBSCRIPTION,
         {
-            "u": user_id,
+            "user_id": user_id,
             "tier": state["tier"],
             "status": state["status"],
-            "sid": sub_id,
-            "cust": state["customer"],
-            "ps": state["period_start"],
-            "pe": state["period_end"],
+            "sub_id": sub_id,
+            "customer": state["customer"],
+            "period_start": state["period_start"],
+            "period_end": state["period_end"],
             "cancel": state["cancel_at_period_end"],
-            "ec": state["event_created"],
-            "eid": state["event_id"],
+            "event_created": state["event_created"],
+            "event_id": state["event_id"],
         },
     )
-    uow.execute(
-        text("""
-        UPDATE users SET subscription_tier = COALESCE((
-            SELECT tier FROM subscriptions
-            WHERE user_id = :u AND status = ANY(CAST(:entitled AS text[]))
-            ORDER BY current_period_end DESC NULLS LAST, stripe_subscription_id LIMIT 1), 'free')
-        WHERE id = :u
-    """),
-        {"u": user_id, "entitled": list(ENTITLED)},
-    )
+    uow.sql(_USER_TIER, {"user_id": user_id, "entitled": list(ENTITLED)})
 
 
 HANDLERS: dict[str, Callable[[UnitOfWork, Event], None]] = {
