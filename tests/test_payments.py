@@ -374,6 +374,24 @@ def fresh_state(servers: Any, users: list[str]) -> Any:
     return conn
 
 
+def in_order_state(servers: Any, users: list[str], events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The snapshot after applying `events` once each, in Stripe's order, on a fresh database."""
+    with fresh_state(servers, users) as conn:
+        apply(sorted(events, key=lambda e: (e["created"], e["id"])))
+        assert_balance_is_sum_of_ledger(conn)
+        return snapshot(conn)
+
+
+def shuffled_with_duplicates(
+    events: list[dict[str, Any]], seed: int, *, copies: int
+) -> list[dict[str, Any]]:
+    """All events plus `copies` of them again, in a random order."""
+    rnd = random.Random(seed)
+    delivered = events + rnd.sample(events, k=copies)
+    rnd.shuffle(delivered)
+    return delivered
+
+
 @settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -387,14 +405,9 @@ def test_any_order_and_duplication_with_threads_equals_in_order(
 
     users, events = customer_streams(seed, customers=3)
     # Given the state after one in-order delivery
-    with fresh_state(servers, users) as conn:
-        apply(sorted(events, key=lambda e: (e["created"], e["id"])))
-        expected = snapshot(conn)
-        assert_balance_is_sum_of_ledger(conn)
-    # When the same events arrive shuffled, some twice, and run on 8 worker threads at once
-    rnd = random.Random(shuffle_seed)
-    delivered = events + rnd.sample(events, k=len(events) // 2)
-    rnd.shuffle(delivered)
+    expected = in_order_state(servers, users, events)
+    # When the same events arrive shuffled, half of them twice, on 8 worker threads at once
+    delivered = shuffled_with_duplicates(events, shuffle_seed, copies=len(events) // 2)
     with fresh_state(servers, users) as conn:
         broker.flush_all()
         se.store(delivered)

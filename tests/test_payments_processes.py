@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,11 +19,12 @@ from core.proc import wait_until
 from tests.conftest import ROOT
 from tests.support import stripe_events as se
 from tests.test_payments import (
-    apply,
     assert_balance_is_sum_of_ledger,
     customer_streams,
     fresh_state,
+    in_order_state,
     make_user,
+    shuffled_with_duplicates,
     snapshot,
 )
 
@@ -76,12 +76,8 @@ def test_two_worker_processes_on_shuffled_duplicated_stream_equal_in_order(
     from workers.payments import process_event
 
     users, events = customer_streams(seed, customers=6)
-    with fresh_state(servers, users) as conn:
-        apply(sorted(events, key=lambda e: (e["created"], e["id"])))
-        expected = snapshot(conn)
-    rnd = random.Random(shuffle_seed)
-    delivered = events + rnd.sample(events, k=len(events))  # every event twice
-    rnd.shuffle(delivered)
+    expected = in_order_state(servers, users, events)
+    delivered = shuffled_with_duplicates(events, shuffle_seed, copies=len(events))  # all twice
     with fresh_state(servers, users) as conn:
         broker.flush_all()
         se.store(delivered)
