@@ -119,7 +119,7 @@ class Results:
         return statistics.median(r.cpu_util for r in self.runs[name])
 
 
-def _base_env() -> dict[str, str]:
+def base_env() -> dict[str, str]:
     env = dict(os.environ)
     # Anything that would point a worker somewhere other than the bench's own servers.
     for name in (
@@ -139,7 +139,7 @@ def make_variants(
 ) -> list[Variant]:
     python = sys.executable
     pool = ["--processes", str(PROCESSES), "--threads", str(THREADS)]
-    common = _base_env()
+    common = base_env()
     if prefetch:
         common["dramatiq_queue_prefetch"] = str(prefetch)
     bare_env = dict(common)
@@ -428,7 +428,7 @@ def measure(
     return report(results, variants[0].name, variants[1].name, n, prefetch)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
+def terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwind through the finally blocks that stop the servers
 
 
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prefetch is not None and args.prefetch < 1:
         parser.error("--prefetch must be at least 1")
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     configure_logging(env="production", level="warning")
     root = Path(tempfile.mkdtemp(prefix="tidemill-bench-"))
     pg = EmbeddedPostgres(root, port=free_port())

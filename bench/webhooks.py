@@ -78,13 +78,13 @@ from bench.queue_roundtrip import (
     THREADS,
     BenchError,
     Variant,
-    _base_env,
-    _terminate,
+    base_env,
     check_no_failures,
     make_variants,
     measure_drain,
     run_once,
     stop_worker,
+    terminate,
     worker_rss_mb,
 )
 from core.log import configure_logging
@@ -173,7 +173,7 @@ class Bench:
 
     def tidemill_env(self) -> dict[str, str]:
         """A tidemill process's environment: the bench's servers, production logs."""
-        env = _base_env()
+        env = base_env()
         env.update(
             {
                 "DATABASE_URL": self.database_url,
@@ -971,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency must be at least 1")
 
     started = time.monotonic()
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     configure_logging(env="production", level="warning")
     root = Path(tempfile.mkdtemp(prefix="tidemill-bench-"))
     pg = EmbeddedPostgres(root, port=free_port())

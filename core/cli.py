@@ -62,19 +62,9 @@ def _settings(*, adopt_running: bool = True) -> Settings:
 
 
 def _require_services(settings: Settings, *, broker: bool = True) -> None:
-    from db.engine import ServiceUnreachable, check_postgres
-    from db.redis import check_redis
+    from db.health import require_services
 
-    if settings.database_url is None:
-        raise ServiceUnreachable(
-            "DATABASE_URL is not set (or run `tidemill up` for embedded servers)"
-        )
-    if settings.redis_url is None:
-        raise ServiceUnreachable("REDIS_URL is not set (or run `tidemill up` for embedded servers)")
-    check_postgres(settings.database_url)
-    check_redis(settings.redis_url)
-    if broker and settings.broker_url and settings.broker_url.startswith("redis"):
-        check_redis(settings.broker_url, what="broker")
+    require_services(settings, broker=broker)
 
 
 def _stop_event() -> threading.Event:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -84,6 +85,12 @@ def spawn(
     )
 
 
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal a whole process group; a group that is already gone is not an error."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
 def stop_process(
     proc: subprocess.Popen[bytes],
     *,
@@ -91,26 +98,22 @@ def stop_process(
     timeout: float = 30.0,
     group: bool = False,
 ) -> int | None:
-    """Send `sig`, wait up to `timeout`, then SIGKILL (the whole group when `group`)."""
+    """Send `sig` (to its whole group when `group`), wait up to `timeout`, then SIGKILL."""
     if proc.poll() is not None:
         return proc.returncode
-    try:
-        if group:
-            os.killpg(proc.pid, sig)
-        else:
+    if group:
+        signal_group(proc.pid, sig)
+    else:
+        with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
-    except ProcessLookupError:
-        return proc.poll()
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            if group:
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
+        if group:
+            signal_group(proc.pid, signal.SIGKILL)
+        else:
+            with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-        except ProcessLookupError:
-            pass
         return proc.wait(timeout=10)
 
 

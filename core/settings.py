@@ -80,7 +80,7 @@ def _url(*schemes: str) -> Callable[[str, str], str]:
         scheme = urlsplit(raw).scheme
         if scheme not in schemes:
             raise SettingsError(
-                f"{name}={_redact(raw)!r} has scheme {scheme or '(none)'!r}; "
+                f"{name}={redact_url(raw)!r} has scheme {scheme or '(none)'!r}; "
                 f"expected one of: {', '.join(s + '://' for s in schemes)}"
             )
         return raw
@@ -104,7 +104,7 @@ def _secrets(name: str, raw: str) -> tuple[str, ...]:
     return secrets
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL with its password replaced, fit for logs and error messages."""
     parts = urlsplit(url)
     if parts.password is None:
@@ -112,8 +112,6 @@ def _redact(url: str) -> str:
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
 
-
-redact_url = _redact
 
 FIELDS: tuple[Field, ...] = (
     Field(
@@ -376,7 +374,7 @@ class Settings:
             value = getattr(self, field.attr)
             shown = "" if value is None else str(value)
             if field.attr in {"database_url", "redis_url", "broker_url", "mail_url"} and shown:
-                shown = _redact(shown)
+                shown = redact_url(shown)
             if field.attr == "stripe_webhook_secrets":
                 shown = ", ".join(secret[:10] + "…" for secret in value)
             rows.append((field.env, shown))

@@ -3,7 +3,6 @@ system in the foreground. Ctrl-C or SIGTERM stops them all, in order, servers la
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -15,11 +14,10 @@ from pathlib import Path
 from types import FrameType
 
 from core.log import get_logger
-from core.proc import ensure_port_free, spawn, stop_process
+from core.proc import ensure_port_free, signal_group, spawn, stop_process
 from core.settings import Settings, redact_url
 from db.embedded import EmbeddedPostgres, EmbeddedValkey
-from db.engine import check_postgres
-from db.redis import check_redis
+from db.health import require_services
 
 log = get_logger("tidemill.up")
 
@@ -61,11 +59,8 @@ class Supervisor:
         try:
             ensure_port_free(self.settings.web_port, "TIDEMILL_WEB_PORT", self.settings.web_host)
             self.settings = settings = self.start_servers()
-            assert settings.database_url and settings.redis_url
-            check_postgres(settings.database_url)
-            check_redis(settings.redis_url)
-            if settings.broker_url and settings.broker_url.startswith("redis"):
-                check_redis(settings.broker_url, what="broker")
+            require_services(settings)
+            assert settings.database_url
             from db.migrate import upgrade
 
             upgrade(settings.database_url)
@@ -101,7 +96,7 @@ class Supervisor:
             # SIGTERM to the leader only: dramatiq's main process forwards it to its worker
             # processes, which drain; a second SIGTERM would make them abandon messages.
             code = stop_process(proc, sig=signal.SIGTERM, timeout=grace)
-            _kill_group(proc.pid)  # anything left in the group (grandchildren) goes now
+            signal_group(proc.pid, signal.SIGKILL)  # anything left in the group goes now
             log.info(
                 "process_stopped",
                 process=name,
@@ -161,8 +156,3 @@ def load_run_env(settings: Settings) -> bool:
         if key in {"DATABASE_URL", "REDIS_URL"} and value:
             os.environ.setdefault(key, value)
     return True
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)

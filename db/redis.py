@@ -29,7 +29,3 @@ def get_redis(settings: Settings | None = None) -> redis.Redis:
     if settings.redis_url is None:
         raise ServiceUnreachable("REDIS_URL is unset and no embedded Valkey is running")
     return _client(settings.redis_url)
-
-
-def reset_clients() -> None:
-    _client.cache_clear()

@@ -153,6 +153,36 @@ def inproc_worker(db: str) -> Iterator[Any]:
     worker.stop()
 
 
+def start_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdout: Any = subprocess.DEVNULL,
+    stderr: Any = subprocess.DEVNULL,
+) -> subprocess.Popen[bytes]:
+    """Start `tidemill ARGS` as a real subprocess in its own process group (stop it with
+    `core.proc.stop_process(proc, group=True)`)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "core.cli", *args],
+        env=env or dict(os.environ),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+def healthy(port: int) -> bool:
+    """The web server on `port` answers /healthz with 200 and status ok."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return bool(resp.status == 200 and json.load(resp)["status"] == "ok")
+    except OSError:
+        return False
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:

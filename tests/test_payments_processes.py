@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
-import sys
 from decimal import Decimal
 from typing import Any
 
@@ -15,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.proc import wait_until
-from tests.conftest import ROOT
+from core.proc import stop_process, wait_until
+from tests.conftest import start_cli
 from tests.support import stripe_events as se
 from tests.test_payments import (
     assert_balance_is_sum_of_ledger,
@@ -32,31 +30,20 @@ pytestmark = pytest.mark.slow
 
 
 def start_worker(*, processes: int, threads: int, **env: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "core.cli",
-            "worker",
-            "--processes",
-            str(processes),
-            "--threads",
-            str(threads),
-            "--queue",
-            "payments",
-        ],
+    return start_cli(
+        "worker",
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+        "--queue",
+        "payments",
         env=dict(os.environ, **env),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    proc.wait(timeout=60)
+    stop_process(proc, sig=sig, timeout=60, group=True)
 
 
 def pending(conn: Any) -> int:

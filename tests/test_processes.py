@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 from typing import cast
 
@@ -16,39 +12,24 @@ import psutil
 import pytest
 from dramatiq.brokers.redis import RedisBroker
 
-from core.proc import free_port, wait_until
-from tests.conftest import ROOT
+from core.proc import free_port, stop_process, wait_until
+from tests.conftest import healthy, start_cli
 
 pytestmark = pytest.mark.slow
 
 
 def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "core.cli",
-            "worker",
-            "tests.support.actors",
-            "--processes",
-            "1",
-            "--threads",
-            "2",
-            "--queue",
-            "tests-slow",
-        ],
+    return start_cli(
+        "worker",
+        "tests.support.actors",
+        "--processes",
+        "1",
+        "--threads",
+        "2",
+        "--queue",
+        "tests-slow",
         env=env,
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
-
-
-def kill_tree(proc: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    proc.wait(timeout=30)
 
 
 def test_worker_killed_mid_message_is_redelivered_and_applied_once(db, sql, redis_client) -> None:
@@ -69,10 +50,10 @@ def test_worker_killed_mid_message_is_redelivered_and_applied_once(db, sql, redi
     try:
         assert wait_until(lambda: redis_client.exists("started:kill1"), timeout=60)
         # When the whole worker (main and child processes) is killed with SIGKILL
-        kill_tree(first, signal.SIGKILL)
+        stop_process(first, sig=signal.SIGKILL, group=True)
     finally:
         if first.poll() is None:
-            kill_tree(first, signal.SIGKILL)
+            stop_process(first, sig=signal.SIGKILL, group=True)
     assert (
         sql.execute("SELECT count(*) FROM audit_logs WHERE entity_id = 'kill1'").fetchone()[0] == 0
     )
@@ -93,7 +74,7 @@ def test_worker_killed_mid_message_is_redelivered_and_applied_once(db, sql, redi
         )
         assert wait_until(lambda: rb.client.hlen("dramatiq:tests-slow.msgs") == 0, timeout=30)
     finally:
-        kill_tree(second, signal.SIGTERM)
+        stop_process(second, sig=signal.SIGTERM, group=True)
     # and it was applied exactly once, on the second attempt
     assert redis_client.get("attempts:kill1") == "2"
     assert (
@@ -106,14 +87,6 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-            return bool(resp.status == 200 and json.load(resp)["status"] == "ok")
-    except OSError:
-        return False
 
 
 def _up_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], int]:
@@ -137,15 +110,9 @@ def _up_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], int]:
 def test_up_runs_everything_embedded_and_stops_with_no_orphans(tmp_path, stop_signal) -> None:
     env, web = _up_env(tmp_path)
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
-    up = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "up"],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    up = start_cli("up", env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        assert wait_until(lambda: _healthy(web), timeout=120, interval=0.25), (
+        assert wait_until(lambda: healthy(web), timeout=120, interval=0.25), (
             tmp_path / "up.log"
         ).read_text()[-3000:]
         # every process of the system is running under the supervisor
@@ -183,15 +150,9 @@ def test_up_runs_everything_embedded_and_stops_with_no_orphans(tmp_path, stop_si
 
 def test_up_uses_external_servers_when_urls_are_set(tmp_path, servers, db) -> None:
     env, web = _up_env(tmp_path, DATABASE_URL=servers.database_url, REDIS_URL=servers.redis_url)
-    up = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "up", "--workers", "1"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    up = start_cli("up", "--workers", "1", env=env)
     try:
-        assert wait_until(lambda: _healthy(web), timeout=120, interval=0.25)
+        assert wait_until(lambda: healthy(web), timeout=120, interval=0.25)
         cmdlines = [" ".join(p.cmdline()) for p in _descendants(up.pid)]
         assert not any("postgres" in c or "valkey-server" in c for c in cmdlines), cmdlines
         up.send_signal(signal.SIGTERM)

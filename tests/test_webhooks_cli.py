@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
-from core.proc import free_port, wait_until
-from tests.conftest import ROOT, run_cli
+from core.proc import free_port, stop_process, wait_until
+from tests.conftest import healthy, run_cli, start_cli
 from tests.support import stripe_events as se
 from tests.test_payments import make_user
 from workers.payments import process_event
@@ -67,33 +62,13 @@ def running_system(db, tmp_path) -> Iterator[int]:
     procs = []
     for args in (["web"], ["relay"], ["worker", "--processes", "1", "--threads", "2"]):
         with open(tmp_path / f"{args[0]}.log", "wb") as log:  # kept for a failing test's reader
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "core.cli", *args],
-                    env=env,
-                    cwd=ROOT,
-                    start_new_session=True,
-                    stdout=subprocess.DEVNULL,
-                    stderr=log,
-                )
-            )
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
+            procs.append(start_cli(*args, env=env, stderr=log))
     try:
-        assert wait_until(healthy, timeout=60, interval=0.2)
+        assert wait_until(lambda: healthy(port), timeout=60, interval=0.2)
         yield port
     finally:
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=60)
+            stop_process(proc, timeout=60, group=True)
 
 
 def test_stripe_send_walks_a_payment_through_the_running_system(running_system, sql) -> None:

@@ -3,8 +3,8 @@
 Checks run cheapest first, and nothing unauthenticated is parsed beyond what stripe needs:
 method -> content type -> declared size -> signature header present -> body read under the
 size cap -> signature (every configured secret, so a secret can be rotated) -> JSON -> event
-shape -> one transaction (event row + outbox row). A rejected request stores and enqueues
-nothing and is logged without any of its content.
+shape -> one statement (event row + outbox row), shared by concurrent requests. A rejected
+request stores and enqueues nothing and is logged without any of its content.
 """
 
 from __future__ import annotations

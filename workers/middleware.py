@@ -74,8 +74,12 @@ class LogContext(Middleware):
             _tokens.set({})
 
 
+_stdlib_log = logging.getLogger("workers")
+
+
 def _debug_enabled() -> bool:
-    return logging.getLogger("workers").isEnabledFor(logging.DEBUG)
+    # isEnabledFor is cached per logger; getLogger() would take logging's global lock per message
+    return _stdlib_log.isEnabledFor(logging.DEBUG)
 
 
 class FreezeImports(Middleware):

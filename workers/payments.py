@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from dramatiq.middleware import CurrentMessage
-from sqlalchemy import text
 
 from core.log import get_logger
-from core.settings import get_settings
 from db.engine import UnitOfWork, unit_of_work
 from workers.base import PermanentError, actor
 from workers.stripe_effects import apply_event
@@ -19,6 +17,19 @@ class EventNotFound(PermanentError):
 
 
 _LOCK_EVENT = "SELECT status, payload FROM webhook_events WHERE id = %(id)s FOR UPDATE"
+_RECORD_FAILURE = """
+    UPDATE webhook_events SET attempts = attempts + 1, last_error = %(error)s,
+        status = CASE WHEN %(final)s THEN 'failed' ELSE status END
+    WHERE id = %(id)s AND status NOT IN ('processed', 'ignored')
+"""
+# A failed event goes back to received; returns the status it had, or nothing if it is unknown.
+_REOPEN_FAILED = """
+    WITH old AS (SELECT status FROM webhook_events WHERE id = %(id)s FOR UPDATE),
+         reopened AS (UPDATE webhook_events SET status = 'received'
+                      WHERE id = %(id)s AND status = 'failed')
+    SELECT status FROM old
+"""
+_STATUS = "SELECT status FROM webhook_events WHERE id = %(id)s"
 _MARK_APPLIED = """
     UPDATE webhook_events SET status = %(status)s, attempts = attempts + 1, last_error = NULL,
         processed_at = now()
@@ -54,9 +65,7 @@ def _final_attempt(exc: Exception) -> bool:
     message = CurrentMessage.get_current_message()
     if message is None:
         return True  # called directly (replay from the CLI): no retry follows
-    retries = message.options.get("retries", 0)
-    limit = process_event.options.get("max_retries", get_settings().max_retries)
-    return bool(retries >= limit)
+    return bool(message.options.get("retries", 0) >= process_event.options["max_retries"])
 
 
 def record_failure(event_id: str, exc: Exception) -> None:
@@ -65,35 +74,18 @@ def record_failure(event_id: str, exc: Exception) -> None:
     error = f"{type(exc).__name__}: {exc}"[:2000]
     final = _final_attempt(exc)
     with unit_of_work() as uow:
-        uow.execute(
-            text("""UPDATE webhook_events SET attempts = attempts + 1, last_error = :e,
-                    status = CASE WHEN :final THEN 'failed' ELSE status END
-                    WHERE id = :id AND status NOT IN ('processed', 'ignored')"""),
-            {"e": error, "final": final, "id": event_id},
-        )
+        uow.sql(_RECORD_FAILURE, {"error": error, "final": final, "id": event_id})
     log.warning("webhook_event_failed", event_id=event_id, error=error, final=final)
 
 
 def replay(event_id: str) -> str:
     """Run a stored event again now, in this process; returns its new status."""
     with unit_of_work() as uow:
-        updated = uow.execute(
-            text(
-                "UPDATE webhook_events SET status = 'received' WHERE id = :id "
-                "AND status = 'failed' RETURNING id"
-            ),
-            {"id": event_id},
-        ).first()
-        if updated is None:
-            exists = uow.execute(
-                text("SELECT status FROM webhook_events WHERE id = :id"), {"id": event_id}
-            ).first()
-            if exists is None:
-                raise EventNotFound(f"webhook event {event_id} is not stored")
-    process_event(event_id)
+        row = uow.sql(_REOPEN_FAILED, {"id": event_id}).fetchone()
+    if row is None:
+        raise EventNotFound(f"webhook event {event_id} is not stored")
+    process_event(event_id)  # a processed or ignored event is left alone by process_event
     with unit_of_work() as uow:
-        return str(
-            uow.execute(
-                text("SELECT status FROM webhook_events WHERE id = :id"), {"id": event_id}
-            ).scalar_one()
-        )
+        after = uow.sql(_STATUS, {"id": event_id}).fetchone()
+    assert after is not None  # it was stored a moment ago; events are never deleted by replay
+    return str(after.status)
