@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-import functools
-import signal
 import sys
 import threading
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
-from core.log import configure_logging, get_logger
-from core.settings import Settings, SettingsError, get_settings
+from core.cli_backup import app as backup_app
+from core.cli_backup import restore_command, wal_app
+from core.cli_common import (
+    cli_settings,
+    fail,
+    friendly_errors,
+    require_services,
+    stop_event,
+)
+from core.cli_dashboard import app as dashboard_app
+from core.cli_pipeline import app as pipeline_app
+from core.cli_pipeline import archive_app, gdpr_app
+from core.cli_schedule import app as schedule_app
+from core.log import get_logger
 
 app = typer.Typer(
     help="tidemill: Stripe webhooks, notifications, e-mail, cache invalidation, retention "
@@ -22,60 +31,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 log = get_logger("tidemill")
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fail(message: str, code: int = 2) -> None:
-    print(f"tidemill: error: {message}", file=sys.stderr, flush=True)
-    raise typer.Exit(code)
-
-
-def friendly_errors(fn: F) -> F:
-    """Known failures (unreachable server, bad setting, port taken) -> one line, exit 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from core.proc import PortInUse
-        from db.embedded import EmbeddedServerError
-        from db.engine import ServiceUnreachable
-
-        try:
-            return fn(*args, **kwargs)
-        except (ServiceUnreachable, SettingsError, PortInUse, EmbeddedServerError) as exc:
-            _fail(str(exc))
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _settings(*, adopt_running: bool = True) -> Settings:
-    settings = get_settings()
-    if adopt_running:
-        from core.settings import reset_settings_cache
-        from core.supervisor import load_run_env
-
-        if load_run_env(settings):  # a `tidemill up` is running: use its embedded servers
-            reset_settings_cache()
-            settings = get_settings()
-    configure_logging(env=settings.env, level=settings.log_level)
-    return settings
-
-
-def _require_services(settings: Settings, *, broker: bool = True) -> None:
-    from db.health import require_services
-
-    require_services(settings, broker=broker)
-
-
-def _stop_event() -> threading.Event:
-    stop = threading.Event()
-
-    def handler(signum: int, frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
+app.add_typer(schedule_app, name="schedule")
+app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(archive_app, name="archive")
+app.add_typer(gdpr_app, name="gdpr")
+app.add_typer(backup_app, name="backup")
+app.add_typer(wal_app, name="wal")
+app.command("restore")(restore_command)
+app.add_typer(dashboard_app, name="dashboard")
 
 
 @app.command()
@@ -94,7 +57,7 @@ def up(
 
     if workers is not None:
         os.environ["TIDEMILL_WORKER_PROCESSES"] = str(workers)
-    settings = _settings(adopt_running=False)
+    settings = cli_settings(adopt_running=False)
     if workers is not None:
         settings = dataclasses.replace(settings, worker_processes=workers)
     raise typer.Exit(Supervisor(settings).run())
@@ -120,8 +83,8 @@ def worker(
     from dramatiq.cli import main as dramatiq_main
     from dramatiq.cli import make_argument_parser
 
-    settings = _settings()
-    _require_services(settings)
+    settings = cli_settings()
+    require_services(settings)
     argv = [
         "workers.actors",
         *(modules or []),
@@ -140,14 +103,14 @@ def worker(
 @friendly_errors
 def relay() -> None:
     """Run the outbox relay: outbox rows -> dramatiq messages (LISTEN + poll, SKIP LOCKED)."""
-    settings = _settings()
-    _require_services(settings)
+    settings = cli_settings()
+    require_services(settings)
     import workers.actors  # noqa: F401  (the relay must know every actor)
     from workers.broker import broker
     from workers.outbox import Relay
 
     relay = Relay(settings, broker)
-    stop = _stop_event()
+    stop = stop_event()
 
     def stop_on_signal() -> None:
         stop.wait()
@@ -163,9 +126,9 @@ def scheduler() -> None:
     """Run the scheduler: cron ticks -> schedule_ticks rows + outbox messages."""
     from schedules.scheduler import run_scheduler
 
-    settings = _settings()
-    _require_services(settings, broker=False)
-    run_scheduler(settings, _stop_event())
+    settings = cli_settings()
+    require_services(settings, broker=False)
+    run_scheduler(settings, stop_event())
 
 
 @app.command()
@@ -180,8 +143,8 @@ def web(
     from core.proc import ensure_port_free
     from web.app import create_app
 
-    settings = _settings()
-    _require_services(settings)
+    settings = cli_settings()
+    require_services(settings)
     host = host or settings.web_host
     port = port or settings.web_port
     ensure_port_free(port, "TIDEMILL_WEB_PORT", host)
@@ -204,8 +167,8 @@ def migrate(
     """Apply database migrations (alembic upgrade)."""
     from db.migrate import current, upgrade
 
-    settings = _settings()
-    _require_services(settings, broker=False)
+    settings = cli_settings()
+    require_services(settings, broker=False)
     assert settings.database_url
     upgrade(settings.database_url, revision)
     print(f"database at revision {current(settings.database_url)}")
@@ -232,8 +195,8 @@ def webhooks_list(
 
     from db.engine import unit_of_work
 
-    settings = _settings()
-    _require_services(settings, broker=False)
+    settings = cli_settings()
+    require_services(settings, broker=False)
     with unit_of_work(settings) as uow:
         rows = uow.execute(
             text("""SELECT id, type, status, attempts, received_at, last_error FROM webhook_events
@@ -262,16 +225,16 @@ def webhooks_list(
 @friendly_errors
 def webhooks_replay(event_id: Annotated[str, typer.Argument(help="evt_…")]) -> None:
     """Apply a failed event again now (processed and ignored events are left alone)."""
-    settings = _settings()
-    _require_services(settings)
+    settings = cli_settings()
+    require_services(settings)
     from workers.payments import EventNotFound, replay
 
     try:
         outcome = replay(event_id)
     except EventNotFound as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except Exception as exc:
-        _fail(f"{event_id} failed again: {type(exc).__name__}: {exc}", code=1)
+        fail(f"{event_id} failed again: {type(exc).__name__}: {exc}", code=1)
     print(f"{event_id}: {outcome}")
 
 
@@ -302,9 +265,9 @@ def stripe_send(
     from db.engine import unit_of_work
 
     if type_ not in SAMPLE_TYPES:
-        _fail(f"unknown type {type_!r}; known: {', '.join(SAMPLE_TYPES)}")
-    settings = _settings()
-    _require_services(settings, broker=False)
+        fail(f"unknown type {type_!r}; known: {', '.join(SAMPLE_TYPES)}")
+    settings = cli_settings()
+    require_services(settings, broker=False)
     with unit_of_work(settings) as uow:
         if user is None:
             user = str(
@@ -320,7 +283,7 @@ def stripe_send(
             ).first()
             is None
         ):
-            _fail(f"no user {user}")
+            fail(f"no user {user}")
     event = sample(
         type_,
         user_id=user,
@@ -347,9 +310,9 @@ def stripe_send(
             answer = resp.read().decode()
             print(f"POST {target} -> {resp.status} {answer}")
     except urllib.error.HTTPError as exc:
-        _fail(f"POST {target} -> {exc.code} {exc.read().decode()}", code=1)
+        fail(f"POST {target} -> {exc.code} {exc.read().decode()}", code=1)
     except OSError as exc:
-        _fail(f"cannot reach the receiver at {target}: {exc} (is `tidemill up` running?)")
+        fail(f"cannot reach the receiver at {target}: {exc} (is `tidemill up` running?)")
     obj = event["data"]["object"]
     print(f"event {event['id']} ({type_}) for user {user}, object {obj['id']}")
     deadline = time.monotonic() + wait

@@ -270,6 +270,11 @@ FIELDS: tuple[Field, ...] = (
         "oldest signature timestamp accepted (replay protection)",
         _pos_int,
     ),
+    # ---- issue #4 settings: FIELDS ----
+    # ---- issue #5 settings: FIELDS ----
+    # ---- issue #6 settings: FIELDS ----
+    # ---- issue #7 settings: FIELDS ----
+    # ---- issue #8 settings: FIELDS ----
     Field(
         "LOG_LEVEL",
         "log_level",
@@ -310,6 +315,11 @@ class Settings:
     stripe_webhook_secrets: tuple[str, ...]
     stripe_webhook_tolerance_s: int
     log_level: str
+    # ---- issue #4 settings: Settings attributes ----
+    # ---- issue #5 settings: Settings attributes ----
+    # ---- issue #6 settings: Settings attributes ----
+    # ---- issue #7 settings: Settings attributes ----
+    # ---- issue #8 settings: Settings attributes ----
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

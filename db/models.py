@@ -538,3 +538,18 @@ class EmailDelivery(Base):
     sent_at: Mapped[datetime | None]
     provider_message_id: Mapped[str | None]
     error: Mapped[str | None]
+
+
+# ---- issue #4: outbox triggers, e-mail, fan-out, cache (follows, preferences, ...) ----
+
+
+# ---- issue #5: lifecycle pipelines (partitions, archive manifests, ...) ----
+
+
+# ---- issue #6: scheduler (schedule state: paused, misfires, leader) ----
+
+
+# ---- issue #7: backups and restore drills ----
+
+
+# ---- issue #8: dashboard (accounts, login attempts, ...) ----

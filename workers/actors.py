@@ -1,5 +1,5 @@
 """Every actor family; the worker processes and the relay import this one module."""
 
-from workers import cache, outbox, payments
+from workers import backups, cache, emails, lifecycle, notifications, outbox, payments
 
-__all__ = ["cache", "outbox", "payments"]
+__all__ = ["backups", "cache", "emails", "lifecycle", "notifications", "outbox", "payments"]

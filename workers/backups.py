@@ -1,0 +1,1 @@
+"""Actor family: backups (being built)."""

@@ -1,0 +1,1 @@
+"""Actor family: emails (being built)."""

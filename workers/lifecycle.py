@@ -1,0 +1,1 @@
+"""Actor family: lifecycle (being built)."""

@@ -1,0 +1,1 @@
+"""Actor family: notifications (being built)."""
