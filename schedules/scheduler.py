@@ -1,7 +1,12 @@
 """The scheduler process: APScheduler fires; a fire records the tick and enqueues, nothing more.
 
-A fire inserts ``schedule_ticks (schedule, tick)`` and the outbox row in one transaction: a
-tick fired twice (two replicas, a failover) inserts one row and sends one message.
+Any number of replicas may run. Each runs APScheduler with every schedule, but a job only
+fires while its replica holds the leader lock (``schedules.leader``). A fire inserts
+``schedule_ticks (schedule, tick)`` and the outbox row in one transaction, fenced by the lock:
+a tick fired twice during a hand-over inserts one row and sends one message.
+
+On start-up and on every leadership acquisition the leader applies each schedule's misfire
+policy to the ticks missed since the last recorded one (``schedules.misfire``).
 """
 
 from __future__ import annotations
@@ -10,89 +15,392 @@ import json
 import os
 import socket
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 
+from apscheduler.events import EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.cron import CronTrigger
-from sqlalchemy import text
 
 from core.log import get_logger
-from core.settings import Settings
-from db.engine import unit_of_work
-from schedules.schedule import SCHEDULES, Schedule
+from core.settings import Settings, get_settings
+from db.engine import UnitOfWork, unit_of_work
+from schedules.leader import Fence, LeaderLock
+from schedules.misfire import MisfirePlan, baseline, latest_tick, plan_misfire
+from schedules.schedule import Schedule, load_schedules
 
 log = get_logger(__name__)
 
-_TICK = text("""
-    INSERT INTO schedule_ticks (schedule, tick, fired_by, manual)
-    VALUES (:schedule, :tick, :fired_by, :manual)
+# How late APScheduler may run a job and still fire it (a busy thread pool, a GC pause).
+# Anything later is a misfire, handled by the catch-up on the next acquisition.
+JOB_GRACE_S = 30
+
+KINDS = ("scheduled", "manual", "catch-up")
+
+
+class FireOutcome(StrEnum):
+    FIRED = "fired"
+    DUPLICATE = "duplicate"  # this (schedule, tick) had already fired
+    PAUSED = "paused"
+    NOT_LEADER = "not_leader"  # the fence failed: this replica lost the lock
+
+
+_TICK = """
+    INSERT INTO schedule_ticks (schedule, tick, fired_by, manual, kind, covers)
+    VALUES (%(schedule)s, %(tick)s, %(fired_by)s, %(manual)s, %(kind)s, %(covers)s)
     ON CONFLICT (schedule, tick) DO NOTHING
     RETURNING id
-""")
-_ENQUEUE = text("""
+"""
+_ENQUEUE = """
     INSERT INTO outbox (actor, queue_name, args, kwargs)
-    VALUES (:actor, :queue_name, '[]'::jsonb, CAST(:kwargs AS jsonb))
-""")
+    VALUES (%(actor)s, %(queue_name)s, '[]'::jsonb, %(kwargs)s::jsonb)
+    RETURNING id
+"""
 
 
 def identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def fire(
-    schedule: Schedule, tick: datetime, *, settings: Settings | None = None, manual: bool = False
+def _fenced(uow: UnitOfWork, fence: Fence | None) -> bool:
+    return fence is None or uow.sql(Fence.sql, fence.params()).fetchone() is not None
+
+
+def _paused(uow: UnitOfWork, name: str) -> bool:
+    # FOR SHARE: a pause committing concurrently either lands before this fire or waits for it.
+    row = uow.sql(
+        "SELECT paused FROM schedule_state WHERE name = %(n)s FOR SHARE", {"n": name}
+    ).fetchone()
+    return bool(row and row.paused)
+
+
+def _insert_tick(
+    uow: UnitOfWork,
+    schedule: Schedule,
+    tick: datetime,
+    *,
+    kind: str,
+    fired_by: str,
+    covers: int,
 ) -> bool:
-    """Record the tick and enqueue its actor; False when this tick had already fired."""
-    with unit_of_work(settings) as uow:
-        inserted = uow.execute(
-            _TICK,
-            {
-                "schedule": schedule.name,
-                "tick": tick,
-                "fired_by": identity(),
-                "manual": manual,
-            },
-        ).first()
-        if inserted is None:
-            log.info("tick_already_fired", schedule=schedule.name, tick=tick.isoformat())
-            return False
-        kwargs = {**schedule.kwargs, "tick": tick.isoformat()}
-        uow.execute(
-            _ENQUEUE,
-            {
-                "actor": schedule.actor,
-                "queue_name": schedule.queue_name,
-                "kwargs": json.dumps(kwargs),
-            },
-        )
-    log.info("tick_fired", schedule=schedule.name, tick=tick.isoformat(), manual=manual)
+    inserted = uow.sql(
+        _TICK,
+        {
+            "schedule": schedule.name,
+            "tick": tick,
+            "fired_by": fired_by,
+            "manual": kind == "manual",
+            "kind": kind,
+            "covers": covers,
+        },
+    ).fetchone()
+    if inserted is None:
+        return False
+    kwargs = {**schedule.kwargs, "tick": tick.isoformat()}
+    outbox = uow.sql(
+        _ENQUEUE,
+        {"actor": schedule.actor, "queue_name": schedule.queue_name, "kwargs": json.dumps(kwargs)},
+    ).fetchone()
+    assert outbox is not None
+    uow.sql(
+        "UPDATE schedule_ticks SET outbox_id = %(o)s WHERE id = %(id)s",
+        {"o": outbox.id, "id": inserted.id},
+    )
     return True
 
 
-def run_scheduler(settings: Settings, stop: threading.Event) -> None:
-    scheduler = BackgroundScheduler(timezone="UTC")
-    for sched in SCHEDULES:
-        trigger = CronTrigger.from_crontab(sched.cron, timezone=sched.timezone)
+def fire(
+    schedule: Schedule,
+    tick: datetime,
+    *,
+    settings: Settings | None = None,
+    kind: str = "scheduled",
+    fired_by: str | None = None,
+    fence: Fence | None = None,
+    covers: int = 1,
+) -> FireOutcome:
+    """Record the tick and enqueue its actor, in one transaction.
 
-        def job(sched: Schedule = sched) -> None:
-            # Cron has minute resolution: the minute names the tick, so replicas firing a few
-            # seconds apart agree on it and the unique row lets only one through.
-            tick = datetime.now(UTC).replace(second=0, microsecond=0)
-            fire(sched, tick, settings=settings)
+    A paused schedule does not fire (manual ticks excepted: an operator asked for them). With a
+    ``fence``, nothing commits unless the leader lock is still this replica's.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    with unit_of_work(settings) as uow:
+        if not _fenced(uow, fence):
+            outcome = FireOutcome.NOT_LEADER
+        elif kind != "manual" and _paused(uow, schedule.name):
+            outcome = FireOutcome.PAUSED
+        elif _insert_tick(
+            uow, schedule, tick, kind=kind, fired_by=fired_by or identity(), covers=covers
+        ):
+            outcome = FireOutcome.FIRED
+        else:
+            outcome = FireOutcome.DUPLICATE
+    event = {
+        FireOutcome.FIRED: "tick_fired",
+        FireOutcome.DUPLICATE: "tick_already_fired",
+        FireOutcome.PAUSED: "tick_paused",
+        FireOutcome.NOT_LEADER: "tick_fenced",
+    }[outcome]
+    log.info(event, schedule=schedule.name, tick=tick.isoformat(), kind=kind)
+    return outcome
 
-        scheduler.add_job(
-            job,
-            trigger,
-            id=sched.name,
-            name=sched.name,
-            misfire_grace_time=300,
-            coalesce=True,
-            max_instances=1,
+
+_STATE = """
+    SELECT s.paused, s.changed_at, s.caught_up_to,
+           (SELECT max(tick) FROM schedule_ticks t
+             WHERE t.schedule = %(n)s AND t.kind <> 'manual') AS last_tick
+    FROM (SELECT %(n)s::text AS name) k
+    LEFT JOIN schedule_state s ON s.name = k.name
+"""
+_RECORD_MISFIRE = """
+    INSERT INTO schedule_state AS s (name, caught_up_to, missed_ticks, skipped_ticks,
+                                     last_misfire_at)
+    VALUES (%(n)s, %(now)s, %(missed)s, %(skipped)s, %(now)s)
+    ON CONFLICT (name) DO UPDATE SET
+        caught_up_to = EXCLUDED.caught_up_to,
+        missed_ticks = s.missed_ticks + EXCLUDED.missed_ticks,
+        skipped_ticks = s.skipped_ticks + EXCLUDED.skipped_ticks,
+        last_misfire_at = EXCLUDED.last_misfire_at
+"""
+
+_RECORD_RUNTIME_MISFIRE = """
+    INSERT INTO schedule_state AS s (name, missed_ticks, skipped_ticks, last_misfire_at)
+    VALUES (%(n)s, 1, 1, %(now)s)
+    ON CONFLICT (name) DO UPDATE SET
+        missed_ticks = s.missed_ticks + 1,
+        skipped_ticks = s.skipped_ticks + 1,
+        last_misfire_at = EXCLUDED.last_misfire_at
+"""
+
+
+def catch_up_one(
+    schedule: Schedule,
+    *,
+    now: datetime,
+    settings: Settings | None = None,
+    fence: Fence | None = None,
+    fired_by: str | None = None,
+) -> MisfirePlan | None:
+    """Plan and apply one schedule's misfire policy at ``now``; None when nothing was missed
+    (or it is paused, or the fence failed). Plan, catch-up tick and counters share one
+    transaction, so a crash or a lost lock leaves either all of it or none."""
+    with unit_of_work(settings) as uow:
+        # Serialise with pauses and with any other replica applying the same plan.
+        uow.sql(
+            "INSERT INTO schedule_state (name) VALUES (%(n)s) ON CONFLICT (name) DO NOTHING",
+            {"n": schedule.name},
         )
+        uow.sql("SELECT 1 FROM schedule_state WHERE name = %(n)s FOR UPDATE", {"n": schedule.name})
+        if not _fenced(uow, fence):
+            log.info("catch_up_fenced", schedule=schedule.name)
+            return None
+        state = uow.sql(_STATE, {"n": schedule.name}).fetchone()
+        assert state is not None  # the LEFT JOIN always yields one row
+        if state.paused:
+            return None
+        since = baseline(
+            last_tick=state.last_tick,
+            caught_up_to=state.caught_up_to,
+            resumed_at=state.changed_at,
+        )
+        plan = plan_misfire(schedule, since=since, now=now)
+        if not plan.is_misfire:
+            uow.rollback()  # nothing to record: drop the state row insert, if it was new
+            return None
+        fired = False
+        if plan.fire_tick is not None:
+            fired = _insert_tick(
+                uow,
+                schedule,
+                plan.fire_tick,
+                kind="catch-up",
+                fired_by=fired_by or identity(),
+                covers=plan.covers,
+            )
+        uow.sql(
+            _RECORD_MISFIRE,
+            {"n": schedule.name, "now": now, "missed": plan.missed, "skipped": plan.skipped},
+        )
+    log.warning(
+        "schedule_misfire",
+        schedule=schedule.name,
+        policy=plan.policy,
+        since=plan.since.isoformat() if plan.since else None,
+        missed=plan.missed,
+        skipped=plan.skipped,
+        caught_up=fired,
+        catch_up_tick=plan.fire_tick.isoformat() if plan.fire_tick else None,
+        covers=plan.covers,
+        truncated=plan.truncated,
+    )
+    return plan
+
+
+def catch_up(
+    schedules: list[Schedule],
+    *,
+    now: datetime,
+    settings: Settings | None = None,
+    fence: Fence | None = None,
+    fired_by: str | None = None,
+) -> list[MisfirePlan]:
+    """Apply every schedule's misfire policy at ``now``; the plans that found missed ticks."""
+    plans = []
+    for schedule in schedules:
+        plan = catch_up_one(schedule, now=now, settings=settings, fence=fence, fired_by=fired_by)
+        if plan is not None:
+            plans.append(plan)
+    return plans
+
+
+def _record_runtime_misfire(schedule: Schedule, *, settings: Settings) -> None:
+    """APScheduler ran a job too late to fire (JOB_GRACE_S): count it as a skipped tick."""
+    with unit_of_work(settings) as uow:
+        uow.sql(_RECORD_RUNTIME_MISFIRE, {"n": schedule.name, "now": datetime.now(UTC)})
+
+
+class Scheduler:
+    """APScheduler jobs for every schedule plus a leader thread that owns the lock."""
+
+    def __init__(
+        self, settings: Settings, schedules: list[Schedule], *, replica_id: str | None = None
+    ) -> None:
+        assert settings.database_url
+        self.identity = replica_id or identity()  # host:pid; tests name in-process replicas
+        self.settings = settings
+        self.schedules = schedules
+        self.by_name = {s.name: s for s in schedules}
+        self.retry_s = settings.scheduler_leader_retry_s
+        self.lock = LeaderLock(
+            settings.database_url,
+            identity=self.identity,
+            # the leader's checks every retry_s keep its session busy well within this
+            idle_timeout_s=max(5.0, 5 * self.retry_s),
+        )
+        self.aps = BackgroundScheduler(timezone="UTC")
+        self._stop = threading.Event()
+        self._catch_up_due = False
+        self._thread: threading.Thread | None = None
+
+    def _job(self, name: str) -> None:
+        schedule = self.by_name[name]
+        fence = self.lock.fence
+        if fence is None:
+            return  # a standby: the leader fires this tick
+        now = datetime.now(UTC)
+        tick = latest_tick(schedule.trigger(), now=now, lookback=timedelta(seconds=JOB_GRACE_S + 5))
+        if tick is None:
+            log.warning("tick_not_found", schedule=name, now=now.isoformat())
+            return
+        try:
+            fire(schedule, tick, settings=self.settings, fence=fence, fired_by=self.identity)
+        except Exception as exc:  # a database outage: the next acquisition catches up
+            log.error("tick_fire_failed", schedule=name, tick=tick.isoformat(), error=str(exc))
+
+    def _on_missed(self, event: JobExecutionEvent) -> None:
+        if self.lock.fence is None:
+            return
+        schedule = self.by_name.get(event.job_id)
+        if schedule is None:
+            return
+        log.warning(
+            "schedule_misfire",
+            schedule=schedule.name,
+            policy="runtime",
+            missed=1,
+            skipped=1,
+            scheduled=str(event.scheduled_run_time),
+        )
+        try:
+            _record_runtime_misfire(schedule, settings=self.settings)
+        except Exception as exc:
+            log.error("misfire_record_failed", schedule=schedule.name, error=str(exc))
+
+    def _leader_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._leader_step()
+            except Exception as exc:  # this thread must outlive any surprise, or no one leads
+                log.error("leader_loop_error", error=f"{type(exc).__name__}: {exc}")
+            self._stop.wait(self.retry_s)
+
+    def _leader_step(self) -> None:
+        if self.lock.is_leader:
+            if not self.lock.check():
+                log.warning("leader_lost", identity=self.identity)
+                return
+        elif self.lock.try_acquire():
+            assert self.lock.fence is not None
+            log.info("leader_acquired", identity=self.identity, backend_pid=self.lock.fence.pid)
+            self._catch_up_due = True
+        else:
+            return
+        if self._catch_up_due:
+            # Ticks due while no one led (start-up, hand-over): apply each misfire policy. A
+            # failure (a database blip) is retried on the next step, still as the leader.
+            try:
+                catch_up(
+                    self.schedules,
+                    now=datetime.now(UTC),
+                    settings=self.settings,
+                    fence=self.lock.fence,
+                    fired_by=self.identity,
+                )
+                self._catch_up_due = False
+            except Exception as exc:
+                log.error("catch_up_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def start(self) -> None:
+        for schedule in self.schedules:
+            self.aps.add_job(
+                self._job,
+                schedule.trigger(),
+                args=(schedule.name,),
+                id=schedule.name,
+                name=schedule.name,
+                misfire_grace_time=JOB_GRACE_S,
+                coalesce=True,
+                max_instances=1,
+            )
+        self.aps.add_listener(self._on_missed, EVENT_JOB_MISSED)
+        self.aps.start()
+        self._thread = threading.Thread(target=self._leader_loop, name="leader", daemon=True)
+        self._thread.start()
+        log.info(
+            "scheduler_started",
+            identity=self.identity,
+            schedules=[s.name for s in self.schedules],
+        )
+        for job in self.aps.get_jobs():
+            log.info("schedule_next_fire", schedule=job.id, next_fire=str(job.next_run_time))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.aps.shutdown(wait=True)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.lock.release()
+        log.info("scheduler_stopped", identity=self.identity)
+
+
+def run_scheduler(settings: Settings, stop: threading.Event) -> None:
+    """`tidemill scheduler`: run until ``stop`` is set."""
+    settings = settings or get_settings()
+    scheduler = Scheduler(settings, load_schedules(settings))
     scheduler.start()
-    log.info("scheduler_started", schedules=[s.name for s in SCHEDULES])
-    for j in scheduler.get_jobs():
-        log.info("schedule_next_fire", schedule=j.id, next_fire=str(j.next_run_time))
-    stop.wait()
-    scheduler.shutdown(wait=True)
-    log.info("scheduler_stopped")
+    try:
+        stop.wait()
+    finally:
+        scheduler.stop()
+
+
+__all__ = [
+    "FireOutcome",
+    "Scheduler",
+    "catch_up",
+    "catch_up_one",
+    "fire",
+    "identity",
+    "run_scheduler",
+]
