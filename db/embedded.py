@@ -8,6 +8,7 @@ so that a killed supervisor does not leave a server behind.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -15,6 +16,8 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -98,8 +101,86 @@ def _make_traversable(path: Path) -> None:
             pass
 
 
+def tidemill_command() -> list[str]:
+    """How a server-side command (archive_command, restore_command) runs `tidemill`: this
+    interpreter, so the command works without the venv on PATH."""
+    return [sys.executable, "-m", "core.cli"]
+
+
+def make_runnable_by_pg_user() -> None:
+    """As root, the Postgres user runs `tidemill wal push|fetch`: it needs to reach this
+    interpreter (pyenv keeps it under /root) and our code. Only the traverse bit is added on
+    the way (directories stay unlistable); the files themselves are already world-readable."""
+    if os.geteuid() != 0:
+        return
+    for target in (Path(sys.executable).resolve(), Path(__file__).resolve().parent.parent):
+        for parent in target.parents:
+            with contextlib.suppress(OSError):
+                mode = parent.stat().st_mode
+                if not mode & stat.S_IXOTH:
+                    parent.chmod(mode | stat.S_IXOTH)
+
+
+def pg_system_user() -> tuple[int, int] | None:
+    """(uid, gid) the embedded Postgres runs as when we are root; None otherwise."""
+    return _system_user()
+
+
+@dataclass(frozen=True)
+class WalArchive:
+    """WAL archiving for an embedded cluster: every finished segment goes through
+    `tidemill wal push` into ``storage_url`` (point-in-time recovery)."""
+
+    storage_url: str
+    timeout_s: int = 60  # archive_timeout: the RPO when the database is quiet
+    summarize: bool = True  # summarize_wal: lets PostgreSQL 17+ take incremental base backups
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.timeout_s <= 900:
+            raise EmbeddedServerError(
+                f"archive_timeout of {self.timeout_s}s: use 1-900 s (RPO goal 15 minutes)"
+            )
+
+    def server_options(self) -> dict[str, str]:
+        command = " ".join(
+            [*(_shell_quote(a) for a in tidemill_command()), "wal", "push", '"%p"', '"%f"']
+        )
+        command += f" --storage {_shell_quote(self.storage_url)}"
+        return {
+            "wal_level": "replica",
+            "archive_mode": "on",
+            "archive_command": command,
+            "archive_timeout": f"{self.timeout_s}s",
+            "summarize_wal": "on" if self.summarize else "off",
+        }
+
+
+def _shell_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def archive_from_settings() -> WalArchive | None:
+    from core.settings import Settings
+
+    # Uncached on purpose: the test suite builds its servers before it sets its environment,
+    # and a cached Settings object would outlive that.
+    settings = Settings.from_env()
+    if not settings.wal_archive:
+        return None
+    return WalArchive(storage_url=settings.storage_url, timeout_s=settings.archive_timeout_s)
+
+
 class EmbeddedPostgres:
-    def __init__(self, root: Path, *, port: int, setting: str = "TIDEMILL_PG_PORT") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        port: int,
+        setting: str = "TIDEMILL_PG_PORT",
+        archive: WalArchive | None = None,
+    ) -> None:
         self.root = root
         self.pgdata = root / "postgres"
         self.logfile = root / "postgres.log"
@@ -107,6 +188,8 @@ class EmbeddedPostgres:
         self.setting = setting
         self.proc: subprocess.Popen[bytes] | None = None
         self._user = _system_user()
+        # None: TIDEMILL_WAL_ARCHIVE decides (so `tidemill up` can archive without new code).
+        self.archive = archive if archive is not None else archive_from_settings()
 
     def url(self, database: str = DATABASE_NAME) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -149,6 +232,12 @@ class EmbeddedPostgres:
     def start(self, *, timeout: float = 60.0) -> str:
         ensure_port_free(self.port, self.setting)
         self._initdb()
+        extra: list[str] = []
+        if self.archive is not None:
+            make_runnable_by_pg_user()
+            self._prepare_archive_dir(self.archive.storage_url)
+            for name, value in self.archive.server_options().items():
+                extra += ["-c", f"{name}={value}"]
         logf = open(self.logfile, "ab")  # noqa: SIM115 - handed to the child
         self.proc = spawn(
             [
@@ -165,6 +254,7 @@ class EmbeddedPostgres:
                 "max_connections=200",
                 "-c",
                 "fsync=on",
+                *extra,
             ],
             stdout=logf,
             stderr=logf,
@@ -181,6 +271,15 @@ class EmbeddedPostgres:
         self._ensure_database(DATABASE_NAME)
         log.info("embedded_postgres_started", port=self.port, pgdata=str(self.pgdata))
         return self.url()
+
+    def _prepare_archive_dir(self, storage_url: str) -> None:
+        """A file:// archive: the WAL folder must be writable by the server's user."""
+        if not storage_url.startswith("file://") or self._user is None:
+            return
+        wal_dir = Path(storage_url.removeprefix("file://")).expanduser().resolve() / "wal"
+        wal_dir.mkdir(parents=True, exist_ok=True)
+        os.chown(wal_dir, *self._user)
+        _make_traversable(wal_dir.parent)
 
     def _alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -1,0 +1,303 @@
+"""Point-in-time restore: base backup (+ incremental) and archived WAL into a new data directory.
+
+Storage is the only input (the database being restored may be gone): the newest complete base
+backup whose data is not newer than the target is chosen, every object is hashed against its
+manifest before a byte is extracted (a corrupt backup is refused, never half-restored), the
+tar is streamed out of storage through zstd into the directory (two backups are joined by
+``pg_combinebackup``), then ``recovery.signal`` and the recovery settings are written and the
+server is started with ``pg_ctl``. It replays archived WAL (`tidemill wal fetch`) up to the
+target time and promotes itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+import zstandard
+
+from core.log import get_logger
+from core.proc import wait_until
+from core.settings import Settings, get_settings
+from core.storage import Storage, open_storage
+from db.embedded import (
+    DATABASE_NAME,
+    _make_traversable,
+    make_runnable_by_pg_user,
+    pg_system_user,
+    postgres_bin,
+    tidemill_command,
+)
+from pipelines.backup import BackupError, CatalogEntry, catalog, verify
+
+log = get_logger(__name__)
+
+
+@dataclass
+class RestoreResult:
+    data_dir: Path
+    port: int
+    chain: list[CatalogEntry]
+    target: datetime | None
+    started: bool
+    seconds: float
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE_NAME}"
+
+    def describe(self) -> list[str]:
+        lines = [f"restored {' + '.join(e.folder for e in self.chain)} into {self.data_dir}"]
+        lines.append(f"recovered to {self.target.isoformat() if self.target else 'end of WAL'}")
+        if self.started:
+            lines.append(f"running at {self.url} ({self.seconds:.1f}s)")
+            lines.append(f"stop it with: {postgres_bin('pg_ctl')} -D {self.data_dir} stop")
+        return lines
+
+
+def plan_restore(entries: list[CatalogEntry], target: datetime | None) -> list[CatalogEntry]:
+    """The backups to restore for ``target``: [base] or [base, incremental]. No I/O."""
+    complete = {e.folder: e for e in entries if e.complete and e.kind in ("base", "incremental")}
+    candidates = [
+        e
+        for e in complete.values()
+        if target is None or (e.data_at is not None and e.data_at <= target)
+    ]
+    for entry in sorted(candidates, key=lambda e: e.started_at, reverse=True):
+        if entry.kind == "base":
+            return [entry]
+        assert entry.manifest is not None
+        parent = complete.get(entry.manifest.get("parent") or "")
+        if parent is not None:
+            return [parent, entry]
+        log.warning("restore_incremental_without_parent", folder=entry.folder)
+    when = target.isoformat() if target else "now"
+    raise BackupError(f"no complete base backup with data from before {when} in storage")
+
+
+def _extract(storage: Storage, entry: CatalogEntry, dest: Path) -> None:
+    assert entry.manifest is not None
+    key = next(o["key"] for o in entry.manifest["objects"] if o["role"] == "base")
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with storage.open(key) as raw:
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        # Streaming mode ("r|"): the archive is never on disk whole; the "tar" filter refuses
+        # absolute paths and paths leaving dest, keeps modes.
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            tar.extractall(dest, filter="tar")
+
+
+def _conf_quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _chown_tree(path: Path, user: tuple[int, int]) -> None:
+    os.chown(path, *user)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), *user, follow_symlinks=False)
+
+
+def restore_to_time(
+    settings: Settings | None = None,
+    *,
+    target: datetime | None,
+    data_dir: Path,
+    port: int,
+    start: bool = True,
+    storage: Storage | None = None,
+    timeout: float = 3600,
+) -> RestoreResult:
+    settings = settings or get_settings()
+    storage = storage or open_storage(settings=settings)
+    t0 = time.monotonic()
+    data_dir = data_dir.resolve()
+    if data_dir.exists() and any(data_dir.iterdir()):
+        raise BackupError(f"{data_dir} is not empty; restore into a new data directory")
+    chain = plan_restore(catalog(storage, kinds=("base", "incremental")), target)
+    log.info(
+        "restore_started",
+        chain=[e.folder for e in chain],
+        target=target.isoformat() if target else None,
+        data_dir=str(data_dir),
+    )
+    for entry in chain:
+        assert entry.manifest is not None
+        verify(storage, entry.manifest)
+    try:
+        if len(chain) == 1:
+            _extract(storage, chain[0], data_dir)
+        else:
+            work = [data_dir.parent / f".{data_dir.name}-{i}" for i in range(len(chain))]
+            try:
+                for entry, path in zip(chain, work, strict=True):
+                    _extract(storage, entry, path)
+                out = subprocess.run(
+                    [postgres_bin("pg_combinebackup"), *map(str, work), "-o", str(data_dir)],
+                    capture_output=True,
+                    text=True,
+                )
+                if out.returncode != 0:
+                    raise BackupError(f"pg_combinebackup failed: {out.stderr.strip()[-500:]}")
+            finally:
+                for path in work:
+                    shutil.rmtree(path, ignore_errors=True)
+        _check_version(data_dir)
+        _write_recovery(settings, storage, data_dir, target=target, port=port)
+    except BaseException as exc:
+        log.error("restore_failed", data_dir=str(data_dir), error=str(exc))
+        # Half a data directory is worse than none: nobody should try to start it.
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+    data_dir.chmod(0o700)
+    user = pg_system_user()
+    if user is not None:
+        _chown_tree(data_dir, user)
+        _make_traversable(data_dir.parent)
+        make_runnable_by_pg_user()
+    result = RestoreResult(data_dir, port, chain, target, False, 0.0)
+    if start:
+        start_restored(result, timeout=timeout)
+        result.started = True
+    result.seconds = time.monotonic() - t0
+    log.info("restore_complete", data_dir=str(data_dir), port=port, seconds=result.seconds)
+    return result
+
+
+def _write_recovery(
+    settings: Settings,
+    storage: Storage,
+    data_dir: Path,
+    *,
+    target: datetime | None,
+    port: int,
+) -> None:
+    fetch = " ".join([*tidemill_command(), "wal", "fetch", '"%f"', '"%p"'])
+    fetch += f" --storage {shlex.quote(storage.url)}"
+    lines = [
+        "",
+        "# tidemill restore: point-in-time recovery from the WAL archive",
+        f"restore_command = {_conf_quote(fetch)}",
+        "recovery_target_action = 'promote'",
+        "recovery_target_timeline = 'latest'",
+        # A restored copy must never push into the archive it was restored from.
+        "archive_mode = 'off'",
+        f"port = {port}",
+        "listen_addresses = '127.0.0.1'",
+        "unix_socket_directories = ''",
+    ]
+    if target is not None:
+        lines.append(f"recovery_target_time = {_conf_quote(target.isoformat())}")
+    # Recovery refuses to run with lower limits than the primary had; the primary may have set
+    # them on its command line (the embedded server does), which no backup carries.
+    # pg_control records them.
+    lines += [f"{name} = {value}" for name, value in _control_limits(data_dir).items()]
+    with open(data_dir / "postgresql.auto.conf", "a") as fh:
+        fh.write("\n".join(lines) + "\n")
+    (data_dir / "recovery.signal").touch()
+    for stale in ("postmaster.pid", "standby.signal"):
+        (data_dir / stale).unlink(missing_ok=True)
+
+
+def _check_version(data_dir: Path) -> None:
+    """A data directory only starts under its own major version's server."""
+    backup_major = (data_dir / "PG_VERSION").read_text().strip()
+    out = subprocess.run([postgres_bin("postgres"), "--version"], capture_output=True, text=True)
+    ours = out.stdout.split()[-1].split(".")[0] if out.stdout.strip() else "?"
+    if backup_major != ours:
+        raise BackupError(
+            f"the base backup is PostgreSQL {backup_major} but this restore runs PostgreSQL "
+            f"{ours} binaries; restore with matching binaries"
+        )
+
+
+_CONTROL_LIMITS = {
+    "max_connections setting": "max_connections",
+    "max_worker_processes setting": "max_worker_processes",
+    "max_wal_senders setting": "max_wal_senders",
+    "max_prepared_xacts setting": "max_prepared_transactions",
+    "max_locks_per_xact setting": "max_locks_per_transaction",
+}
+
+
+def _control_limits(data_dir: Path) -> dict[str, str]:
+    out = subprocess.run(
+        [postgres_bin("pg_controldata"), "-D", str(data_dir)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise BackupError(f"pg_controldata failed on the restored data: {out.stderr.strip()}")
+    limits = {}
+    for line in out.stdout.splitlines():
+        label, _, value = line.partition(":")
+        if label.strip() in _CONTROL_LIMITS and value.strip().isdigit():
+            limits[_CONTROL_LIMITS[label.strip()]] = value.strip()
+    return limits
+
+
+def _as_pg(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    user = pg_system_user()
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        user=user[0] if user else None,
+        group=user[1] if user else None,
+        extra_groups=[] if user else None,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def start_restored(result: RestoreResult, *, timeout: float = 3600) -> None:
+    """Start the restored server (detached: it outlives this command) and wait until it has
+    replayed to the target and promoted."""
+    logfile = result.data_dir / "restore.log"
+    out = _as_pg(
+        [
+            postgres_bin("pg_ctl"),
+            "-D",
+            str(result.data_dir),
+            "-l",
+            str(logfile),
+            "-w",
+            "-t",
+            str(int(timeout)),
+            "start",
+        ]
+    )
+    if out.returncode != 0:
+        raise BackupError(f"restored server did not start: {_log_tail(logfile)}")
+
+    def promoted() -> bool:
+        try:
+            with psycopg.connect(result.url, connect_timeout=2) as conn:
+                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+                return bool(row is not None and not row[0])
+        except psycopg.OperationalError:
+            return False
+
+    def alive() -> bool:
+        return (result.data_dir / "postmaster.pid").exists()
+
+    if not wait_until(promoted, timeout=timeout, interval=0.2, alive=alive):
+        raise BackupError(f"restored server did not finish recovery: {_log_tail(logfile)}")
+
+
+def stop_restored(data_dir: Path) -> None:
+    _as_pg([postgres_bin("pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "stop"])
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    important = [line for line in lines if "FATAL" in line or "ERROR" in line]
+    return " | ".join((important or lines)[-3:])

@@ -1,0 +1,132 @@
+"""Point-in-time restore, for real: a private Postgres 18 archiving WAL through `tidemill wal
+push`, base + incremental backups in file:// storage, then `tidemill restore --to TIME` as a
+subprocess into a new data directory, started, and queried."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from core.proc import free_port
+from core.storage import open_storage
+from pipelines.backup import catalog
+from pipelines.physical import run_base_backup
+from pipelines.restore import stop_restored
+from tests.conftest import run_cli
+from tests.support.pgcluster import ArchivedCluster, archived_cluster  # noqa: F401
+
+
+@pytest.fixture
+def restored_dirs() -> Iterator[list[Path]]:
+    """Data directories of restored servers: stopped after the test, whatever happened."""
+    dirs: list[Path] = []
+    yield dirs
+    for d in dirs:
+        if (d / "postmaster.pid").exists():
+            stop_restored(d)
+
+
+def rows(url: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT v, count(*) FROM t GROUP BY v ORDER BY v").fetchall()
+
+
+def test_restore_to_a_time_before_the_change(
+    archived_cluster: ArchivedCluster,  # noqa: F811
+    restored_dirs: list[Path],
+) -> None:
+    c = archived_cluster
+    storage = open_storage(c.storage_url, settings=c.settings)
+    # Given a full base backup, more data, an incremental, and more data again
+    c.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    c.execute("INSERT INTO t SELECT g, 'base' FROM generate_series(1, 1000) g")
+    run_base_backup(c.settings, storage=storage)
+    c.execute("INSERT INTO t SELECT g, 'incremental' FROM generate_series(1001, 1100) g")
+    run_base_backup(c.settings, storage=storage, incremental=True)
+    c.execute("INSERT INTO t SELECT g, 'wal' FROM generate_series(1101, 1150) g")
+    time.sleep(0.3)
+    before_change = datetime.now(UTC)
+    time.sleep(0.3)
+    # When the data is damaged, and the WAL holding the damage is archived
+    c.execute("DELETE FROM t WHERE id <= 500")
+    c.execute("UPDATE t SET v = 'damaged'")
+    c.switch_and_wait()
+    assert rows(c.url) == [("damaged", 650)]
+    # Then `tidemill restore --to` a time before the change brings the data back as it was
+    target_dir = c.root / "restored"
+    restored_dirs.append(target_dir)
+    port = free_port()
+    done = run_cli(
+        "restore",
+        "--to",
+        before_change.isoformat(),
+        "--data-dir",
+        str(target_dir),
+        "--port",
+        str(port),
+        env=c.env(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "+ backups/incremental/" in done.stdout  # base + incremental, combined
+    url = f"postgresql://postgres@127.0.0.1:{port}/tidemill"
+    assert rows(url) == [("base", 1000), ("incremental", 100), ("wal", 50)]
+    with psycopg.connect(url) as conn:  # promoted: a normal read-write server
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+    # the restored copy does not archive into the original's archive
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SHOW archive_mode").fetchone() == ("off",)
+
+
+def test_restore_refuses_a_corrupt_base_backup(
+    archived_cluster: ArchivedCluster,  # noqa: F811
+) -> None:
+    c = archived_cluster
+    storage = open_storage(c.storage_url, settings=c.settings)
+    c.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    backup = run_base_backup(c.settings, storage=storage)
+    c.switch_and_wait()
+    stored = c.objects / backup.key
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    stored.write_bytes(bytes(data))
+    target_dir = c.root / "restored"
+    refused = run_cli(
+        "restore", "--data-dir", str(target_dir), "--port", str(free_port()), env=c.env()
+    )
+    assert refused.returncode == 1
+    assert "will not be restored" in refused.stderr and "Traceback" not in refused.stderr
+    assert not target_dir.exists() or not any(target_dir.iterdir())
+
+
+def test_restore_needs_a_complete_base_backup_before_the_target(
+    archived_cluster: ArchivedCluster,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    c = archived_cluster
+    storage = open_storage(c.storage_url, settings=c.settings)
+    backup = run_base_backup(c.settings, storage=storage)
+    env = c.env()
+    # a time before the only backup
+    early = run_cli(
+        "restore", "--to", "2020-01-01T00:00:00Z", "--data-dir", str(tmp_path / "a"), env=env
+    )
+    assert early.returncode == 1 and "no complete base backup" in early.stderr
+    # a backup without its manifest does not count
+    storage.delete(backup.manifest_key)
+    assert not catalog(storage)[0].complete
+    gone = run_cli("restore", "--data-dir", str(tmp_path / "b"), env=env)
+    assert gone.returncode == 1 and "no complete base backup" in gone.stderr
+    # a bad time is a clear error
+    bad = run_cli("restore", "--to", "yesterday-ish", env=env)
+    assert bad.returncode == 2 and "is not a time" in bad.stderr
+    # a non-empty data directory is refused
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "precious").write_text("x")
+    busy = run_cli("restore", "--data-dir", str(tmp_path / "c"), env=env)
+    assert busy.returncode == 1 and "not empty" in busy.stderr
