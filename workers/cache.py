@@ -2,18 +2,58 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from core.log import get_logger
+from db.cache_keys import UnknownCachedTable, keys_for
 from db.engine import UnitOfWork
 from db.redis import get_redis
-from workers.base import actor
+from workers.base import PermanentError, actor
 
 log = get_logger(__name__)
 
 
-@actor(queue_name="cache", max_retries=5)
-def invalidate(uow: UnitOfWork, keys: list[str]) -> None:
-    """Delete the given keys; deleting a missing key is a no-op, so duplicates are harmless."""
+class UnknownTable(PermanentError):
+    """The change names a table without a cache map entry: waiting will not add one."""
+
+
+def invalidate_keys(keys: list[str] | set[str], *, table: str | None = None) -> int:
+    """Delete the keys; returns how many existed. Missing keys are no-ops, so duplicates and
+    replays are harmless."""
     if not keys:
-        return
-    removed = int(get_redis().delete(*keys))
-    log.info("cache_invalidated", keys=len(keys), removed=removed)
+        return 0
+    # UNLINK frees the values off Redis's main thread: a big cached list must not stall others.
+    removed = int(get_redis().unlink(*sorted(keys)))
+    log.info("cache_invalidated", table=table, keys=len(keys), removed=removed)
+    return removed
+
+
+@actor(queue_name="cache", max_retries=20)
+def invalidate(
+    uow: UnitOfWork,
+    keys: list[str] | None = None,
+    table: str | None = None,
+    rows: list[dict[str, Any]] | None = None,
+    changes: list[dict[str, Any]] | None = None,
+) -> None:
+    """Drop `keys`, and the keys that the changed `rows` of `table` feed (old and new versions,
+    as written by the outbox triggers; see db/cache_keys.py). `changes` is a list of such
+    (keys, table, rows) sets: the relay merges a batch of outbox rows into one message.
+
+    Never touches Postgres. A Redis outage fails the message, which is retried with backoff
+    (20 retries, reaching the maximum backoff), so the keys go once Redis is back.
+    """
+    wanted: set[str] = set()
+    tables: set[str] = set()
+    for change in [{"keys": keys, "table": table, "rows": rows}, *(changes or ())]:
+        wanted.update(change.get("keys") or ())
+        name = change.get("table")
+        if name is None:
+            continue
+        tables.add(name)
+        try:
+            wanted |= keys_for(name, change.get("rows") or ())
+        except UnknownCachedTable as exc:
+            log.error("cache_unknown_table", table=name)
+            raise UnknownTable(str(exc)) from None
+    invalidate_keys(wanted, table=",".join(sorted(tables)) or None)

@@ -1,1 +1,167 @@
-"""Actor family: emails (being built)."""
+"""E-mail actors: the welcome e-mail, sent once per user.
+
+Claim, send, record, in one transaction: the ``email_deliveries`` row (unique on kind, user)
+is inserted and locked before the send and marked after it, so a duplicate message waits on
+the lock and then finds the delivery recorded. The window left: the mail server accepted the
+message but the commit did not happen (worker killed, Postgres gone); the retry sends it once
+more.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formataddr
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from core.log import get_logger
+from core.mail import MailTransport, PermanentMailError, TemporaryMailError, open_mail
+from core.settings import Settings, get_settings
+from db.engine import UnitOfWork
+from workers.base import PermanentError, actor
+
+log = get_logger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parent / "templates" / "emails"
+DEFAULT_LANGUAGE = "en"
+WELCOME = "welcome"
+
+
+@dataclass(frozen=True)
+class Recipient:
+    user_id: uuid.UUID
+    email: str
+    name: str
+    language: str | None
+
+
+@cache
+def _environment(autoescape: bool) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=autoescape,  # HTML bodies escape user-controlled names; text bodies must not
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+
+
+def template_language(kind: str, language: str | None) -> str:
+    """The user's language if there are templates for it ('tr-TR', 'tr_TR' -> 'tr'), else en."""
+    if language:
+        base = language.strip().replace("_", "-").split("-")[0].lower()
+        if base and base.isalpha() and (TEMPLATES / kind / base).is_dir():
+            return base
+    return DEFAULT_LANGUAGE
+
+
+def render(kind: str, recipient: Recipient, *, settings: Settings | None = None) -> EmailMessage:
+    """A multipart/alternative message (text + HTML) in the recipient's language."""
+    settings = settings or get_settings()
+    lang = template_language(kind, recipient.language)
+    context = {"name": recipient.name, "email": recipient.email}
+    text_env, html_env = _environment(False), _environment(True)
+    subject = text_env.get_template(f"{kind}/{lang}/subject.txt").render(context).strip()
+    message = EmailMessage()
+    message["Subject"] = subject
+    message["From"] = settings.mail_from
+    message["To"] = formataddr((recipient.name, recipient.email))
+    message["Content-Language"] = lang
+    message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies, please
+    message.set_content(text_env.get_template(f"{kind}/{lang}/body.txt").render(context))
+    message.add_alternative(
+        html_env.get_template(f"{kind}/{lang}/body.html").render(context), subtype="html"
+    )
+    return message
+
+
+def deliver_welcome(
+    uow: UnitOfWork,
+    user_id: str,
+    *,
+    transport: MailTransport | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """Send the welcome e-mail unless it was already sent; returns the outcome
+    (sent, duplicate, skipped, failed, missing). Raises TemporaryMailError to be retried."""
+    try:
+        uid = uuid.UUID(str(user_id))
+    except ValueError:
+        log.error("welcome_email_bad_user_id", user_id=str(user_id)[:64])
+        raise PermanentError(f"not a user id: {str(user_id)[:64]!r}") from None
+    user = uow.sql(
+        "SELECT id, email, full_name, username, language, deleted_at FROM users WHERE id = %(id)s",
+        {"id": uid},
+    ).fetchone()
+    if user is None:
+        # erased before we got here (or never committed): nobody to welcome
+        log.info("welcome_email_skipped", user_id=str(uid), reason="missing_user")
+        return "missing"
+    # The claim: a duplicate message blocks on this row (the insert, then FOR UPDATE) until the
+    # first one commits, then sees its final status.
+    uow.sql(
+        "INSERT INTO email_deliveries (kind, user_id) VALUES (%(kind)s, %(id)s) "
+        "ON CONFLICT (kind, user_id) DO NOTHING",
+        {"kind": WELCOME, "id": uid},
+    )
+    claim: Any = uow.sql(
+        "SELECT status FROM email_deliveries WHERE kind = %(kind)s AND user_id = %(id)s FOR UPDATE",
+        {"kind": WELCOME, "id": uid},
+    ).fetchone()
+    status = claim[0]
+    if status != "claimed":
+        log.info("welcome_email_duplicate", user_id=str(uid), status=status)
+        return "duplicate"
+    if user.deleted_at is not None or not (user.email or "").strip():
+        reason = "deleted" if user.deleted_at is not None else "no_email"
+        _record(uow, uid, "skipped", error=reason)
+        log.info("welcome_email_skipped", user_id=str(uid), reason=reason)
+        return "skipped"
+    recipient = Recipient(
+        user_id=uid,
+        email=user.email.strip(),
+        name=(user.full_name or "").strip() or user.username or user.email.split("@")[0],
+        language=user.language,
+    )
+    message = render(WELCOME, recipient, settings=settings)
+    transport = transport or open_mail(settings=settings)
+    try:
+        provider_id = transport.send(message)
+    except PermanentMailError as exc:
+        # 5xx / rejected: retrying would bounce again. Recorded, so it is visible and final.
+        _record(uow, uid, "failed", error=str(exc)[:500])
+        log.error("welcome_email_failed", user_id=str(uid), error=str(exc)[:200])
+        return "failed"
+    except TemporaryMailError as exc:
+        # the claim rolls back with the transaction; the retry (with backoff) claims again
+        log.warning("welcome_email_deferred", user_id=str(uid), error=str(exc)[:200])
+        raise
+    _record(uow, uid, "sent", provider_id=provider_id)
+    log.info("welcome_email_sent", user_id=str(uid), language=message["Content-Language"])
+    return "sent"
+
+
+def _record(
+    uow: UnitOfWork,
+    uid: uuid.UUID,
+    status: str,
+    *,
+    provider_id: str | None = None,
+    error: str | None = None,
+) -> None:
+    uow.sql(
+        "UPDATE email_deliveries SET status = %(status)s, provider_message_id = %(pid)s, "
+        "error = %(error)s, sent_at = CASE WHEN %(status)s = 'sent' THEN now() END "
+        "WHERE kind = %(kind)s AND user_id = %(id)s",
+        {"status": status, "pid": provider_id, "error": error, "kind": WELCOME, "id": uid},
+    )
+
+
+@actor(queue_name="emails", max_retries=12)
+def send_welcome_email(uow: UnitOfWork, user_id: str) -> None:
+    """Welcome a new user (enqueued by the users insert trigger through the outbox)."""
+    deliver_welcome(uow, user_id)

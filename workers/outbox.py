@@ -16,6 +16,8 @@ from typing import Any
 
 import dramatiq
 import psycopg
+import redis
+import sqlalchemy.exc
 from sqlalchemy import text
 
 from core.log import get_logger
@@ -46,13 +48,25 @@ _CLAIM = text("""
     LIMIT :batch
     FOR UPDATE SKIP LOCKED
 """)
+# A dispatched cache row's payload (key columns: e-mail addresses, usernames) is no longer
+# needed, the message carries it; it is emptied rather than kept until the prune, so personal
+# data does not linger in the outbox after, say, a GDPR erase.
 _MARK = text("""
-    UPDATE outbox SET dispatched_at = now(), message_id = data.message_id, last_error = data.error
+    UPDATE outbox SET dispatched_at = now(), message_id = data.message_id, last_error = data.error,
+           kwargs = CASE WHEN outbox.actor = ANY(CAST(:scrub AS text[])) AND data.error IS NULL
+                         THEN '{}'::jsonb ELSE outbox.kwargs END
     FROM (SELECT unnest(CAST(:ids AS bigint[])) AS id,
                  unnest(CAST(:mids AS text[])) AS message_id,
                  unnest(CAST(:errors AS text[])) AS error) AS data
     WHERE outbox.id = data.id
 """)
+
+
+# Actors whose outbox rows the relay merges, per batch, into one message carrying every row's
+# kwargs as ``changes=[…]``: idempotent and order-free (a cache delete), and frequent (one row
+# per committed change), so one message per row would make the worker the bottleneck at a
+# thousand commits a second. The merged message's id derives from its first row's id.
+COALESCED_ACTORS = frozenset({"invalidate"})
 
 
 def relay_batch(
@@ -65,21 +79,25 @@ def relay_batch(
         rows = session.execute(_CLAIM, {"batch": batch}).all()
         if not rows:
             return stats
-        ids: list[int] = []
-        mids: list[str | None] = []
-        errors: list[str | None] = []
+        marks: dict[int, tuple[str | None, str | None]] = {}
+        merged: dict[tuple[str, str | None], list[Any]] = {}
         for row in rows:
-            ids.append(row.id)
+            if row.actor in COALESCED_ACTORS and not row.args:
+                group = merged.setdefault((row.actor, row.queue_name), [])
+                group.append(row)
+                if len(group) > 1:
+                    continue  # sent with the group's first row, below
             try:
                 actor = broker.get_actor(row.actor)
             except dramatiq.errors.ActorNotFound:
                 # Not retried: no deploy of this relay will learn the actor by waiting. The row
                 # stays in the table with its error, visible to operators.
                 log.error("outbox_unknown_actor", outbox_id=row.id, actor=row.actor)
-                mids.append(None)
-                errors.append(f"unknown actor {row.actor!r}")
+                marks[row.id] = (None, f"unknown actor {row.actor!r}")
                 stats.rejected += 1
                 continue
+            if row.actor in COALESCED_ACTORS and not row.args:
+                continue  # the whole group is known only after the loop
             message = actor.message_with_options(
                 args=tuple(row.args or ()),
                 kwargs=row.kwargs or {},
@@ -89,10 +107,35 @@ def relay_batch(
                 message_id=message_id_for(row.id), queue_name=row.queue_name or actor.queue_name
             )
             broker.enqueue(message)
-            mids.append(message.message_id)
-            errors.append(None)
+            marks[row.id] = (message.message_id, None)
             stats.sent += 1
-        session.execute(_MARK, {"ids": ids, "mids": mids, "errors": errors})
+        for (actor_name, queue_name), group in merged.items():
+            if group[0].id in marks:  # rejected: unknown actor
+                for row in group[1:]:
+                    marks[row.id] = marks[group[0].id]
+                    stats.rejected += 1
+                continue
+            actor = broker.get_actor(actor_name)
+            message = actor.message_with_options(
+                kwargs={"changes": [row.kwargs or {} for row in group]}, outbox_id=group[0].id
+            )
+            message = message.copy(
+                message_id=message_id_for(group[0].id), queue_name=queue_name or actor.queue_name
+            )
+            broker.enqueue(message)
+            for row in group:
+                marks[row.id] = (message.message_id, None)
+            stats.sent += len(group)
+        ids = list(marks)
+        session.execute(
+            _MARK,
+            {
+                "ids": ids,
+                "mids": [marks[i][0] for i in ids],
+                "errors": [marks[i][1] for i in ids],
+                "scrub": sorted(COALESCED_ACTORS),
+            },
+        )
     if stats.sent or stats.rejected:
         log.info("outbox_relayed", sent=stats.sent, rejected=stats.rejected)
     return stats
@@ -114,13 +157,14 @@ class Relay:
         self.settings = settings
         self.broker = broker
         self.stopping = threading.Event()
+        self._backoff = 0.5
 
     def stop(self) -> None:
         self.stopping.set()
 
     def run(self) -> None:
         assert self.settings.database_url
-        backoff = 0.5
+        self._backoff = 0.5
         log.info(
             "relay_started", poll_s=self.settings.relay_poll_s, batch=self.settings.relay_batch
         )
@@ -130,18 +174,27 @@ class Relay:
                     libpq_url(self.settings.database_url), autocommit=True
                 ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    backoff = 0.5
                     self._loop(conn)
-            except (psycopg.OperationalError, OSError) as exc:
-                # Postgres restarting or unreachable: rows wait in the table, nothing is lost.
-                log.warning("relay_connection_lost", error=str(exc).strip(), retry_in_s=backoff)
-                self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+            except (psycopg.OperationalError, sqlalchemy.exc.OperationalError, OSError) as exc:
+                # Postgres restarting or unreachable (on the LISTEN connection or, wrapped by
+                # SQLAlchemy, in a drain): rows wait in the table, nothing is lost.
+                self._wait("relay_connection_lost", exc)
+            except (redis.RedisError, dramatiq.errors.BrokerConnectionError) as exc:
+                # The broker is away: the batch being enqueued rolled back (its rows stay
+                # pending; any message already enqueued from it is the one duplicate the
+                # actors tolerate). Wait and catch up from the table, do not exit.
+                self._wait("relay_broker_unavailable", exc)
         log.info("relay_stopped")
+
+    def _wait(self, event: str, exc: BaseException) -> None:
+        log.warning(event, error=str(exc).strip(), retry_in_s=self._backoff)
+        self.stopping.wait(self._backoff)
+        self._backoff = min(self._backoff * 2, 30.0)
 
     def _loop(self, conn: psycopg.Connection[Any]) -> None:
         while not self.stopping.is_set():
             drain(self.broker, batch=self.settings.relay_batch, settings=self.settings)
+            self._backoff = 0.5  # a full drain worked: both stores are back
             deadline = time.monotonic() + self.settings.relay_poll_s
             while not self.stopping.is_set():
                 remaining = deadline - time.monotonic()
@@ -151,6 +204,27 @@ class Relay:
                 # connection raises here and run() reconnects.
                 if any(True for _ in conn.notifies(timeout=min(remaining, 0.5), stop_after=1)):
                     break
+
+
+_BACKLOG = text("""
+    SELECT count(*) AS pending,
+           extract(epoch FROM clock_timestamp() - min(created_at)) AS oldest_s
+    FROM outbox WHERE dispatched_at IS NULL
+""")
+
+
+def outbox_backlog(settings: Settings | None = None) -> tuple[int, float | None]:
+    """(pending rows, age in seconds of the oldest pending row or None), for /metrics.
+
+    Reads the partial index ``ix_outbox_pending`` only, so it stays cheap however large the
+    dispatched history is. A growing age with relays running means they cannot keep up (or
+    every relay is down): the alert to set.
+    """
+    db = get_database(settings)
+    with db.sessions() as session:
+        row = session.execute(_BACKLOG).one()
+    oldest = None if row.oldest_s is None else max(float(row.oldest_s), 0.0)
+    return int(row.pending), oldest
 
 
 def prune_dispatched(uow: UnitOfWork, *, older_than_hours: int) -> int:

@@ -1,0 +1,258 @@
+"""Cache invalidation: a committed change removes every key the declarative map derives from
+it, through the real path (trigger -> outbox -> relay -> dramatiq worker -> Redis)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+
+import workers.actors  # noqa: F401  (the relay must know every actor the triggers name)
+from core.proc import free_port, wait_until
+from core.settings import reset_settings_cache
+from db.cache_keys import (
+    CACHE_MAP,
+    UnknownCachedTable,
+    keys_for,
+    moment_key,
+    trigger_ddl,
+    user_email_key,
+    user_key,
+    user_username_key,
+)
+from db.embedded import EmbeddedValkey
+from tests.test_outbox_relay import running_relay
+from workers.broker import broker
+from workers.cache import UnknownTable, invalidate
+
+# --- the map ------------------------------------------------------------------------------------
+
+
+def test_keys_for_old_and_new_rows_skip_null_columns() -> None:
+    rows: list[dict[str, str | None]] = [
+        {"id": "u1", "email": "old@example.com", "username": "ayse"},
+        {"id": "u1", "email": "new@example.com", "username": None},
+    ]
+    assert keys_for("users", rows) == {
+        "user:u1",
+        "user:email:old@example.com",
+        "user:email:new@example.com",
+        "user:username:ayse",
+    }
+
+
+def test_every_seed_key_pattern_is_declared() -> None:
+    templates = {t for entry in CACHE_MAP.values() for t in entry.keys}
+    assert {
+        "moment:{id}",
+        "user:{id}",
+        "user:email:{email}",
+        "user:username:{username}",
+        "event:{id}",
+        "events:upcoming",
+        "event:rsvps:{event_id}",
+        "event:{id}:metrics",
+        "matches:recent:{user_id_1}",
+        "matches:recent:{user_id_2}",
+        "match:{match_id}",
+    } <= templates
+    assert CACHE_MAP["moments"].ttl_s == 300
+    assert CACHE_MAP["matches"].columns == ("match_id", "user_id_1", "user_id_2")
+    assert keys_for("matches", [{"match_id": "m", "user_id_1": "a", "user_id_2": "b"}]) == {
+        "match:m",
+        "matches:recent:a",
+        "matches:recent:b",
+    }
+
+
+def test_unknown_table_is_a_clear_permanent_error() -> None:
+    with pytest.raises(UnknownCachedTable, match="no cache keys declared for table 'nope'"):
+        keys_for("nope", [{"id": 1}])
+    with pytest.raises(UnknownTable):
+        invalidate.fn(table="nope", rows=[{"id": 1}])
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def new_user(sql: Any, email: str, username: str | None = None) -> str:
+    row = sql.execute(
+        "INSERT INTO users (email, username) VALUES (%s, %s) RETURNING id", (email, username)
+    ).fetchone()
+    return str(row[0])
+
+
+def new_moment(sql: Any, owner: str) -> str:
+    row = sql.execute(
+        "INSERT INTO moments (user_id, title, category, location, date, status) "
+        "VALUES (%s, 'Picnic', 'outdoors', 'Maçka', now(), 'draft') RETURNING id",
+        (owner,),
+    ).fetchone()
+    return str(row[0])
+
+
+def gone(r: Any, *keys: str) -> bool:
+    return int(r.exists(*keys)) == 0
+
+
+def test_commits_drop_exactly_the_affected_keys(sql, redis_client, inproc_worker) -> None:
+    uid = new_user(sql, "old@example.com", "ayse")
+    mid = new_moment(sql, uid)
+    other = new_moment(sql, uid)
+    with running_relay(sql, poll_s=3600):  # only NOTIFY can make this fast
+        # wait for the inserts' own invalidations, then cache the current values
+        assert wait_until(lambda: _pending(sql) == 0, timeout=20)
+        broker.join("cache", timeout=20_000)
+        cached = {
+            moment_key(mid): "m",
+            moment_key(other): "o",
+            user_key(uid): "u",
+            user_email_key("old@example.com"): "u",
+            user_username_key("ayse"): "u",
+        }
+        for key, value in cached.items():
+            redis_client.setex(key, 300, value)
+        # When the app updates a moment, then changes the user's e-mail
+        sql.execute("UPDATE moments SET title = 'Picnic!' WHERE id = %s", (mid,))
+        assert wait_until(lambda: gone(redis_client, moment_key(mid)), timeout=20)
+        sql.execute("UPDATE users SET email = 'new@example.com' WHERE id = %s", (uid,))
+        # Then the user's keys go, including the old address's, and the username's
+        assert wait_until(
+            lambda: gone(
+                redis_client, user_key(uid), user_email_key("old@example.com"), "user:username:ayse"
+            ),
+            timeout=20,
+        )
+        # and the other moment's key stays (only affected keys are removed)
+        assert redis_client.get(moment_key(other)) == "o"
+        sql.execute("DELETE FROM moments WHERE id = %s", (other,))
+        assert wait_until(lambda: gone(redis_client, moment_key(other)), timeout=20)
+
+
+def test_other_seed_tables_get_the_same_triggers(sql, redis_client, inproc_worker) -> None:
+    # Given Pomi's events table with the triggers the map generates
+    sql.execute("CREATE TABLE events (id uuid PRIMARY KEY, user_id uuid, title text)")
+    sql.execute(trigger_ddl("events"))
+    sql.execute(
+        "INSERT INTO events VALUES ('00000000-0000-0000-0000-0000000000e1', NULL, 'Meetup')"
+    )
+    drain_and_join()
+    eid = "00000000-0000-0000-0000-0000000000e1"
+    for key in (f"event:{eid}", f"event:{eid}:metrics", "events:upcoming"):
+        redis_client.setex(key, 300, "x")
+    # When the event changes
+    sql.execute("UPDATE events SET title = 'Meetup (moved)' WHERE id = %s", (eid,))
+    drain_and_join()
+    # Then its details, its metrics and the upcoming list are gone
+    assert gone(redis_client, f"event:{eid}", f"event:{eid}:metrics", "events:upcoming")
+
+
+def test_relay_outage_catches_up_from_the_outbox(sql, redis_client, inproc_worker) -> None:
+    uid = new_user(sql, "x@example.com")
+    mids = [new_moment(sql, uid) for _ in range(20)]
+    drain_and_join()
+    for mid in mids:
+        redis_client.setex(moment_key(mid), 300, "stale-soon")
+    # While no relay runs, the app keeps committing
+    for mid in mids:
+        sql.execute("UPDATE moments SET title = 'changed' WHERE id = %s", (mid,))
+    assert _pending(sql) == 20
+    assert redis_client.exists(*[moment_key(m) for m in mids]) == 20
+    # When a relay starts, it catches up from the table (no NOTIFY was heard)
+    with running_relay(sql, poll_s=0.2):
+        assert wait_until(lambda: gone(redis_client, *[moment_key(m) for m in mids]), timeout=30)
+    assert _pending(sql) == 0
+
+
+@pytest.fixture
+def second_valkey(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EmbeddedValkey]:
+    """A cache Redis of its own (the broker stays on the session's), so a test can stop it."""
+    valkey = EmbeddedValkey(tmp_path, port=free_port())
+    valkey.start()
+    monkeypatch.setenv("REDIS_URL", valkey.url(0))
+    reset_settings_cache()
+    try:
+        yield valkey
+    finally:
+        reset_settings_cache()
+        valkey.stop()
+
+
+def test_redis_outage_is_retried_until_the_keys_are_gone(sql, inproc_worker, second_valkey) -> None:
+    import redis
+
+    cache = redis.Redis.from_url(second_valkey.url(0))
+    uid = new_user(sql, "y@example.com")
+    mid = new_moment(sql, uid)
+    drain_and_join()
+    cache.set(moment_key(mid), "stale")  # no TTL: only the invalidation can remove it
+    cache.set("control", "kept")  # proves the restart keeps data (AOF), so a gone key was deleted
+    # Given the cache Redis is down when the change is relayed
+    second_valkey.stop()
+    sql.execute("UPDATE moments SET title = 'new' WHERE id = %s", (mid,))
+    from workers.outbox import drain
+
+    drain(broker, batch=100)
+    # the message fails and is retried with backoff while Redis is away
+    assert wait_until(lambda: _retried(), timeout=20)
+    second_valkey.start()
+    broker.join("cache", timeout=30_000)
+    cache = redis.Redis.from_url(second_valkey.url(0))
+    assert cache.exists(moment_key(mid)) == 0
+    assert cache.get("control") == b"kept"
+
+
+def _retried() -> bool:
+    from dramatiq.brokers.redis import RedisBroker
+
+    assert isinstance(broker, RedisBroker)
+    # a retried message sits in the delay queue until its backoff elapses
+    return bool(broker.client.hlen("dramatiq:cache.DQ.msgs"))
+
+
+def drain_and_join() -> None:
+    from workers.outbox import drain
+
+    drain(broker, batch=500)
+    broker.join("cache", timeout=20_000)
+
+
+def _pending(sql: Any) -> int:
+    return int(sql.execute("SELECT count(*) FROM outbox WHERE dispatched_at IS NULL").fetchone()[0])
+
+
+def test_relay_merges_a_batch_of_cache_rows_into_one_message(sql, redis_client) -> None:
+    from dramatiq.brokers.redis import RedisBroker
+
+    from workers.outbox import drain, message_id_for
+
+    broker.flush_all()
+    uid = new_user(sql, "z@example.com")
+    mids = [new_moment(sql, uid) for _ in range(5)]
+    sql.execute("DELETE FROM outbox")
+    for mid in mids:
+        redis_client.set(moment_key(mid), "stale")
+        sql.execute("UPDATE moments SET title = 'changed' WHERE id = %s", (mid,))
+    first = sql.execute("SELECT min(id) FROM outbox").fetchone()[0]
+    # When one relay batch holds the five invalidation rows
+    assert drain(broker, batch=100) == 5
+    # Then one message carries them all, and every row is marked with its id
+    assert isinstance(broker, RedisBroker)
+    assert broker.client.hlen("dramatiq:cache.msgs") == 1
+    marked = {
+        (r[0], json.dumps(r[1])) for r in sql.execute("SELECT message_id, kwargs FROM outbox")
+    }
+    # (the dispatched rows' payloads are emptied: they held key columns such as e-mails)
+    assert marked == {(message_id_for(first), "{}")}
+    # and running it removes every key
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        broker.join("cache", timeout=20_000)
+    finally:
+        worker.stop()
+    assert gone(redis_client, *[moment_key(m) for m in mids])
