@@ -2,8 +2,330 @@
 
 from __future__ import annotations
 
+import getpass
+import json
+import sys
+from typing import Annotated, Any
+
 import typer
+
+from core.cli_common import cli_settings, fail, friendly_errors, require_services
 
 app = typer.Typer(help="Data-lifecycle pipelines: list, run, history.", no_args_is_help=True)
 archive_app = typer.Typer(help="Archived rows in object storage.", no_args_is_help=True)
 gdpr_app = typer.Typer(help="GDPR erase and export.", no_args_is_help=True)
+
+ByOpt = Annotated[str | None, typer.Option("--by", help="who is acting (default: cli:<os user>)")]
+
+
+def _by(by: str | None) -> str:
+    return by or f"cli:{getpass.getuser()}"
+
+
+def _require_postgres(settings: Any) -> None:
+    """Pipelines and archives need Postgres only (GDPR erase needs Redis too)."""
+    from db.engine import ServiceUnreachable, check_postgres
+
+    if settings.database_url is None:
+        raise ServiceUnreachable(
+            "DATABASE_URL is not set (or run `tidemill up` for embedded servers)"
+        )
+    check_postgres(settings.database_url)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+@app.command("list")
+@friendly_errors
+def list_command(
+    check: Annotated[
+        bool, typer.Option(help="also check tables, columns and filters against the database")
+    ] = True,
+) -> None:
+    """Every retention policy: table, action, age, schedule, batch size, storage class."""
+    from rich.table import Table
+
+    from pipelines.policies import PolicyError, check_against_database, load_policies
+
+    settings = cli_settings()
+    try:
+        policies = load_policies(settings)
+    except PolicyError as exc:
+        fail(str(exc))
+    problems: dict[str, str] = {}
+    if check:
+        _require_postgres(settings)
+        from pipelines.engine import connect
+
+        with connect(settings) as conn:
+            for p in policies:
+                try:
+                    check_against_database([p], conn)
+                except PolicyError as exc:
+                    problems[p.name] = str(exc)
+    table = Table()
+    for column in ("name", "action", "table", "age", "schedule", "batch", "storage"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("check", overflow="fold")
+    for p in policies:
+        age = (
+            f"{p.age_column} > {p.age.text}"
+            if p.action != "partitions"
+            else (f"{p.months_ahead} months ahead")
+        )
+        table.add_row(
+            p.name,
+            p.action,
+            p.table,
+            age,
+            f"{p.schedule} {p.timezone}",
+            str(p.batch_size),
+            f"{p.storage_class or '-'} {p.format if p.action == 'archive' else ''}".strip(),
+            problems.get(p.name, "ok" if check else "-"),
+        )
+    _console().print(table)
+    print(f"{len(policies)} pipeline(s)")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command("run")
+@friendly_errors
+def run_command(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="pipeline name (see `list`)")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the plan, change nothing")
+    ] = False,
+    batch_size: Annotated[
+        int | None, typer.Option(help="override the policy's batch size", min=1)
+    ] = None,
+) -> None:
+    """Run one pipeline now, with a progress bar; --dry-run prints what it would do."""
+    import dataclasses
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from core.storage import StorageError
+    from pipelines.engine import PipelineBusy, run_pipeline
+    from pipelines.policies import PolicyError, UnknownPipeline, get_policy
+
+    settings = cli_settings()
+    _require_postgres(settings)
+    try:
+        policy = get_policy(name, settings)
+    except (UnknownPipeline, PolicyError) as exc:
+        fail(str(exc))
+    if batch_size:
+        policy = dataclasses.replace(policy, batch_size=batch_size)
+    if policy.action == "erase-users":
+        require_services(settings, broker=False)  # erasing also removes Redis keys
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+        disable=dry_run or not sys.stderr.isatty(),
+        console=None,
+    ) as bar:
+        task = bar.add_task(name, total=None)
+
+        def progress(done: int, expected: int | None) -> None:
+            bar.update(task, completed=done, total=expected)
+
+        try:
+            result = run_pipeline(
+                name, settings=settings, dry_run=dry_run, progress=progress, policy=policy
+            )
+        except PipelineBusy as exc:
+            fail(str(exc), code=3)
+        except PolicyError as exc:
+            fail(str(exc))
+        except StorageError as exc:
+            fail(f"{name} failed, nothing of the failing batch was deleted: {exc}", code=1)
+        except Exception as exc:
+            fail(f"{name} failed: {type(exc).__name__}: {exc}", code=1)
+    plan = result.plan
+    lines = plan.lines() if hasattr(plan, "lines") else [str(line) for line in (plan or [])]
+    if dry_run:
+        print(f"dry run of {name} (run {result.run_id}): nothing changed")
+        for line in lines:
+            print(f"  {line}")
+        return
+    s = result.stats
+    print(
+        f"{name}: {result.status} (run {result.run_id}); rows {s.rows_affected} of "
+        f"{s.rows_scanned} scanned, {s.objects} object(s), {s.bytes_written} bytes, "
+        f"{s.batches} batch(es), longest transaction {s.max_txn_s:.3f}s"
+    )
+    if result.manifest_key:
+        print(f"manifest: {result.manifest_key}")
+
+
+@app.command("history")
+@friendly_errors
+def history_command(
+    pipeline: Annotated[str | None, typer.Option(help="only this pipeline")] = None,
+    limit: Annotated[int, typer.Option(help="newest N runs")] = 20,
+) -> None:
+    """Recent runs, newest first: status, counts, bytes, errors."""
+    from rich.table import Table
+
+    from pipelines.engine import history
+
+    settings = cli_settings()
+    _require_postgres(settings)
+    rows = history(settings=settings, pipeline=pipeline, limit=limit)
+    table = Table()
+    for column in ("id", "pipeline", "started", "took", "status", "rows", "objects", "bytes"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("error", overflow="fold")
+    for r in rows:
+        took = (
+            f"{(r['finished_at'] - r['started_at']).total_seconds():.1f}s"
+            if r["finished_at"]
+            else "-"
+        )
+        status = r["status"] + (" (dry run)" if r["dry_run"] else "")
+        table.add_row(
+            str(r["id"]),
+            r["pipeline"],
+            f"{r['started_at']:%Y-%m-%d %H:%M:%S}",
+            took,
+            status,
+            f"{r['rows_affected']}/{r['rows_scanned']}",
+            str(r["objects"]),
+            str(r["bytes_written"]),
+            (r["error"] or "")[:80],
+        )
+    _console().print(table)
+    print(f"{len(rows)} run(s)")
+
+
+@archive_app.command("list")
+@friendly_errors
+def archive_list(
+    table_name: Annotated[str | None, typer.Option("--table", help="only this table")] = None,
+    run: Annotated[int | None, typer.Option(help="only objects of this run")] = None,
+    limit: Annotated[int, typer.Option(help="newest N objects")] = 50,
+) -> None:
+    """Archived objects: key, rows, size, sha256, run."""
+    from rich.table import Table
+
+    from pipelines.engine import connect
+
+    settings = cli_settings()
+    _require_postgres(settings)
+    with connect(settings) as conn:
+        rows = conn.execute(
+            "SELECT key, table_name, rows, size_bytes, sha256, run_id FROM archive_objects "
+            "WHERE (%(t)s::text IS NULL OR table_name = %(t)s) "
+            "AND (%(r)s::bigint IS NULL OR run_id = %(r)s) ORDER BY id DESC LIMIT %(n)s",
+            {"t": table_name, "r": run, "n": limit},
+        ).fetchall()
+    table = Table()
+    for column in ("key", "table", "rows", "bytes", "sha256", "run"):
+        table.add_column(column, no_wrap=column != "key", overflow="fold")
+    for r in rows:
+        table.add_row(r[0], r[1], str(r[2]), str(r[3]), r[4][:12], str(r[5] or "-"))
+    _console().print(table)
+    print(f"{len(rows)} object(s)")
+
+
+@archive_app.command("restore")
+@friendly_errors
+def archive_restore(
+    keys: Annotated[
+        list[str] | None, typer.Argument(metavar="[KEY]...", help="archived object keys")
+    ] = None,
+    run: Annotated[int | None, typer.Option(help="every object of this pipeline run")] = None,
+    into: Annotated[
+        str | None, typer.Option(help="target table (default: the table it came from)")
+    ] = None,
+) -> None:
+    """Load archived rows back into a table; rows already present are skipped."""
+    from core.storage import StorageError
+    from pipelines.archive import ArchiveError, objects_of_run, restore_object
+    from pipelines.engine import connect
+
+    settings = cli_settings()
+    _require_postgres(settings)
+    wanted = list(keys or [])
+    if run is not None:
+        with connect(settings) as conn:
+            wanted += objects_of_run(conn, run)
+        if not wanted:
+            fail(f"run {run} archived no objects")
+    if not wanted:
+        fail("name at least one KEY or --run ID")
+    total = 0
+    for key in wanted:
+        try:
+            res = restore_object(key, into=into, settings=settings)
+        except FileNotFoundError:
+            fail(f"no archived object {key} in {settings.storage_url}")
+        except (ArchiveError, StorageError) as exc:
+            fail(str(exc), code=1)
+        total += res.rows_inserted
+        print(f"{key}: {res.rows_read} rows read, {res.rows_inserted} inserted into {res.table}")
+    print(f"restored {total} row(s) from {len(wanted)} object(s)")
+
+
+@gdpr_app.command("erase")
+@friendly_errors
+def gdpr_erase(
+    user_id: Annotated[str, typer.Argument(metavar="USER_ID", help="the user's UUID")],
+    request: Annotated[
+        bool,
+        typer.Option("--request", help="soft-delete the user now; erasable after the grace"),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the erase plan, change nothing")
+    ] = False,
+    by: ByOpt = None,
+) -> None:
+    """Hard-delete a user soft-deleted longer ago than the grace period (30 days)."""
+    from pipelines.gdpr import NotEligible, UserNotFound, erase, request_erasure
+
+    settings = cli_settings()
+    require_services(settings, broker=False)
+    try:
+        if request:
+            when = request_erasure(user_id, settings=settings)
+            print(f"erasure requested; the user can be erased from {when.isoformat()}")
+            return
+        result = erase(user_id, settings=settings, by=_by(by), dry_run=dry_run)
+    except (UserNotFound, NotEligible) as exc:
+        fail(str(exc))
+    if dry_run:
+        print("dry run: nothing changed; the erase would:")
+        for line in result.steps:
+            print(f"  {line}")
+        return
+    print(f"erased ({result.reference}); {result.redis_keys} Redis key(s) removed")
+    print(json.dumps(result.counts, indent=1, sort_keys=True))
+
+
+@gdpr_app.command("export")
+@friendly_errors
+def gdpr_export(
+    user_id: Annotated[str, typer.Argument(metavar="USER_ID", help="the user's UUID")],
+    by: ByOpt = None,
+) -> None:
+    """Write the user's data as JSON to object storage; prints its key."""
+    from core.storage import StorageError
+    from pipelines.gdpr import UserNotFound, export
+
+    settings = cli_settings()
+    _require_postgres(settings)
+    try:
+        result = export(user_id, settings=settings, by=_by(by))
+    except UserNotFound as exc:
+        fail(str(exc))
+    except StorageError as exc:
+        fail(str(exc), code=1)
+    print(f"{result.key} ({result.size} bytes, sha256 {result.sha256})")
