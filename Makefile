@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: up test pytest lint fmt bench install clean
+.PHONY: up test pytest lint fmt bench install clean browser
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tidemill needs Python 3.11 or newer")'
@@ -21,7 +21,15 @@ up: $(STAMP)
 
 test: lint pytest
 
-pytest: $(STAMP)
+# The browser test drives Debian's chromium through Playwright (never `playwright install`,
+# which downloads a browser build): install the distribution package when it is missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for tests/test_browser.py"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
+pytest: $(STAMP) browser
 	$(BIN)/pytest
 
 lint: $(STAMP)

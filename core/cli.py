@@ -80,10 +80,14 @@ def worker(
     ] = None,
 ) -> None:
     """Run dramatiq worker processes for every actor family."""
+    import os
+
+    settings = cli_settings()
+    # dramatiq reads its idle poll ceiling from the environment when first imported.
+    os.environ.setdefault("dramatiq_worker_timeout", str(settings.worker_poll_ms))
     from dramatiq.cli import main as dramatiq_main
     from dramatiq.cli import make_argument_parser
 
-    settings = cli_settings()
     require_services(settings)
     argv = [
         "workers.actors",
@@ -170,6 +174,12 @@ def migrate(
     settings = cli_settings()
     require_services(settings, broker=False)
     assert settings.database_url
+    if settings.backup_before_migrate and current(settings.database_url) is not None:
+        # Bilten / Pomi: a backup before every migration. No backup, no migration. (An empty
+        # database, revision None, has nothing to lose.)
+        from core.cli_backup import backup_before_migrate
+
+        backup_before_migrate(settings, revision)
     upgrade(settings.database_url, revision)
     print(f"database at revision {current(settings.database_url)}")
 

@@ -2,6 +2,53 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Annotated
+
 import typer
 
+from core.cli_common import fail
+
 app = typer.Typer(help="Operator dashboard accounts.", no_args_is_help=True)
+
+
+def _read_password(stdin: bool) -> str:
+    if stdin:
+        # one line from a pipe or secret manager; the newline is not part of the password
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 8:
+        fail("the password must be at least 8 characters")
+    return password
+
+
+@app.command("hash-password")
+def hash_password(
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password from standard input")
+    ] = False,
+) -> None:
+    """Print a scrypt hash for TIDEMILL_DASHBOARD_USERS (NAME:ROLE:HASH)."""
+    from web.auth import hash_password as make_hash
+
+    print(make_hash(_read_password(password_stdin)))
+
+
+@app.command("add-user")
+def add_user(
+    name: Annotated[str, typer.Argument(help="account name (no ':' or ',')")],
+    role: Annotated[str, typer.Option(help="viewer (read-only) or operator")] = "viewer",
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password from standard input")
+    ] = False,
+) -> None:
+    """Print one NAME:ROLE:HASH entry to append (comma-separated) to TIDEMILL_DASHBOARD_USERS."""
+    from web.auth import ROLES
+    from web.auth import hash_password as make_hash
+
+    if not name or any(c in name for c in ":, "):
+        fail(f"account name {name!r} must be non-empty without ':', ',' or spaces")
+    if role not in ROLES:
+        fail(f"role {role!r} must be one of: {', '.join(ROLES)}")
+    print(f"{name}:{role}:{make_hash(_read_password(password_stdin))}")

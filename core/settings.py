@@ -192,6 +192,14 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field("TIDEMILL_WORKER_THREADS", "worker_threads", "8", "threads per worker process", _pos_int),
     Field(
+        "TIDEMILL_WORKER_POLL_MS",
+        "worker_poll_ms",
+        "100",
+        "longest an idle worker sleeps between polls of its queues (dramatiq's worker timeout); "
+        "bounds the pickup delay of e.g. cache invalidations",
+        _pos_int,
+    ),
+    Field(
         "TIDEMILL_MAX_RETRIES",
         "max_retries",
         "10",
@@ -271,10 +279,224 @@ FIELDS: tuple[Field, ...] = (
         _pos_int,
     ),
     # ---- issue #4 settings: FIELDS ----
+    Field(
+        "PUSH_URL",
+        "push_url",
+        "",
+        "push transport: base URL of Expo's push API (https://exp.host) or log:// (dev: log "
+        "counts only); unset: log://",
+        _optional_url("http", "https", "log"),
+    ),
+    Field(
+        "PUSH_ACCESS_TOKEN",
+        "push_access_token",
+        "",
+        "Expo access token sent as a Bearer header (needed when push security is enabled)",
+        _str,
+    ),
+    Field(
+        "TIDEMILL_PUSH_RECEIPT_DELAY_S",
+        "push_receipt_delay_s",
+        "900",
+        "how long after sending a push its receipts are fetched (Expo: about 15 minutes)",
+        _float,
+    ),
+    Field(
+        "TIDEMILL_FANOUT_BATCH",
+        "fanout_batch",
+        "5000",
+        "recipients per fan-out insert (one keyset batch, one commit)",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_MAIL_TIMEOUT_S",
+        "mail_timeout_s",
+        "30",
+        "socket timeout of SMTP and SES calls",
+        _float,
+    ),
     # ---- issue #5 settings: FIELDS ----
+    Field(
+        "TIDEMILL_POLICY_FILE",
+        "policy_file",
+        "",
+        "retention policies (TOML); unset: the packaged pipelines/policies.toml",
+        _str,
+    ),
+    Field(
+        "TIDEMILL_PIPELINE_LOCK_TIMEOUT_MS",
+        "pipeline_lock_timeout_ms",
+        "2000",
+        "lock_timeout of each pipeline batch: a batch waits this long for a row lock, then "
+        "the run fails and retries later instead of queueing behind app writes",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_PIPELINE_STATEMENT_TIMEOUT_MS",
+        "pipeline_statement_timeout_ms",
+        "60000",
+        "statement_timeout of each pipeline batch (including its upload)",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_GDPR_GRACE_DAYS",
+        "gdpr_grace_days",
+        "30",
+        "days a soft-deleted user can still be restored before GDPR erase removes them",
+        _pos_int,
+    ),
     # ---- issue #6 settings: FIELDS ----
+    Field(
+        "TIDEMILL_SCHEDULER_LEADER_RETRY_S",
+        "scheduler_leader_retry_s",
+        "2",
+        "how often a standby scheduler tries the leader lock and the leader checks it still "
+        "holds it",
+        _float,
+    ),
+    Field(
+        "TIDEMILL_SCHEDULES_EXTRA",
+        "schedules_extra",
+        "",
+        "JSON list of extra schedules ({name, cron, actor, queue, timezone, kwargs, misfire, "
+        "misfire_grace_s}); cron may have a leading seconds field",
+        _str,
+    ),
     # ---- issue #7 settings: FIELDS ----
+    Field(
+        "TIDEMILL_BACKUP_BEFORE_MIGRATE",
+        "backup_before_migrate",
+        "false",
+        "true: `tidemill migrate` takes a logical backup first (refuses to migrate if it fails)",
+        lambda name, raw: (
+            _choice("true", "false", "1", "0", "yes", "no", "on", "off")(name, raw)
+            in {"true", "1", "yes", "on"}
+        ),
+    ),
+    Field(
+        "TIDEMILL_BACKUP_ZSTD_LEVEL",
+        "backup_zstd_level",
+        "1",
+        "zstd level for backups and archived WAL (1-19; 1 keeps up with pg_dump on 2 cores, "
+        "3 is ~10 % smaller and slower)",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_BACKUP_ZSTD_THREADS",
+        "backup_zstd_threads",
+        "0",
+        "zstd worker threads for logical backups; 0: one per CPU core",
+        _int,
+    ),
+    Field(
+        "TIDEMILL_BACKUP_FULL_RETENTION_DAYS",
+        "backup_full_retention_days",
+        "30",
+        "daily full backups (logical dumps and full base backups) are kept this many days",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_BACKUP_INCREMENTAL_RETENTION_DAYS",
+        "backup_incremental_retention_days",
+        "7",
+        "hourly incremental base backups are kept this many days",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_WAL_RETENTION_DAYS",
+        "wal_retention_days",
+        "7",
+        "archived WAL is kept this many days, and always as far back as the oldest kept base "
+        "backup needs",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_BACKUP_COLD_STORAGE_CLASS",
+        "backup_cold_storage_class",
+        "GLACIER",
+        "S3 storage class daily full dumps move to once the restore drill has had its day",
+        _str,
+    ),
+    Field(
+        "TIDEMILL_BACKUP_COLD_AFTER_DAYS",
+        "backup_cold_after_days",
+        "1",
+        "age in days after which `backup prune` moves full dumps to the cold storage class (s3)",
+        _int,
+    ),
+    Field(
+        "TIDEMILL_WAL_ARCHIVE",
+        "wal_archive",
+        "false",
+        "true: the embedded Postgres archives WAL through `tidemill wal push` (PITR)",
+        lambda name, raw: (
+            _choice("true", "false", "1", "0", "yes", "no", "on", "off")(name, raw)
+            in {"true", "1", "yes", "on"}
+        ),
+    ),
+    Field(
+        "TIDEMILL_ARCHIVE_TIMEOUT_S",
+        "archive_timeout_s",
+        "60",
+        "archive_timeout of the embedded Postgres: the longest a commit waits to reach the WAL "
+        "archive (the RPO; at most 900)",
+        _pos_int,
+    ),
     # ---- issue #8 settings: FIELDS ----
+    Field(
+        "TIDEMILL_DASHBOARD_USERS",
+        "dashboard_users",
+        "",
+        "dashboard accounts, comma-separated NAME:ROLE:HASH (ROLE viewer or operator, HASH from "
+        "`tidemill dashboard hash-password`); unset: nobody can sign in",
+        _str,
+    ),
+    Field(
+        "TIDEMILL_SESSION_SECRET",
+        "session_secret",
+        "",
+        "key that signs dashboard session cookies (give every web replica the same); "
+        "unset: a random key per process, so sessions end when it restarts",
+        _str,
+    ),
+    Field(
+        "TIDEMILL_SESSION_TTL_S",
+        "session_ttl_s",
+        "28800",
+        "how long a dashboard sign-in lasts",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_LOGIN_MAX_FAILURES",
+        "login_max_failures",
+        "5",
+        "failed sign-ins per account (and per client address) within TIDEMILL_LOGIN_WINDOW_S "
+        "before further attempts are refused",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_LOGIN_WINDOW_S",
+        "login_window_s",
+        "300",
+        "window of the sign-in rate limit",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_DASHBOARD_RPO_S",
+        "dashboard_rpo_s",
+        "900",
+        "recovery point objective the newest backup's age is compared against (dashboard and "
+        "/metrics)",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_METRICS_TOKEN",
+        "metrics_token",
+        "",
+        "bearer token /metrics requires (Prometheus `authorization: credentials`); unset: "
+        "/metrics is open, so keep it on an internal network",
+        _str,
+    ),
     Field(
         "LOG_LEVEL",
         "log_level",
@@ -302,6 +524,7 @@ class Settings:
     web_port: int
     worker_processes: int
     worker_threads: int
+    worker_poll_ms: int
     max_retries: int
     min_backoff_ms: int
     max_backoff_ms: int
@@ -316,10 +539,38 @@ class Settings:
     stripe_webhook_tolerance_s: int
     log_level: str
     # ---- issue #4 settings: Settings attributes ----
+    push_url: str | None
+    push_access_token: str | None
+    push_receipt_delay_s: float
+    fanout_batch: int
+    mail_timeout_s: float
     # ---- issue #5 settings: Settings attributes ----
+    policy_file: str | None
+    pipeline_lock_timeout_ms: int
+    pipeline_statement_timeout_ms: int
+    gdpr_grace_days: int
     # ---- issue #6 settings: Settings attributes ----
+    scheduler_leader_retry_s: float
+    schedules_extra: str | None
     # ---- issue #7 settings: Settings attributes ----
+    backup_before_migrate: bool
+    backup_zstd_level: int
+    backup_zstd_threads: int
+    backup_full_retention_days: int
+    backup_incremental_retention_days: int
+    wal_retention_days: int
+    backup_cold_storage_class: str
+    backup_cold_after_days: int
+    wal_archive: bool
+    archive_timeout_s: int
     # ---- issue #8 settings: Settings attributes ----
+    dashboard_users: str | None
+    session_secret: str | None
+    session_ttl_s: int
+    login_max_failures: int
+    login_window_s: int
+    dashboard_rpo_s: int
+    metrics_token: str | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -387,6 +638,10 @@ class Settings:
                 shown = redact_url(shown)
             if field.attr == "stripe_webhook_secrets":
                 shown = ", ".join(secret[:10] + "…" for secret in value)
+            if field.attr in {"session_secret", "metrics_token", "push_access_token"} and shown:
+                shown = "(set)"
+            if field.attr == "dashboard_users" and shown:  # name:role, never the hash
+                shown = ", ".join(":".join(e.split(":")[:2]) for e in shown.split(","))
             rows.append((field.env, shown))
         return rows
 

@@ -18,6 +18,7 @@ from sqlalchemy import (
     CheckConstraint,
     Date,
     DateTime,
+    Double,
     ForeignKey,
     Identity,
     Index,
@@ -181,7 +182,12 @@ class Conversation(Base):
 
 class Message(Base):
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_created_at_id", "created_at", "id"),)
+    # issue #5: monthly RANGE partitions on created_at (migration 0005); the partition key is
+    # part of the primary key, as Postgres requires of every unique index on such a table.
+    __table_args__ = (
+        Index("ix_messages_created_at_id", "created_at", "id"),
+        {"postgresql_partition_by": "RANGE (created_at)"},
+    )
 
     id: Mapped[uuid.UUID] = uuid_pk()
     conversation_id: Mapped[uuid.UUID] = mapped_column(
@@ -192,7 +198,7 @@ class Message(Base):
     type: Mapped[str] = mapped_column(server_default="text")
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata")
     read_at: Mapped[datetime | None]
-    created_at: Mapped[datetime] = now_col()
+    created_at: Mapped[datetime] = mapped_column(primary_key=True, server_default=func.now())
 
 
 class Review(Base):
@@ -212,7 +218,15 @@ class Review(Base):
 
 class Notification(Base):
     __tablename__ = "notifications"
-    __table_args__ = (Index("ix_notifications_created_at_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_notifications_created_at_id", "created_at", "id"),
+        # issue #4: fan-out dedup. created_at is part of the key because #5 partitions the
+        # table by it (a unique index must contain the partition key); the fan-out sets it
+        # from the subject, so a retry conflicts with the first insert.
+        Index("uq_notifications_dedup", "user_id", "dedup_key", "created_at", unique=True),
+        # issue #5: monthly RANGE partitions on created_at (migration 0005), see Message
+        {"postgresql_partition_by": "RANGE (created_at)"},
+    )
 
     id: Mapped[uuid.UUID] = uuid_pk()
     user_id: Mapped[uuid.UUID] = user_fk()
@@ -221,7 +235,8 @@ class Notification(Base):
     body: Mapped[str | None]
     data: Mapped[dict[str, Any] | None]
     read: Mapped[bool] = mapped_column(server_default=text("false"))
-    created_at: Mapped[datetime] = now_col()
+    created_at: Mapped[datetime] = mapped_column(primary_key=True, server_default=func.now())
+    dedup_key: Mapped[str | None]  # issue #4: "<kind>:<subject id>", see uq_notifications_dedup
 
 
 class Transaction(Base):
@@ -505,13 +520,17 @@ class PipelineRun(Base):
     error: Mapped[str | None]
     dry_run: Mapped[bool] = mapped_column(server_default=text("false"))
     progress: Mapped[dict[str, Any] | None]  # resume cursor after a crash
+    manifest_key: Mapped[str | None]  # issue #5: the run's archive manifest in object storage
 
 
 class ScheduleTick(Base):
     """Unique (schedule, tick): two schedulers firing the same tick insert one row."""
 
     __tablename__ = "schedule_ticks"
-    __table_args__ = (UniqueConstraint("schedule", "tick"),)
+    __table_args__ = (
+        UniqueConstraint("schedule", "tick"),
+        CheckConstraint("kind IN ('scheduled', 'manual', 'catch-up')", name="kind"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     schedule: Mapped[str]
@@ -519,6 +538,11 @@ class ScheduleTick(Base):
     fired_at: Mapped[datetime] = now_col()
     fired_by: Mapped[str | None]
     manual: Mapped[bool] = mapped_column(server_default=text("false"))
+    # issue #6: how the tick came about, how many cron ticks it stands for (a catch-up after
+    # downtime covers several) and the outbox row it wrote (for the last run's status).
+    kind: Mapped[str] = mapped_column(server_default="scheduled")
+    covers: Mapped[int] = mapped_column(Integer, server_default="1")
+    outbox_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class EmailDelivery(Base):
@@ -543,13 +567,150 @@ class EmailDelivery(Base):
 # ---- issue #4: outbox triggers, e-mail, fan-out, cache (follows, preferences, ...) ----
 
 
+class Follow(Base):
+    """Who follows whom: a new moment notifies its creator's followers.
+
+    The primary key leads with followee_id, so a creator's audience is one ordered index range
+    (the fan-out's keyset batches walk it without sorting)."""
+
+    __tablename__ = "follows"
+    __table_args__ = (CheckConstraint("follower_id <> followee_id", name="not_self"),)
+
+    followee_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    follower_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    created_at: Mapped[datetime] = now_col()
+
+
+class NotificationPreference(Base):
+    """Per user and notification kind; no row means the default (in-app and push on)."""
+
+    __tablename__ = "notification_preferences"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(primary_key=True)  # e.g. new_moment
+    enabled: Mapped[bool] = mapped_column(server_default=text("true"))
+    push: Mapped[bool] = mapped_column(server_default=text("true"))
+    updated_at: Mapped[datetime] = now_col()
+
+
 # ---- issue #5: lifecycle pipelines (partitions, archive manifests, ...) ----
 
 
+class ArchiveObject(Base):
+    """One archived batch, inserted in the transaction that deletes its rows: an object in
+    storage without a row here is an orphan of a killed run (its rows are still in Postgres)."""
+
+    __tablename__ = "archive_objects"
+    __table_args__ = (
+        UniqueConstraint("storage_url", "key"),
+        Index("ix_archive_objects_table_name_created_at", "table_name", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("pipeline_runs.id", ondelete="SET NULL"), index=True
+    )
+    pipeline: Mapped[str]
+    table_name: Mapped[str]
+    key: Mapped[str]
+    format: Mapped[str]
+    rows: Mapped[int] = mapped_column(BigInteger)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str]
+    first_key: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    last_key: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    storage_url: Mapped[str]
+    schema_version: Mapped[str | None]
+    created_at: Mapped[datetime] = now_col()
+
+
 # ---- issue #6: scheduler (schedule state: paused, misfires, leader) ----
+class ScheduleState(Base):
+    """Per schedule: paused or not (read by every replica at fire time) and misfire counters.
+
+    A row appears on the first pause, resume or misfire; no row means running, never missed.
+    """
+
+    __tablename__ = "schedule_state"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    paused: Mapped[bool] = mapped_column(server_default=text("false"))
+    changed_by: Mapped[str | None]  # who paused or resumed it last
+    changed_at: Mapped[datetime | None]
+    # Misfire plans were applied up to here: a restart does not count the same gap twice.
+    caught_up_to: Mapped[datetime | None]
+    missed_ticks: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    skipped_ticks: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    last_misfire_at: Mapped[datetime | None]
 
 
 # ---- issue #7: backups and restore drills ----
 
 
+class Backup(Base):
+    """One backup: a row is 'complete' only after its manifest (written last) is stored."""
+
+    __tablename__ = "backups"
+    __table_args__ = (
+        CheckConstraint("kind IN ('full', 'base', 'incremental')", name="kind"),
+        CheckConstraint("status IN ('running', 'complete', 'failed', 'expired')", name="status"),
+        Index("ix_backups_kind_started_at", "kind", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    kind: Mapped[str]
+    status: Mapped[str] = mapped_column(server_default="running")
+    started_at: Mapped[datetime] = now_col()
+    finished_at: Mapped[datetime | None]
+    key: Mapped[str]
+    manifest_key: Mapped[str | None]
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None]
+    verified_at: Mapped[datetime | None]
+    storage_url: Mapped[str]
+    error: Mapped[str | None]
+    # An incremental base backup is relative to this full base backup (restore needs both).
+    parent_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("backups.id", ondelete="SET NULL")
+    )
+    storage_class: Mapped[str | None]
+    # The moment the backed-up data reflects (dump snapshot / base backup end): the drill's RPO.
+    data_at: Mapped[datetime | None]
+    # First WAL segment a physical backup needs: WAL before it may be pruned.
+    wal_start: Mapped[str | None]
+
+
+class BackupDrill(Base):
+    __tablename__ = "backup_drills"
+    __table_args__ = (
+        CheckConstraint("status IN ('running', 'passed', 'failed')", name="status"),
+        Index("ix_backup_drills_started_at", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    backup_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("backups.id", ondelete="SET NULL"), index=True
+    )
+    started_at: Mapped[datetime] = now_col()
+    finished_at: Mapped[datetime | None]
+    status: Mapped[str] = mapped_column(server_default="running")
+    restore_seconds: Mapped[float | None] = mapped_column(Double)  # measured RTO
+    # RPO: how old the restored data was when the drill ran
+    data_age_seconds: Mapped[float | None] = mapped_column(Double)
+    tables_checked: Mapped[int | None]
+    mismatches: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None]
+
+
 # ---- issue #8: dashboard (accounts, login attempts, ...) ----
+# Accounts come from settings and sign-in attempts are counted in Redis; every dashboard action
+# is a row in audit_logs. What the dashboard needs from Postgres is bounded reads: the newest
+# webhook events and pipeline runs whatever their status, so an index leads with the time.
+Index("ix_webhook_events_received_at_id", WebhookEvent.received_at, WebhookEvent.id)
+Index("ix_pipeline_runs_started_at_id", PipelineRun.started_at, PipelineRun.id)

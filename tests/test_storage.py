@@ -119,3 +119,20 @@ def test_file_listing_skips_uploads_in_progress(tmp_path: Path) -> None:
     (tmp_path / "a" / ".x.tmp-123").write_bytes(b"partial")
     storage.put_bytes("a/y", b"1")
     assert [o.key for o in storage.list()] == ["a/y"]
+
+
+def test_set_storage_class(storage: Storage) -> None:
+    storage.put_bytes("cold/y", b"payload")
+    storage.set_storage_class("cold/y", "GLACIER")
+    assert storage.stat("cold/y").size == 7
+    with pytest.raises(FileNotFoundError):
+        storage.set_storage_class("cold/missing", "GLACIER")
+
+
+def test_set_storage_class_moves_an_s3_object(s3_url: str, moto_server: str) -> None:
+    storage = open_storage(s3_url)
+    storage.put_bytes("cold/z", b"payload")
+    storage.set_storage_class("cold/z", "GLACIER")
+    bucket, prefix = s3_url.split("/")[2], s3_url.split("/")[3]
+    head = s3_client(moto_server).head_object(Bucket=bucket, Key=f"{prefix}/cold/z")
+    assert head["StorageClass"] == "GLACIER"

@@ -25,6 +25,7 @@ from dramatiq.middleware import (
 from core.log import configure_logging
 from core.settings import Settings, SettingsError, get_settings, redact_url
 from workers.middleware import FreezeImports, LogContext, UnitOfWorkMiddleware
+from workers.stats import Stats
 
 
 def _prometheus(settings: Settings) -> Middleware:
@@ -91,6 +92,7 @@ def middleware(settings: Settings, *, metrics: bool = True) -> list[Middleware]:
         ),
         UnitOfWorkMiddleware(),
         FreezeImports(),
+        Stats(),
     ]
     if metrics:
         stack.insert(1, _prometheus(settings))

@@ -1,0 +1,166 @@
+"""The dashboard in a real browser: Debian's headless Chromium driven by Playwright, against a
+real uvicorn server, real Postgres and Valkey, and a real dramatiq worker.
+
+An operator signs in, sees a dead letter, retries it and sees it processed; a viewer's retry is
+refused. Every page's screenshot is saved under test-artifacts/screenshots/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import dashboard as support
+from tests.support.dashboard import (
+    DASH_QUEUE,
+    OPERATOR,
+    VIEWER,
+    dead_letter,
+    flaky_until_released,
+    processed_rows,
+    wait_for,
+)
+from web.dashboard.views import REFRESH_S
+
+dash_settings = support.dash_settings
+dash_url = support.dash_url
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+XQ = f"dramatiq:{DASH_QUEUE}.XQ"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.fail("Debian's chromium is not installed: `make test` installs it (apt-get)")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=executable, headless=True, args=["--no-sandbox"]
+        )
+        yield browser
+        browser.close()
+
+
+def shot(page: Any, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def sign_in(page: Any, base: str, user: tuple[str, str]) -> None:
+    page.goto(f"{base}/dashboard")
+    assert "/dashboard/login" in page.url  # nothing without credentials
+    page.fill("#username", user[0])
+    page.fill("#password", user[1])
+    page.click("#sign-in")
+    page.wait_for_url(f"{base}/dashboard")
+    assert f"{user[0]} (" in page.inner_text("header")
+
+
+def test_operator_retries_a_dead_letter_and_sees_it_processed(
+    chromium: Any, dash_url: str, inproc_worker: Any, redis_client: Any, sql: Any
+) -> None:
+    # Given a message that failed for good in a real worker
+    flaky_until_released.send("browser-1", email="maria.lopez@example.com")
+    assert wait_for(lambda: redis_client.zcard(XQ) == 1)
+
+    context = chromium.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.goto(f"{dash_url}/dashboard/login")
+    shot(page, "01-login")
+    sign_in(page, dash_url, OPERATOR)
+    assert page.inner_text("#total-dead") == "1"
+    shot(page, "02-overview")
+
+    # When the operator opens the queues page, the dead letter is there, e-mail masked
+    page.click("text=Queues")
+    row = page.locator("tr.dead-letter")
+    assert row.count() == 1
+    assert "flaky_until_released" in row.inner_text()
+    assert "m***@example.com" in row.inner_text()
+    assert "maria.lopez" not in page.content()
+    assert "PermanentError" in row.inner_text()
+    shot(page, "03-queues-dead-letter")
+
+    # and, the cause fixed, retries it
+    redis_client.set("release:browser-1", "1")
+    row.locator("button.retry-one").click()
+    page.wait_for_selector("#flash")
+    assert "Retried 1" in page.inner_text("#flash")
+
+    # Then a real worker processes it and the dashboard shows no dead letter left
+    assert wait_for(lambda: processed_rows(sql, "browser-1") == 1)
+    page.goto(f"{dash_url}/dashboard/queues")
+    assert page.locator("#no-dead-letters").count() == 1
+    shot(page, "04-queues-after-retry")
+    page.goto(f"{dash_url}/dashboard")
+    assert page.inner_text("#total-dead") == "0"
+    assert page.locator("#throughput-chart rect").count() >= 1  # the attempts are charted
+
+    for name, path in (
+        ("05-schedules", "/dashboard/schedules"),
+        ("06-pipelines", "/dashboard/pipelines"),
+        ("07-backups", "/dashboard/backups"),
+        ("08-webhooks", "/dashboard/webhooks"),
+        ("09-audit", "/dashboard/audit"),
+    ):
+        page.goto(f"{dash_url}{path}")
+        assert page.locator("main h1").count() == 1, path
+        shot(page, name)
+    assert "dashboard.dead_letter.retry" in page.inner_text("#audit")
+    assert OPERATOR[0] in page.inner_text("#audit")
+    context.close()
+
+
+def test_a_viewers_retry_is_refused(
+    chromium: Any, dash_url: str, inproc_worker: Any, redis_client: Any, sql: Any
+) -> None:
+    flaky_until_released.send("browser-2")
+    assert wait_for(lambda: redis_client.zcard(XQ) == 1)
+    [rid] = redis_client.zrange(XQ, 0, -1)
+    redis_client.set("release:browser-2", "1")
+
+    context = chromium.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    sign_in(page, dash_url, VIEWER)
+    # the overview refreshes itself: a letter that dies now shows up without a reload
+    assert page.inner_text("#total-dead") == "1"
+    page.evaluate("window.__not_reloaded = true")
+    dead_letter("flaky_until_released", "browser-3")
+    assert wait_for(lambda: page.inner_text("#total-dead") == "2", timeout=REFRESH_S * 2)
+    assert page.evaluate("window.__not_reloaded") is True  # swapped in place, not reloaded
+    page.goto(f"{dash_url}/dashboard/queues")
+    assert page.locator("tr.dead-letter").count() == 2
+    assert page.locator("button.retry-one").count() == 0  # a viewer gets no buttons
+    shot(page, "10-viewer-queues")
+
+    # A viewer who crafts the retry form anyway (with a valid CSRF token) is refused
+    page.evaluate(
+        """([queue, id]) => {
+            const form = document.createElement("form");
+            form.method = "post";
+            form.action = "/dashboard/dead/retry";
+            const csrf = document.querySelector("input[name=csrf]").value;
+            for (const [name, value] of Object.entries({csrf, queue, id})) {
+                const input = document.createElement("input");
+                input.type = "hidden"; input.name = name; input.value = value;
+                form.appendChild(input);
+            }
+            document.body.appendChild(form);
+            form.submit();
+        }""",
+        [DASH_QUEUE, rid],
+    )
+    page.wait_for_selector("#refused")
+    assert "viewer role cannot" in page.inner_text("#refused")
+    shot(page, "11-viewer-refused")
+    assert rid in redis_client.zrange(XQ, 0, -1)
+    assert processed_rows(sql, "browser-2") == 0
+    context.close()

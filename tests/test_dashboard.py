@@ -1,0 +1,718 @@
+"""The operator dashboard over real HTTP (uvicorn in a thread), real Postgres and Valkey, dead
+letters made by dramatiq's own broker commands or by a real worker."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from core.settings import Settings, SettingsError
+from tests.support import dashboard as support
+from tests.support.dashboard import (
+    DASH_QUEUE,
+    DASH_QUEUE_2,
+    OPERATOR,
+    VIEWER,
+    audit_rows,
+    csrf_of,
+    dashboard_env,
+    dead_letter,
+    flaky_until_released,
+    page_csrf,
+    processed_rows,
+    sign_in,
+    wait_for,
+)
+from web.auth import LoginLimiter, SessionSigner, hash_password, load_accounts, verify_password
+from workers.stats import dead_errors_keys
+
+# fixtures from the support module
+dash_settings = support.dash_settings
+dash_url = support.dash_url
+
+PAGES = (
+    "/dashboard",
+    "/dashboard/queues",
+    "/dashboard/schedules",
+    "/dashboard/pipelines",
+    "/dashboard/backups",
+    "/dashboard/webhooks",
+    "/dashboard/audit",
+)
+XQ = f"dramatiq:{DASH_QUEUE}.XQ"
+
+
+def dead_ids(redis_client: Any, queue: str = DASH_QUEUE) -> list[str]:
+    return list(redis_client.zrange(f"dramatiq:{queue}.XQ", 0, -1))
+
+
+# --- access -------------------------------------------------------------------------------------
+
+
+def test_nothing_is_shown_without_signing_in(dash_url: str, redis_client: Any) -> None:
+    dead_letter("flaky_until_released", "k1")
+    with httpx.Client(base_url=dash_url, timeout=30) as anon:
+        for path in PAGES:
+            resp = anon.get(path)
+            assert resp.status_code == 303, path
+            assert resp.headers["location"].startswith("/dashboard/login?next="), path
+        resp = anon.post("/dashboard/dead/delete", data={"queue": DASH_QUEUE, "id": "x"})
+        assert resp.status_code == 401
+    assert len(dead_ids(redis_client)) == 1
+
+
+def test_every_page_renders_for_a_viewer(dash_url: str) -> None:
+    with sign_in(dash_url, VIEWER) as viewer:
+        for path in PAGES:
+            resp = viewer.get(path)
+            assert resp.status_code == 200, (path, resp.text[:500])
+            assert "victor (viewer)" in resp.text
+            assert resp.headers["cache-control"] == "no-store"
+
+
+def test_wrong_password_is_refused_logged_and_audited(dash_url: str, sql: Any, caplog) -> None:
+    with httpx.Client(base_url=dash_url, timeout=30) as client:
+        page = client.get("/dashboard/login")
+        resp = client.post(
+            "/dashboard/login",
+            data={"username": OPERATOR[0], "password": "nope", "csrf": csrf_of(page.text)},
+        )
+        assert resp.status_code == 401
+        assert "Wrong name or password" in resp.text
+        assert client.get("/dashboard").status_code == 303  # still signed out
+    rows = audit_rows(sql, "dashboard.login_failed")
+    assert [(r[0], r[4]["known_account"]) for r in rows] == [(OPERATOR[0], True)]
+    assert "nope" not in caplog.text
+
+
+def test_sign_in_is_rate_limited_per_account(dash_url: str, dash_settings: Settings) -> None:
+    with httpx.Client(base_url=dash_url, timeout=30) as client:
+        token = csrf_of(client.get("/dashboard/login").text)
+        for _ in range(dash_settings.login_max_failures):
+            resp = client.post(
+                "/dashboard/login",
+                data={"username": OPERATOR[0], "password": "guess", "csrf": token},
+            )
+            assert resp.status_code == 401
+        # the right password no longer helps until the window passes
+        resp = client.post(
+            "/dashboard/login",
+            data={"username": OPERATOR[0], "password": OPERATOR[1], "csrf": token},
+        )
+        assert resp.status_code == 429
+        assert client.get("/dashboard").status_code == 303
+    # another account from another limiter key is unaffected by olga's failures... but the
+    # client address is shared, so it is limited too: both keys count.
+    with httpx.Client(base_url=dash_url, timeout=30) as other:
+        token = csrf_of(other.get("/dashboard/login").text)
+        resp = other.post(
+            "/dashboard/login",
+            data={"username": VIEWER[0], "password": VIEWER[1], "csrf": token},
+        )
+        assert resp.status_code == 429
+
+
+def test_login_limiter_counts_per_account_and_address(dash_settings: Settings) -> None:
+    from db.redis import get_redis
+
+    limiter = LoginLimiter(get_redis(dash_settings), max_failures=2, window_s=60)
+    limiter.failed("alice", "10.0.0.1")
+    assert not limiter.blocked("alice", "10.0.0.2")
+    limiter.failed("alice", "10.0.0.2")
+    assert limiter.blocked("alice", "10.0.0.3")  # two failures for the account
+    assert not limiter.blocked("bob", "10.0.0.9")
+    limiter.failed("bob", "10.0.0.9")
+    limiter.failed("carol", "10.0.0.9")
+    assert limiter.blocked("dave", "10.0.0.9")  # two failures from the address
+
+
+def test_login_needs_its_csrf_token_and_never_redirects_off_site(dash_url: str) -> None:
+    with httpx.Client(base_url=dash_url, timeout=30) as client:
+        resp = client.post(
+            "/dashboard/login", data={"username": OPERATOR[0], "password": OPERATOR[1]}
+        )
+        assert resp.status_code == 403
+        token = csrf_of(client.get("/dashboard/login").text)
+        resp = client.post(
+            "/dashboard/login",
+            data={
+                "username": OPERATOR[0],
+                "password": OPERATOR[1],
+                "csrf": token,
+                "next": "https://evil.example/",
+            },
+        )
+        assert resp.status_code == 303
+        assert resp.headers["location"] == "/dashboard"
+
+
+def test_every_post_needs_the_sessions_csrf_token(dash_url: str, redis_client: Any) -> None:
+    letter = dead_letter("flaky_until_released", "k1")
+    rid = letter.options["redis_message_id"]
+    with sign_in(dash_url, OPERATOR) as operator:
+        for data in ({}, {"csrf": "forged"}):
+            resp = operator.post(
+                "/dashboard/dead/delete", data={"queue": DASH_QUEUE, "id": rid, **data}
+            )
+            assert resp.status_code == 403
+            assert "CSRF" in resp.text
+    assert dead_ids(redis_client) == [rid]
+
+
+def test_a_viewer_cannot_act_and_the_refusal_is_audited(
+    dash_url: str, redis_client: Any, sql: Any
+) -> None:
+    letter = dead_letter("flaky_until_released", "k1")
+    rid = letter.options["redis_message_id"]
+    with sign_in(dash_url, VIEWER) as viewer:
+        page = viewer.get("/dashboard/queues")
+        assert rid in page.text
+        assert "retry-one" not in page.text  # no buttons for a viewer
+        resp = viewer.post(
+            "/dashboard/dead/retry",
+            data={"queue": DASH_QUEUE, "id": rid, "csrf": csrf_of(page.text)},
+        )
+        assert resp.status_code == 403
+        assert "viewer role cannot" in resp.text
+    assert dead_ids(redis_client) == [rid]
+    refused = audit_rows(sql, "dashboard.refused")
+    assert [(r[0], r[3]) for r in refused] == [(VIEWER[0], "change_dead_letters")]
+
+
+def test_tampered_or_expired_session_is_signed_out(dash_url: str) -> None:
+    with sign_in(dash_url, VIEWER) as viewer:
+        cookie = viewer.cookies.get("tidemill_session")
+        assert cookie
+        payload, mac = cookie.rsplit(".", 1)
+        viewer.cookies.clear()
+        viewer.cookies.set("tidemill_session", payload + "x." + mac, path="/dashboard")
+        assert viewer.get("/dashboard").status_code == 303
+    signer = SessionSigner("s", ttl_s=10)
+    account = load_accounts(
+        Settings.from_env({"TIDEMILL_DASHBOARD_USERS": "a:viewer:" + hash_password("password1")})
+    )["a"]
+    _, issued = signer.issue(account, now=1000.0)
+    assert signer.load(issued, now=1005.0) is not None
+    assert signer.load(issued, now=1011.0) is None
+    assert SessionSigner("other", ttl_s=10).load(issued, now=1005.0) is None
+
+
+def test_sign_out_ends_the_session(dash_url: str, sql: Any) -> None:
+    with sign_in(dash_url, OPERATOR) as operator:
+        resp = operator.post("/dashboard/logout", data={"csrf": page_csrf(operator)})
+        assert resp.status_code == 303
+        assert operator.get("/dashboard").status_code == 303
+    assert [r[0] for r in audit_rows(sql, "dashboard.logout")] == [OPERATOR[0]]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("olga", "is not NAME:ROLE:HASH"),
+        ("olga:admin:scrypt$1$1$1$AA$AA", "role 'admin'"),
+        ("olga:viewer:plaintext", "no valid hash"),
+        ("olga:viewer:{h},olga:operator:{h}", "listed twice"),
+    ],
+)
+def test_bad_accounts_setting_names_the_variable(value: str, message: str) -> None:
+    value = value.format(h=hash_password("password1"))
+    with pytest.raises(SettingsError) as err:
+        load_accounts(Settings.from_env({"TIDEMILL_DASHBOARD_USERS": value}))
+    assert "TIDEMILL_DASHBOARD_USERS" in str(err.value)
+    assert message in str(err.value)
+    assert "scrypt$" not in str(err.value)  # never echoes a hash
+
+
+def test_password_hashes_verify_only_their_password() -> None:
+    encoded = hash_password("correct horse")
+    assert encoded.startswith("scrypt$")
+    assert verify_password("correct horse", encoded)
+    assert not verify_password("correct horsE", encoded)
+    assert not verify_password("correct horse", "garbage")
+    assert hash_password("correct horse") != encoded  # salted
+
+
+# --- dead letters -------------------------------------------------------------------------------
+
+
+def test_dead_letter_shows_actor_masked_arguments_and_the_real_error(
+    dash_url: str, inproc_worker: Any, redis_client: Any
+) -> None:
+    # Given a message that fails for good in a real worker
+    flaky_until_released.send("k-err", email="alice.smith@example.com")
+    assert wait_for(lambda: len(dead_ids(redis_client)) == 1)
+    with sign_in(dash_url, VIEWER) as viewer:
+        page = viewer.get("/dashboard/queues", params={"queue": DASH_QUEUE}).text
+    assert "flaky_until_released" in page
+    assert "a***@example.com" in page
+    assert "alice.smith" not in page
+    # the final attempt's error, recorded by workers.stats when the message was dead-lettered
+    assert "PermanentError: not released yet for a***@example.com" in page
+
+
+def test_operator_retries_a_dead_letter_and_a_worker_processes_it(
+    dash_url: str, inproc_worker: Any, redis_client: Any, sql: Any
+) -> None:
+    flaky_until_released.send("k-retry")
+    assert wait_for(lambda: len(dead_ids(redis_client)) == 1)
+    [rid] = dead_ids(redis_client)
+    error_keys = dead_errors_keys(DASH_QUEUE, redis_client.zscore(XQ, rid))
+    assert any(redis_client.hexists(k, rid) for k in error_keys)
+    redis_client.set("release:k-retry", "1")
+    with sign_in(dash_url, OPERATOR) as operator:
+        resp = operator.post(
+            "/dashboard/dead/retry",
+            data={"queue": DASH_QUEUE, "id": rid, "csrf": page_csrf(operator)},
+        )
+        assert resp.status_code == 303
+        assert "done=retried" in resp.headers["location"]
+        assert wait_for(lambda: processed_rows(sql, "k-retry") == 1)
+        assert dead_ids(redis_client) == []
+        assert not any(redis_client.hexists(k, rid) for k in error_keys)  # its error went too
+        # retrying it again finds nothing: a letter is moved once
+        resp = operator.post(
+            "/dashboard/dead/retry",
+            data={"queue": DASH_QUEUE, "id": rid, "csrf": page_csrf(operator)},
+        )
+        assert "done=gone" in resp.headers["location"]
+    rows = audit_rows(sql, "dashboard.dead_letter.retry")
+    assert [(r[0], r[3], r[4]["count"]) for r in rows] == [
+        (OPERATOR[0], f"{DASH_QUEUE}/{rid}", 1),
+        (OPERATOR[0], f"{DASH_QUEUE}/{rid}", 0),
+    ]
+
+
+def test_retried_letter_gets_a_fresh_age_and_retry_budget(dash_url: str, redis_client: Any) -> None:
+    letter = dead_letter("flaky_until_released", "k-old")
+    rid = letter.options["redis_message_id"]
+    # make the stored letter look 10 days old and out of retries
+    raw = json.loads(redis_client.hget(f"{XQ}.msgs", rid))
+    raw["message_timestamp"] -= 10 * 86400 * 1000
+    raw["options"].update(retries=20, traceback="Traceback...\nRuntimeError: boom")
+    redis_client.hset(f"{XQ}.msgs", rid, json.dumps(raw))
+    with sign_in(dash_url, OPERATOR) as operator:
+        operator.post(
+            "/dashboard/dead/retry",
+            data={"queue": DASH_QUEUE, "id": rid, "csrf": page_csrf(operator)},
+        )
+    [new_id] = redis_client.lrange(f"dramatiq:{DASH_QUEUE}", 0, -1)
+    moved = json.loads(redis_client.hget(f"dramatiq:{DASH_QUEUE}.msgs", new_id))
+    assert moved["message_id"] == letter.message_id
+    assert moved["args"] == ["k-old"]
+    assert "retries" not in moved["options"] and "traceback" not in moved["options"]
+    assert moved["message_timestamp"] > raw["message_timestamp"] + 9 * 86400 * 1000
+
+
+def test_operator_deletes_one_dead_letter(dash_url: str, redis_client: Any, sql: Any) -> None:
+    keep = dead_letter("flaky_until_released", "keep").options["redis_message_id"]
+    drop = dead_letter("flaky_until_released", "drop").options["redis_message_id"]
+    with sign_in(dash_url, OPERATOR) as operator:
+        resp = operator.post(
+            "/dashboard/dead/delete",
+            data={"queue": DASH_QUEUE, "id": drop, "csrf": page_csrf(operator)},
+        )
+        assert "done=deleted" in resp.headers["location"]
+    assert dead_ids(redis_client) == [keep]
+    assert redis_client.hget(f"{XQ}.msgs", drop) is None
+    assert redis_client.llen(f"dramatiq:{DASH_QUEUE}") == 0
+
+
+def test_search_by_actor_and_text(dash_url: str) -> None:
+    dead_letter("flaky_until_released", "order-alpha-1")
+    dead_letter("flaky_until_released", "order-beta-2")
+    dead_letter("other_actor", "order-alpha-3")
+    with sign_in(dash_url, VIEWER) as viewer:
+
+        def shown(**params: str) -> int:
+            return viewer.get("/dashboard/queues", params=params).text.count('class="dead-letter"')
+
+        assert shown() == 3
+        assert shown(q="ALPHA") == 2
+        assert shown(actor="flaky_until_released") == 2
+        assert shown(actor="flaky_until_released", q="alpha") == 1
+        assert shown(q="no-such-thing") == 0
+        assert shown(queue="payments") == 0
+
+
+def test_dead_letter_pages_cover_every_letter_once(dash_url: str) -> None:
+    made = {
+        dead_letter("flaky_until_released", f"p{i}").options["redis_message_id"] for i in range(120)
+    }
+    seen: list[str] = []
+    with sign_in(dash_url, VIEWER) as viewer:
+        url: str | None = "/dashboard/queues"
+        pages = 0
+        while url:
+            text = viewer.get(url).text
+            seen += [
+                part.split('"', 1)[0] for part in text.split('class="dead-letter" data-id="')[1:]
+            ]
+            nxt = text.split('id="next-page"')[0].rsplit('href="', 1)
+            url = (
+                nxt[1].split('"', 1)[0].replace("&amp;", "&") if 'id="next-page"' in text else None
+            )
+            pages += 1
+            assert pages < 10
+    assert len(seen) == len(made) and set(seen) == made
+    assert pages >= 3
+
+
+def test_bulk_retry_acts_on_exactly_the_set_it_counted(
+    dash_url: str, redis_client: Any, sql: Any
+) -> None:
+    matching = {
+        dead_letter("flaky_until_released", f"bulk-{i}").options["redis_message_id"]
+        for i in range(5)
+    }
+    others = {
+        dead_letter("flaky_until_released", f"keep-{i}").options["redis_message_id"]
+        for i in range(3)
+    }
+    with sign_in(dash_url, OPERATOR) as operator:
+        token = page_csrf(operator)
+        preview = operator.post(
+            "/dashboard/dead-select",
+            data={"csrf": token, "op": "retry", "q": "bulk-", "queue": DASH_QUEUE},
+        )
+        assert preview.status_code == 200
+        assert "Retry 5 dead letter(s)?" in preview.text
+        assert set(redis_client.zrange(XQ, 0, -1)) == matching | others  # nothing happened yet
+        # a letter that dies after the count is not part of the confirmed action
+        late = dead_letter("flaky_until_released", "bulk-late").options["redis_message_id"]
+        selection = preview.text.split('name="token" value="')[1].split('"')[0]
+        done = operator.post("/dashboard/dead-bulk", data={"csrf": token, "token": selection})
+        assert "done=retried&n=5" in done.headers["location"]
+        # the selection is used once
+        again = operator.post("/dashboard/dead-bulk", data={"csrf": token, "token": selection})
+        assert "done=bulk_expired" in again.headers["location"]
+    assert set(redis_client.zrange(XQ, 0, -1)) == others | {late}
+    assert redis_client.llen(f"dramatiq:{DASH_QUEUE}") == 5
+    [row] = audit_rows(sql, "dashboard.dead_letters.bulk_retry")
+    assert row[0] == OPERATOR[0] and row[4]["selected"] == 5 and row[4]["done"] == 5
+
+
+def test_bulk_delete_of_a_filter(dash_url: str, redis_client: Any) -> None:
+    for i in range(4):
+        dead_letter("other_actor", f"x{i}")
+    keep = dead_letter("flaky_until_released", "y").options["redis_message_id"]
+    with sign_in(dash_url, OPERATOR) as operator:
+        token = page_csrf(operator)
+        preview = operator.post(
+            "/dashboard/dead-select", data={"csrf": token, "op": "delete", "actor": "other_actor"}
+        )
+        assert "Delete 4 dead letter(s)?" in preview.text
+        selection = preview.text.split('name="token" value="')[1].split('"')[0]
+        operator.post("/dashboard/dead-bulk", data={"csrf": token, "token": selection})
+    assert dead_ids(redis_client) == [keep]
+
+
+def test_bad_input_answers_a_clear_error(dash_url: str) -> None:
+    with sign_in(dash_url, OPERATOR) as operator:
+        token = page_csrf(operator)
+        assert operator.get("/dashboard/queues", params={"before": "abc"}).status_code == 400
+        assert operator.get("/dashboard/webhooks", params={"status": "weird"}).status_code == 400
+        resp = operator.post("/dashboard/dead-select", data={"csrf": token, "op": "explode"})
+        assert resp.status_code == 400
+        resp = operator.post("/dashboard/dead/retry", data={"csrf": token})
+        assert resp.status_code == 400
+        assert operator.get("/dashboard/pipelines/999999").status_code == 404
+        resp = operator.post(
+            "/dashboard/dead/retry",
+            content=b"csrf=" + b"x" * 70_000,
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert resp.status_code == 413
+
+
+# --- the Postgres pages ---------------------------------------------------------------------------
+
+
+def _insert_event(
+    sql: Any, event_id: str, *, type_: str, status: str, minutes_ago: int = 1
+) -> None:
+    sql.execute(
+        "INSERT INTO webhook_events (id, type, created, livemode, payload, status, received_at, "
+        "last_error) VALUES (%s, %s, now(), false, %s, %s, now() - make_interval(mins => %s), %s)",
+        (
+            event_id,
+            type_,
+            json.dumps({"id": event_id, "type": type_, "data": {"object": {}}}),
+            status,
+            minutes_ago,
+            "boom" if status == "failed" else None,
+        ),
+    )
+
+
+def test_webhooks_page_counts_searches_and_replays(dash_url: str, sql: Any) -> None:
+    _insert_event(sql, "evt_ok1", type_="payment_intent.succeeded", status="processed")
+    _insert_event(
+        sql, "evt_ok2", type_="payment_intent.succeeded", status="processed", minutes_ago=120
+    )
+    _insert_event(sql, "evt_bad1", type_="customer.created", status="failed")
+    with sign_in(dash_url, OPERATOR) as operator:
+        page = operator.get("/dashboard/webhooks").text
+        assert page.count("<tr data-event=") == 3
+        assert (
+            operator.get("/dashboard/webhooks", params={"status": "failed"}).text.count(
+                "<tr data-event="
+            )
+            == 1
+        )
+        assert (
+            operator.get("/dashboard/webhooks", params={"q": "evt_ok"}).text.count(
+                "<tr data-event="
+            )
+            == 2
+        )
+        assert (
+            operator.get("/dashboard/webhooks", params={"q": "customer.created"}).text.count(
+                "<tr data-event="
+            )
+            == 1
+        )
+        overview = operator.get("/dashboard").text
+        assert "50.0 %" in overview  # 1 failed of the 2 received in the last hour
+        resp = operator.post("/dashboard/webhooks/evt_bad1/replay", data={"csrf": csrf_of(page)})
+        assert resp.status_code == 303 and "done=replayed" in resp.headers["location"]
+    status = sql.execute("SELECT status FROM webhook_events WHERE id = 'evt_bad1'").fetchone()[0]
+    assert status == "ignored"  # replayed: a type tidemill does not act on
+    [row] = audit_rows(sql, "dashboard.webhook.replay")
+    assert row[0] == OPERATOR[0] and row[3] == "evt_bad1" and row[4]["outcome"] == "ignored"
+
+
+def test_pipelines_page_and_run_detail(dash_url: str, sql: Any) -> None:
+    run_id = sql.execute(
+        "INSERT INTO pipeline_runs (pipeline, started_at, finished_at, status, rows_scanned, "
+        "rows_affected, bytes_written, objects, error) VALUES ('archive-messages', "
+        "now() - interval '90 seconds', now(), 'failed', 5000, 4200, 3145728, 3, 'upload refused') "
+        "RETURNING id"
+    ).fetchone()[0]
+    with sign_in(dash_url, VIEWER) as viewer:
+        page = viewer.get("/dashboard/pipelines").text
+        assert "archive-messages" in page and "4,200" in page and "3.0 MiB" in page
+        assert "upload refused" in page and "90 s" in page
+        detail = viewer.get(f"/dashboard/pipelines/{run_id}").text
+        assert "5,000" in detail and "upload refused" in detail
+
+
+def test_backups_page_without_and_with_backups(dash_url: str, sql: Any) -> None:
+    with sign_in(dash_url, VIEWER) as viewer:
+        exists = sql.execute("SELECT to_regclass('backups') IS NOT NULL").fetchone()[0]
+        if exists:
+            sql.execute("DELETE FROM backups")
+        assert "No backups yet" in viewer.get("/dashboard/backups").text
+        assert "no backups yet" in viewer.get("/dashboard").text
+        if not exists:
+            return  # the backups issue's tables are not there: the empty state is all we can show
+        sql.execute(
+            "INSERT INTO backups (kind, status, started_at, finished_at, key, size_bytes, sha256, "
+            "storage_url) VALUES ('full', 'complete', now() - interval '20 minutes', "
+            "now() - interval '19 minutes', 'backups/full/1.dump.zst', 1048576, "
+            "'ab12cd34ef56ab78cd', 'file:///tmp/x')"
+        )
+        page = viewer.get("/dashboard/backups").text
+        assert "1.0 MiB" in page and "ab12cd34ef56ab78" in page
+        overview = viewer.get("/dashboard").text
+        assert 'class="value bad" id="backup-age"' in overview  # 19 min old > RPO of 15 min
+
+
+def test_schedules_page_lists_and_controls_every_schedule(
+    dash_url: str, dash_settings: Settings, sql: Any
+) -> None:
+    from web.dashboard.store import schedules
+
+    rows = schedules(dash_settings)
+    assert rows, "there is at least one schedule"
+    name = rows[0].name
+    with sign_in(dash_url, OPERATOR) as operator:
+        page = operator.get("/dashboard/schedules").text
+        for row in rows:
+            assert f'data-schedule="{row.name}"' in page
+        token = csrf_of(page)
+        resp = operator.post(f"/dashboard/schedules/{name}/pause", data={"csrf": token})
+        assert "done=paused" in resp.headers["location"]
+        assert [r.paused for r in schedules(dash_settings) if r.name == name] == [True]
+        resp = operator.post(f"/dashboard/schedules/{name}/resume", data={"csrf": token})
+        assert [r.paused for r in schedules(dash_settings) if r.name == name] == [False]
+        resp = operator.post(f"/dashboard/schedules/{name}/trigger", data={"csrf": token})
+        assert "done=triggered" in resp.headers["location"]
+        resp = operator.post("/dashboard/schedules/no-such/trigger", data={"csrf": token})
+        assert "done=unknown_schedule" in resp.headers["location"]
+    fired = sql.execute("SELECT fired_by FROM schedule_ticks WHERE schedule = %s", (name,))
+    assert [r[0] for r in fired.fetchall()] == [OPERATOR[0]]
+    actions = sql.execute(
+        "SELECT action FROM audit_logs WHERE action LIKE 'dashboard.schedule.%%' "
+        "ORDER BY performed_at"
+    ).fetchall()
+    assert [r[0] for r in actions] == [
+        "dashboard.schedule.pause",
+        "dashboard.schedule.resume",
+        "dashboard.schedule.trigger",
+    ]
+
+
+def test_a_viewer_cannot_pause_a_schedule(dash_url: str, dash_settings: Settings) -> None:
+    from web.dashboard.store import schedules
+
+    name = schedules(dash_settings)[0].name
+    with sign_in(dash_url, VIEWER) as viewer:
+        page = viewer.get("/dashboard/schedules").text
+        assert "pause-schedule" not in page
+        resp = viewer.post(f"/dashboard/schedules/{name}/pause", data={"csrf": csrf_of(page)})
+        assert resp.status_code == 403
+    assert [r.paused for r in schedules(dash_settings) if r.name == name] == [False]
+
+
+def test_dashboard_refuses_to_start_with_bad_accounts() -> None:
+    from web.app import create_app
+
+    with (
+        dashboard_env(TIDEMILL_DASHBOARD_USERS="olga:root:x") as settings,
+        pytest.raises(SettingsError, match="TIDEMILL_DASHBOARD_USERS"),
+    ):
+        create_app(settings)
+
+
+def test_cli_makes_an_account_entry_the_dashboard_accepts() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    CLI = (sys.executable, "-m", "core.cli", "dashboard")
+    done = subprocess.run(
+        [*CLI, "add-user", "nina", "--role", "operator", "--password-stdin"],
+        input="a-long-password\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    entry = done.stdout.strip()
+    account = load_accounts(Settings.from_env({"TIDEMILL_DASHBOARD_USERS": entry}))["nina"]
+    assert account.role == "operator"
+    assert verify_password("a-long-password", account.password_hash)
+    short = subprocess.run(
+        [*CLI, "hash-password", "--password-stdin"],
+        input="short\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ),
+        timeout=60,
+    )
+    assert short.returncode == 2 and "at least 8 characters" in short.stderr
+
+
+def test_pages_split_letters_that_died_in_the_same_millisecond(
+    dash_settings: Settings, redis_client: Any
+) -> None:
+    from web.dashboard import broker_state
+
+    # Given 30 letters in two queues, all scored the same millisecond
+    made = set()
+    for i in range(30):
+        queue = DASH_QUEUE if i % 2 else DASH_QUEUE_2
+        rid = dead_letter("flaky_until_released", f"t{i}", queue=queue).options["redis_message_id"]
+        redis_client.zadd(f"dramatiq:{queue}.XQ", {rid: 1_700_000_000_000})
+        made.add((queue, rid))
+    client = broker_state.broker_redis(dash_settings)
+    queues = [DASH_QUEUE, DASH_QUEUE_2]
+    seen: list[tuple[str, str]] = []
+    cursor = None
+    for _ in range(10):
+        page = broker_state.dead_page(
+            client, queues, broker_state.DeadFilter(), cursor=cursor, limit=7
+        )
+        seen += [(d.queue, d.redis_id) for d in page.letters]
+        if page.next_cursor is None:
+            break
+        cursor = broker_state.Cursor.decode(page.next_cursor)
+    # Then every letter is shown exactly once
+    assert len(seen) == 30 and set(seen) == made
+    # and a filtered search that runs out of budget offers to continue where it stopped
+    flt = broker_state.DeadFilter(text="t1")
+    first = broker_state.dead_page(client, queues, flt, limit=50, scan_budget=5)
+    assert first.scanned == 30  # a page never ends inside one millisecond
+    assert {d.args for d in first.letters} >= {'{"args": ["t1"], "kwargs": {}}'}
+    with pytest.raises(ValueError):
+        broker_state.Cursor.decode("12:only-two")
+
+
+def test_an_unreachable_broker_answers_503_naming_it(db: str) -> None:
+    from core.proc import free_port
+
+    dead_broker = f"redis://127.0.0.1:{free_port()}/0"
+    with (
+        dashboard_env(BROKER_URL=dead_broker) as settings,
+        support.serve(settings) as url,
+        sign_in(url, OPERATOR) as operator,
+    ):
+        resp = operator.get("/dashboard/queues")
+        assert resp.status_code == 503
+        assert "Redis is unreachable" in resp.text
+        token = page_csrf(operator, "/dashboard/audit")
+        resp = operator.post(
+            "/dashboard/dead/retry", data={"queue": DASH_QUEUE, "id": "x", "csrf": token}
+        )
+        assert resp.status_code == 503
+        # the overview still shows what Postgres knows, and says the broker is down
+        resp = operator.get("/dashboard")
+        assert resp.status_code == 200
+        assert "broker is unreachable" in resp.text
+        assert 'id="outbox-backlog"' in resp.text
+
+
+def test_retry_never_loses_a_letter(dash_settings: Settings, redis_client: Any) -> None:
+    from web.dashboard import broker_state
+    from workers.broker import broker
+
+    client = broker_state.broker_redis(dash_settings)
+    ids = [
+        dead_letter("flaky_until_released", f"r{i}").options["redis_message_id"] for i in range(3)
+    ]
+    # an unreadable letter is left where it is
+    redis_client.hset(f"{XQ}.msgs", ids[0], "not json")
+    assert broker_state.retry(client, [(DASH_QUEUE, ids[0])], broker=broker) == 0
+    assert ids[0] in dead_ids(redis_client)
+
+    class BrokerFailingOnSecond:
+        """The real broker, whose second enqueue fails as a lost connection would."""
+
+        calls = 0
+
+        def enqueue(self, message: Any) -> Any:
+            self.calls += 1
+            if self.calls == 2:
+                raise ConnectionError("broker gone")
+            return broker.enqueue(message)
+
+    with pytest.raises(ConnectionError):
+        broker_state.retry(
+            client,
+            [(DASH_QUEUE, i) for i in ids[1:]] + [(DASH_QUEUE, ids[0])],
+            broker=BrokerFailingOnSecond(),
+        )
+    # the first moved; the one that failed and the unreadable one are still dead letters
+    assert redis_client.llen(f"dramatiq:{DASH_QUEUE}") == 1
+    assert set(dead_ids(redis_client)) == set(ids) - {ids[1]}
+
+
+def test_day_counts_are_cached_a_minute_hour_counts_are_not(
+    dash_settings: Settings, sql: Any
+) -> None:
+    from web.dashboard.store import webhook_window
+
+    _insert_event(sql, "evt_c1", type_="charge.refunded", status="failed")
+    assert webhook_window(dash_settings, seconds=86400, cache_s=60)["failed"] == 1
+    _insert_event(sql, "evt_c2", type_="charge.refunded", status="failed")
+    assert webhook_window(dash_settings, seconds=86400, cache_s=60)["failed"] == 1  # cached
+    assert webhook_window(dash_settings, seconds=3600)["failed"] == 2
+    assert webhook_window(dash_settings, seconds=86400)["failed"] == 2

@@ -1,0 +1,156 @@
+"""Per-minute throughput and failure counts for the dashboard's chart, and the error of each
+dead letter.
+
+dramatiq's Prometheus counters are totals per process; the dashboard wants a per-minute history
+that survives worker restarts and needs no Prometheus server, so this middleware keeps small
+hashes in the broker's Redis: ``tidemill:stats:<epoch minute>`` with fields
+``processed:<queue>``, ``failed:<queue>`` and ``dead:<queue>``, kept two hours.
+
+Counts are buffered in memory and flushed at most once a second per process (and when the
+minute changes or the worker stops): one Redis round trip per message would cost more than a
+no-op message itself.
+
+The dead-letter set keeps the message as it was last enqueued, whose ``traceback`` option is
+the previous attempt's (or absent after a single attempt), so the final error is stored here by
+the id the message has in the dead-letter set, in one hash per queue and day of death:
+``tidemill:dead_errors:<queue>:<epoch day>``. Each day's hash expires 8 days after it was
+started (dramatiq drops dead letters after 7), so errors never outlive their letters for long
+and the hashes never grow without bound, however steadily messages die.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from dramatiq.common import q_name
+from dramatiq.middleware import Middleware
+
+from core.log import get_logger, mask_email
+
+log = get_logger("workers.stats")
+
+STATS_PREFIX = "tidemill:stats:"
+DEAD_ERRORS_PREFIX = "tidemill:dead_errors:"
+STATS_TTL_S = 2 * 3600
+# dramatiq keeps dead letters 7 days; the errors a day longer, so none is missing at the edge.
+DEAD_ERRORS_TTL_S = 8 * 24 * 3600
+FLUSH_INTERVAL_S = 1.0
+ERROR_MAX_CHARS = 500
+
+
+def stats_key(minute: int) -> str:
+    return f"{STATS_PREFIX}{minute}"
+
+
+DAY_MS = 86_400_000
+
+
+def death_day(ms: float) -> int:
+    return int(ms // DAY_MS)
+
+
+def dead_errors_key(queue: str, day: int) -> str:
+    return f"{DEAD_ERRORS_PREFIX}{q_name(queue)}:{day}"
+
+
+def dead_errors_keys(queue: str, died_ms: float) -> tuple[str, str]:
+    """Where the error of a letter that died at `died_ms` (its dead-letter score) can be: the
+    error is written just after the death, which may already be the next day."""
+    day = death_day(died_ms)
+    return dead_errors_key(queue, day), dead_errors_key(queue, day + 1)
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message``, e-mails masked and cut short: it is shown on the dashboard."""
+    return mask_email(f"{type(exc).__name__}: {exc}")[:ERROR_MAX_CHARS]
+
+
+def _redis_of(broker: Any) -> Any:
+    return getattr(broker, "client", None)
+
+
+class Stats(Middleware):
+    """Counts processed / failed / dead-lettered messages per queue and minute."""
+
+    def __init__(self, *, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
+        self.flush_interval_s = flush_interval_s
+        self._lock = threading.Lock()
+        self._pending: Counter[tuple[int, str]] = Counter()
+        self._last_flush = time.monotonic()
+        self._flusher: threading.Thread | None = None
+
+    def _count(self, broker: Any, field: str, queue: str) -> None:
+        minute = int(time.time() // 60)
+        with self._lock:
+            self._pending[(minute, f"{field}:{q_name(queue)}")] += 1
+            due = time.monotonic() - self._last_flush >= self.flush_interval_s or any(
+                m != minute for m, _ in self._pending
+            )
+            if self._flusher is None:
+                self._start_flusher(broker)
+        if due:
+            self.flush(broker)
+
+    def _start_flusher(self, broker: Any) -> None:
+        # A queue that goes quiet would otherwise keep its last counts in memory until the
+        # next message: a daemon thread flushes whatever is pending every interval.
+        def run() -> None:
+            while True:
+                time.sleep(self.flush_interval_s)
+                if time.monotonic() - self._last_flush >= self.flush_interval_s:
+                    self.flush(broker)
+
+        self._flusher = threading.Thread(target=run, name="tidemill-stats-flush", daemon=True)
+        self._flusher.start()
+
+    def flush(self, broker: Any) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, Counter()
+            self._last_flush = time.monotonic()
+        client = _redis_of(broker)
+        if not pending or client is None:
+            return
+        try:
+            pipe = client.pipeline(transaction=False)
+            for (minute, field), n in pending.items():
+                pipe.hincrby(stats_key(minute), field, n)
+                pipe.expire(stats_key(minute), STATS_TTL_S)
+            pipe.execute()
+        except Exception as exc:  # counts are a nicety: never fail a message over them
+            log.warning("stats_flush_failed", error=type(exc).__name__)
+
+    def after_process_message(
+        self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
+    ) -> None:
+        self._count(broker, "failed" if exception is not None else "processed", message.queue_name)
+
+    def after_nack(self, broker: Any, message: Any) -> None:
+        client = _redis_of(broker)
+        exc = getattr(message, "_exception", None)
+        redis_id = message.options.get("redis_message_id")
+        if client is not None and redis_id and exc is not None:
+            key = dead_errors_key(message.queue_name, death_day(time.time() * 1000))
+            try:
+                pipe = client.pipeline(transaction=False)
+                pipe.hset(key, redis_id, describe_error(exc))
+                pipe.expire(key, DEAD_ERRORS_TTL_S, nx=True)  # from the day's first death on
+                pipe.execute()
+            except Exception as err:
+                log.warning("dead_error_record_failed", error=type(err).__name__)
+        self._count(broker, "dead", message.queue_name)
+
+    def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        self.flush(broker)
+
+
+def install(broker: Any) -> Stats:
+    """Add the middleware to `broker` once (tests and processes that build their own broker)."""
+    for mw in broker.middleware:
+        if isinstance(mw, Stats):
+            return mw
+    stats = Stats()
+    broker.add_middleware(stats)
+    return stats
