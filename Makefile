@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: up test pytest lint fmt bench install clean browser
+.PHONY: up test pytest lint fmt bench bench-quick install clean browser
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tidemill needs Python 3.11 or newer")'
@@ -41,8 +41,13 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+BENCHES := queue_roundtrip webhooks fanout cache lifecycle backup scheduler dashboard
+
 bench: $(STAMP)
-	$(BIN)/python -m bench.queue_roundtrip
+	@for b in $(BENCHES); do echo "== bench.$$b"; $(BIN)/python -m bench.$$b || exit 1; done
+
+bench-quick: $(STAMP)
+	@for b in $(BENCHES); do echo "== bench.$$b --quick"; $(BIN)/python -m bench.$$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

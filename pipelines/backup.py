@@ -244,6 +244,38 @@ def record_finish(database_url: str, backup_id: int | None, **values: Any) -> No
         log.warning("backup_catalogue_update_failed", backup_id=backup_id, error=str(exc))
 
 
+@contextlib.contextmanager
+def catalogued(
+    database_url: str,
+    *,
+    kind: str,
+    key: str,
+    storage_url: str,
+    reason: str,
+    parent_id: int | None = None,
+) -> Iterator[int | None]:
+    """A catalogue row for one backup: 'running' now, 'failed' with its error if the body raises.
+
+    The body records success itself (with its size, checksum and manifest).
+    """
+    backup_id = record_start(
+        database_url, kind=kind, key=key, storage_url=storage_url, parent_id=parent_id
+    )
+    log.info("backup_started", kind=kind, key=key, backup_id=backup_id, reason=reason)
+    try:
+        yield backup_id
+    except BaseException as exc:
+        record_finish(
+            database_url,
+            backup_id,
+            status="failed",
+            finished_at=datetime.now(UTC),
+            error=str(exc)[:2000] or type(exc).__name__,
+        )
+        log.error("backup_failed", kind=kind, key=key, error=str(exc) or type(exc).__name__)
+        raise
+
+
 def catalogue_rows(database_url: str) -> dict[str, dict[str, Any]]:
     """Catalogue rows by object key (for `backup list`); empty when the table is absent."""
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
@@ -413,9 +445,9 @@ def run_full_backup(
     t0 = time.monotonic()
     folder = new_folder("full", started)
     key = f"{folder}/{DUMP_NAME}"
-    backup_id = record_start(database_url, kind="full", key=key, storage_url=storage.url)
-    log.info("backup_started", kind="full", key=key, backup_id=backup_id, reason=reason)
-    try:
+    with catalogued(
+        database_url, kind="full", key=key, storage_url=storage.url, reason=reason
+    ) as backup_id:
         result = _dump(
             settings,
             storage,
@@ -428,16 +460,6 @@ def run_full_backup(
             reason=reason,
             storage_class=storage_class,
         )
-    except BaseException as exc:
-        record_finish(
-            database_url,
-            backup_id,
-            status="failed",
-            finished_at=datetime.now(UTC),
-            error=str(exc)[:2000] or type(exc).__name__,
-        )
-        log.error("backup_failed", kind="full", key=key, error=str(exc) or type(exc).__name__)
-        raise
     record_finish(
         database_url,
         backup_id,

@@ -47,12 +47,12 @@ from pipelines.backup import (
     CatalogEntry,
     ChecksumMismatch,
     catalog,
+    catalogued,
     child,
     child_error,
     new_folder,
     pump,
     record_finish,
-    record_start,
     tool_version,
     write_manifest,
     zstd_threads,
@@ -295,11 +295,14 @@ def run_base_backup(
     folder = new_folder(kind, started)
     key = f"{folder}/{BASE_NAME}"
     parent_id = parent.manifest.get("backup_id") if parent and parent.manifest else None
-    backup_id = record_start(
-        database_url, kind=kind, key=key, storage_url=storage.url, parent_id=parent_id
-    )
-    log.info("backup_started", kind=kind, key=key, backup_id=backup_id, reason=reason)
-    try:
+    with catalogued(
+        database_url,
+        kind=kind,
+        key=key,
+        storage_url=storage.url,
+        reason=reason,
+        parent_id=parent_id,
+    ) as backup_id:
         result = _basebackup(
             settings,
             storage,
@@ -314,16 +317,6 @@ def run_base_backup(
             backup_id=backup_id,
             reason=reason,
         )
-    except BaseException as exc:
-        record_finish(
-            database_url,
-            backup_id,
-            status="failed",
-            finished_at=datetime.now(UTC),
-            error=str(exc)[:2000] or type(exc).__name__,
-        )
-        log.error("backup_failed", kind=kind, key=key, error=str(exc) or type(exc).__name__)
-        raise
     record_finish(
         database_url,
         backup_id,

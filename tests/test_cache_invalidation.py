@@ -115,7 +115,7 @@ def test_commits_drop_exactly_the_affected_keys(sql, redis_client, inproc_worker
             user_username_key("ayse"): "u",
         }
         for key, value in cached.items():
-            redis_client.setex(key, 300, value)
+            redis_client.set(key, value, ex=300)
         # When the app updates a moment, then changes the user's e-mail
         sql.execute("UPDATE moments SET title = 'Picnic!' WHERE id = %s", (mid,))
         assert wait_until(lambda: gone(redis_client, moment_key(mid)), timeout=20)
@@ -143,7 +143,7 @@ def test_other_seed_tables_get_the_same_triggers(sql, redis_client, inproc_worke
     drain_and_join()
     eid = "00000000-0000-0000-0000-0000000000e1"
     for key in (f"event:{eid}", f"event:{eid}:metrics", "events:upcoming"):
-        redis_client.setex(key, 300, "x")
+        redis_client.set(key, "x", ex=300)
     # When the event changes
     sql.execute("UPDATE events SET title = 'Meetup (moved)' WHERE id = %s", (eid,))
     drain_and_join()
@@ -156,7 +156,7 @@ def test_relay_outage_catches_up_from_the_outbox(sql, redis_client, inproc_worke
     mids = [new_moment(sql, uid) for _ in range(20)]
     drain_and_join()
     for mid in mids:
-        redis_client.setex(moment_key(mid), 300, "stale-soon")
+        redis_client.set(moment_key(mid), "stale-soon", ex=300)
     # While no relay runs, the app keeps committing
     for mid in mids:
         sql.execute("UPDATE moments SET title = 'changed' WHERE id = %s", (mid,))
