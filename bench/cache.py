@@ -227,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             TIDEMILL_DATA_DIR=str(root / "data"),
             TIDEMILL_ENV="production",
             LOG_LEVEL="warning",
-            # an idle dramatiq consumer backs off up to this long between polls (default 1 s)
-            dramatiq_worker_timeout="10",
         )
+        # The worker runs with tidemill's default poll ceiling (TIDEMILL_WORKER_POLL_MS).
+        env.pop("dramatiq_worker_timeout", None)
         with psycopg.connect(url, autocommit=True) as conn:
             # setup rows without trigger side effects (welcome mails, fan-outs)
             conn.execute("SET session_replication_role = replica")
