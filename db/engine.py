@@ -50,6 +50,19 @@ def check_postgres(url: str, *, timeout: int = 5) -> None:
         ) from None
 
 
+# A peer that vanished (host down, network cut) must not hold row locks for the kernel's
+# default two hours: the client notices a dead server, and the server (through the per-session
+# tcp_keepalives_* settings) a dead client, within about a minute, which ends its transaction
+# and frees e.g. the outbox rows a vanished relay had claimed.
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "options": "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3",
+}
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 20) -> None:
         self.url = url
@@ -64,6 +77,7 @@ class Database:
             max_overflow=pool_size,
             pool_pre_ping=False,
             pool_recycle=1800,
+            connect_args=KEEPALIVES,
         )
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 

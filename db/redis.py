@@ -21,7 +21,11 @@ def check_redis(url: str, *, what: str = "Redis", timeout: float = 5.0) -> None:
 
 @functools.cache
 def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, health_check_interval=30)
+    # A Redis that stops answering must fail the call (retried later), not hang a worker thread
+    # or the relay with its claimed rows.
+    return redis.Redis.from_url(
+        url, health_check_interval=30, socket_connect_timeout=5, socket_timeout=30
+    )
 
 
 def get_redis(settings: Settings | None = None) -> redis.Redis:

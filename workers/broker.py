@@ -104,8 +104,12 @@ def build_broker(settings: Settings, *, metrics: bool = True) -> dramatiq.Broker
     scheme = urlsplit(url).scheme
     mw = middleware(settings, metrics=metrics)
     if scheme in {"redis", "rediss", "unix"}:
+        import redis
+
         return RedisBroker(
-            url=url,
+            # Timeouts: a broker that stops answering fails the call (the relay keeps its rows
+            # and retries) instead of hanging a thread forever.
+            client=redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30),
             middleware=mw,
             heartbeat_timeout=settings.heartbeat_timeout_ms,
             maintenance_chance=settings.redis_maintenance_chance,
