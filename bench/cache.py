@@ -3,11 +3,12 @@
     .venv/bin/python -m bench.cache [--quick] [--commits N] [--rate R]
 
 Starts an embedded Postgres (migrated) and Valkey, a ``tidemill relay`` and a ``tidemill
-worker -Q cache`` subprocess (production logs), then, at R commits/s (default 1,000) from one
-client connection:
+worker -Q cache`` subprocess (production logs), then, at R commits/s (default 1,000) paced
+over 8 client connections:
 
-- ``SETEX moment:{id} 300 …`` for a random one of 2,000 moments (the app's cache-aside), then
-  ``UPDATE moments … WHERE id = …`` in autocommit; the clock starts when the commit returns;
+- ``SETEX moment:{id} 300 …`` for a moment of its own (one moment per commit, so every commit
+  is measured and no later commit can stamp its key), then ``UPDATE moments … WHERE id = …``
+  in autocommit; the clock starts when the commit returns;
 - the moments trigger writes the outbox row, NOTIFY wakes the relay, the relay enqueues
   ``cache.invalidate``, the worker UNLINKs the key;
 - a Redis keyspace-notification subscriber (``__keyevent@0__:unlink`` / ``del``) stamps the
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import signal
 import statistics
@@ -49,7 +49,6 @@ from db.migrate import upgrade
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_COMMITS = 20_000
 QUICK_COMMITS = 3_000
-MOMENTS = 2_000
 WARMUP = 300
 GOAL_P99_MS = 50.0
 
@@ -128,23 +127,23 @@ CLIENTS = 8  # one connection cannot commit 1,000/s here (each commit waits for 
 def run_load(
     url: str, client: redis.Redis, watcher: GoneWatcher, moment_ids: list[str], n: int, rate: float
 ) -> tuple[list[float], int, float]:
-    """n paced commits from CLIENTS connections (each on its own slice of the moments, so no
-    two clients touch one key); returns latencies (ms, after warm-up), keys never removed,
-    and the rate achieved."""
+    """n paced commits from CLIENTS connections, commit i on moment i (its own key, so each
+    commit's deletion is stamped for that commit alone); returns latencies (ms, after
+    warm-up), keys never removed, and the rate achieved."""
+    if len(moment_ids) < n:
+        raise BenchError(f"{n:,} commits need {n:,} moments, got {len(moment_ids):,}")
     committed: list[list[tuple[int, str, float]]] = [[] for _ in range(CLIENTS)]
     interval = CLIENTS / rate
     start = time.monotonic() + 0.1
 
     def load(c: int) -> None:
-        rnd = random.Random(c)
-        mine = moment_ids[c::CLIENTS]
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("SELECT 1")
             for i in range(c, n, CLIENTS):
                 delay = start + (i // CLIENTS) * interval - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                mid = mine[rnd.randrange(len(mine))]
+                mid = moment_ids[i]
                 key = f"moment:{mid}"
                 watcher.gone.pop(key, None)
                 client.set(key, "cached", ex=300)
@@ -175,14 +174,11 @@ def run_load(
     sampler.join()
     print(f"  max outbox backlog {depth['outbox']:,}, max cache queue {depth['queue']:,}")
     elapsed = max(t for rows in committed for _, _, t in rows) - start
-    # a key reused by a later commit is measured from its last commit only
-    last: dict[str, float] = {}
-    for i, key, t in sorted(row for rows in committed for row in rows):
-        if i >= WARMUP:
-            last[key] = t
-    wait_until(lambda: all(k in watcher.gone for k in last), timeout=30)
-    latencies = [(watcher.gone[k] - t) * 1000 for k, t in last.items() if k in watcher.gone]
-    missing = sum(1 for k in last if k not in watcher.gone)
+    # every commit after the warm-up, each on a key no other commit of this pass touches
+    measured = {key: t for rows in committed for i, key, t in rows if i >= WARMUP}
+    wait_until(lambda: all(k in watcher.gone for k in measured), timeout=30)
+    latencies = [(watcher.gone[k] - t) * 1000 for k, t in measured.items() if k in watcher.gone]
+    missing = sum(1 for k in measured if k not in watcher.gone)
     return latencies, missing, n / elapsed
 
 
@@ -241,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                 "INSERT INTO moments (user_id, title, category, location, date, status) "
                 "SELECT %s, 'm' || g, 'bench', 'here', now(), 'draft' "
                 "FROM generate_series(1, %s) g",
-                (owner[0], MOMENTS),
+                (owner[0], n),
             )
-            moment_ids = [str(r[0]) for r in conn.execute("SELECT id FROM moments").fetchall()]
+            moment_ids = [
+                str(r[0]) for r in conn.execute("SELECT id FROM moments ORDER BY id").fetchall()
+            ]
         watcher = GoneWatcher(redis.Redis.from_url(valkey.url(0)))
 
         # baseline: the seed's NOTIFY-and-delete, tidemill's trigger off

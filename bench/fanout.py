@@ -4,7 +4,10 @@
 
 Starts an embedded Postgres (migrated) and Valkey, then builds (triggers off, not timed) a
 creator with N followers (default 1,000,000; 1 % opted out of new_moment notifications,
-0.1 % blocked) and one active moment. Three ways to insert that moment's notifications into
+0.1 % blocked, 0.1 % soft-deleted), 20 older moments of the creator favourited by 5 % of the
+followers and by N / 100 users who do not follow (the audience's second branch), and one
+active moment. The fan-out must insert exactly the audience the rules give (counted by an
+independent query), or the run fails. Three ways to insert that moment's notifications into
 the same, emptied ``notifications`` table, same run:
 
 - fan-out: ``notifications.fan_out('new_moment', id)`` in a real ``tidemill worker`` process
@@ -72,7 +75,8 @@ def progress(message: str) -> None:
 
 
 def build(url: str, n: int) -> tuple[str, str]:
-    """The creator, n followers (some opted out, some blocked), an active moment."""
+    """The creator, n followers (some opted out, blocked or deleted), favourites of the
+    creator's older moments by followers and non-followers, an active moment."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SET session_replication_role = replica")  # no outbox side effects
         creator = conn.execute(
@@ -102,6 +106,36 @@ def build(url: str, n: int) -> tuple[str, str]:
             "WHERE followee_id = %s AND random() < 0.001",
             (creator[0],),
         )
+        conn.execute(
+            "UPDATE users SET deleted_at = now() WHERE id IN (SELECT follower_id FROM follows "
+            "WHERE followee_id = %s AND random() < 0.001)",
+            (creator[0],),
+        )
+        # favourites of older moments: 5 % of the followers, and users who do not follow
+        conn.execute(
+            "INSERT INTO moments (user_id, title, category, location, date, status) "
+            "SELECT %s, 'old ' || g, 'outdoors', 'Moda', now(), 'completed' "
+            "FROM generate_series(1, 20) g",
+            (creator[0],),
+        )
+        conn.execute(
+            "INSERT INTO users (email) SELECT 'v' || g || '@example.com' "
+            "FROM generate_series(1, %s) g",
+            (max(n // 100, 1),),
+        )
+        conn.execute(
+            """
+            INSERT INTO favorites (user_id, moment_id)
+            SELECT fans.uid, (SELECT id FROM moments WHERE user_id = %(c)s
+                              ORDER BY id OFFSET (fans.pick) LIMIT 1)
+            FROM (SELECT follower_id AS uid, floor(random() * 20)::int AS pick FROM follows
+                  WHERE followee_id = %(c)s AND random() < 0.05
+                  UNION ALL
+                  SELECT id, floor(random() * 20)::int FROM users
+                  WHERE email LIKE 'v%%@example.com') fans
+            """,
+            {"c": creator[0]},
+        )
         moment = conn.execute(
             "INSERT INTO moments (user_id, title, category, location, date, status) "
             "VALUES (%s, 'Sunset on the Bosphorus', 'outdoors', 'Bebek', now(), 'active') "
@@ -119,6 +153,32 @@ def empty_notifications(url: str) -> None:
         conn.execute("TRUNCATE notifications")
         conn.execute("VACUUM ANALYZE notifications")
         conn.execute("CHECKPOINT")
+
+
+# The audience by the rules, counted independently of the fan-out's keyset walk: the
+# creator's followers and favouriters, minus the creator, soft-deleted users, opt-outs and
+# blocks either way.
+_EXPECTED = """
+    SELECT count(*) FROM (
+        SELECT follower_id AS uid FROM follows WHERE followee_id = %(creator)s
+        UNION
+        SELECT f.user_id FROM favorites f JOIN moments m ON m.id = f.moment_id
+        WHERE m.user_id = %(creator)s
+    ) a
+    JOIN users u ON u.id = a.uid AND u.deleted_at IS NULL
+    WHERE a.uid <> %(creator)s
+      AND NOT EXISTS (SELECT 1 FROM notification_preferences p WHERE p.user_id = a.uid
+                      AND p.kind = 'new_moment' AND NOT p.enabled)
+      AND NOT EXISTS (SELECT 1 FROM blocks b
+                      WHERE (b.blocker_id = a.uid AND b.blocked_id = %(creator)s)
+                         OR (b.blocker_id = %(creator)s AND b.blocked_id = a.uid))
+"""
+
+
+def expected_audience(url: str, creator: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(_EXPECTED, {"creator": creator}).fetchone()
+        return int(row[0]) if row else 0
 
 
 def count(url: str) -> int:
@@ -311,12 +371,15 @@ def main(argv: list[str] | None = None) -> int:
         valkey.start()
         progress(f"building {n:,} followers (not timed) …")
         creator, moment = build(url, n)
+        expected = expected_audience(url, creator)
 
         progress("fan-out in a tidemill worker …")
         fan_s, peak_rss = run_fanout(root, url, valkey.url(0), moment)
         inserted = count(url)
-        if inserted < n * 0.95:
-            raise BenchError(f"fan-out inserted {inserted:,} rows for {n:,} followers")
+        if inserted != expected:
+            raise BenchError(
+                f"fan-out inserted {inserted:,} rows; the audience rules give {expected:,}"
+            )
 
         progress(f"COPY FROM of the same {inserted:,} rows …")
         copy_s = run_copy(url, root / "notifications.copy")

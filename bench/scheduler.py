@@ -56,7 +56,15 @@ class BenchError(RuntimeError):
 
 def _extra(name: str) -> str:
     return json.dumps(
-        [{"name": name, "cron": "* * * * * *", "actor": "bench_tick", "misfire_grace_s": 60}]
+        [
+            {
+                "name": name,
+                "cron": "* * * * * *",
+                "actor": "prune_outbox",  # a registered actor; its own queue keeps it apart
+                "queue": "bench",
+                "misfire_grace_s": 60,
+            }
+        ]
     )
 
 
@@ -124,8 +132,8 @@ def failover_round(
         assert acquired is not None
         rows = _ticks(conn, name)
         enqueued = conn.execute(
-            "SELECT count(*) - count(DISTINCT kwargs->>'tick') FROM outbox WHERE actor = %s",
-            ("bench_tick",),
+            "SELECT count(*) - count(DISTINCT kwargs->>'tick') FROM outbox WHERE queue_name = %s",
+            ("bench",),
         ).fetchone()
     duplicates = int(enqueued[0]) if enqueued else 0
     ticks = [r[0] for r in rows]

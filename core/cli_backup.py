@@ -20,6 +20,10 @@ app = typer.Typer(help="Logical and physical backups.", no_args_is_help=True)
 wal_app = typer.Typer(help="WAL archiving (archive_command).", no_args_is_help=True)
 log = get_logger("tidemill.backup")
 
+# restore_command exit status for "cannot tell": PostgreSQL aborts recovery on a status > 125
+# (1 would mean "not archived", i.e. the end of the archive, and recovery would promote early).
+WAL_FETCH_ABORT = 255
+
 StorageOpt = Annotated[
     str | None,
     typer.Option(
@@ -141,6 +145,7 @@ def list_command(
     from rich.console import Console
     from rich.table import Table
 
+    from core.storage import StorageError
     from pipelines.backup import BackupError, catalog, catalogue_rows, verify_entry
 
     settings = cli_settings()
@@ -168,12 +173,25 @@ def list_command(
                 if row and row.get("verified_at")
                 else "recorded, not verified"
             )
-            if verify:
+            cold = _cold_class(entry.manifest)
+            if verify and cold:
+                status = f"cold ({cold}), not verifiable"
+            elif verify:
                 try:
                     verify_entry(store, entry, settings=settings)
                     status = "verified now"
                 except BackupError as exc:
                     status = f"BAD: {exc}"
+                    bad += 1
+                except StorageError as exc:  # one unreadable backup must not end the list
+                    log.warning("backup_verify_failed", folder=entry.folder, error=str(exc))
+                    if "InvalidObjectState" in str(exc):
+                        status = "cold, not verifiable"
+                    else:
+                        status = f"CANNOT VERIFY: {_one_line(exc)}"
+                        bad += 1
+                except FileNotFoundError as exc:
+                    status = f"BAD: object missing: {_one_line(exc)}"
                     bad += 1
         data_at = entry.data_at
         table.add_row(
@@ -189,6 +207,18 @@ def list_command(
     print(f"{good} complete, {len(entries) - good} incomplete")
     if bad:
         raise typer.Exit(1)
+
+
+_COLD_CLASSES = ("GLACIER", "DEEP_ARCHIVE")  # GLACIER_IR is readable at once: not cold
+
+
+def _cold_class(manifest: dict[str, Any]) -> str | None:
+    """The cold storage class a backup's objects were moved to (retention records it), if any."""
+    for obj in manifest.get("objects", []):
+        cls = obj.get("storage_class")
+        if cls in _COLD_CLASSES:
+            return str(cls)
+    return None
 
 
 @app.command("prune")
@@ -215,6 +245,14 @@ def drill_command(
         str | None, typer.Option(help="backup folder or id; default: the latest full")
     ] = None,
     storage: StorageOpt = None,
+    physical: Annotated[
+        bool,
+        typer.Option(
+            "--physical",
+            help="drill the latest base backup instead: restore it into a scratch cluster "
+            "(to the backup's own end), start it, count every table",
+        ),
+    ] = False,
 ) -> None:
     """Restore drill: verify and restore the latest full backup into a scratch database,
     compare row counts with the manifest, record RTO / RPO in backup_drills."""
@@ -222,7 +260,13 @@ def drill_command(
 
     settings = cli_settings()
     require_services(settings, broker=False)
-    result = _guarded(run_drill, settings, storage=_storage(storage, settings), ref=backup)
+    result = _guarded(
+        run_drill,
+        settings,
+        storage=_storage(storage, settings),
+        ref=backup,
+        physical=physical,
+    )
     print(result.summary())
     if result.status != "passed":
         raise typer.Exit(1)
@@ -251,21 +295,31 @@ def wal_fetch_command(
     path: Annotated[Path, typer.Argument(metavar="PATH", help="%p: where to put it")],
     storage: StorageOpt = None,
 ) -> None:
-    """restore_command: exit 0 with the file in place, 1 when the archive lacks it, 255 on a
-    corrupt file (so recovery stops instead of ending early)."""
-    from pipelines.backup import BackupError
-    from pipelines.physical import WalCorrupt, fetch_wal
-
-    settings = cli_settings(adopt_running=False)
-    store = _storage(storage, settings)
+    """restore_command: exit 0 with the file in place, 1 only when the archive lacks it, and
+    255 on anything else (storage unreachable or denied, a corrupt or unreadable object, a
+    local write error), so that recovery aborts instead of taking the failure for the end of
+    the archive and promoting early. PostgreSQL aborts recovery on an exit status above 125."""
     try:
+        from pipelines.physical import fetch_wal
+
+        settings = cli_settings(adopt_running=False)
+        store = _storage(storage, settings)
         found = fetch_wal(store, name, path)
-    except WalCorrupt as exc:
-        fail(str(exc), code=255)
-    except BackupError as exc:
-        fail(str(exc), code=255)
+    except typer.Exit as exc:
+        if exc.exit_code == 0:
+            raise
+        # e.g. a bad STORAGE_URL: the message is already printed; still abort recovery
+        raise typer.Exit(WAL_FETCH_ABORT) from None
+    except Exception as exc:
+        log.error("wal_fetch_failed", wal=name, error=f"{type(exc).__name__}: {exc}")
+        fail(f"wal fetch {name}: {_one_line(exc)}", code=WAL_FETCH_ABORT)
     if not found:
         raise typer.Exit(1)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # -------------------------------------------------------------------------------------- restore

@@ -246,26 +246,51 @@ def archive_restore(
     into: Annotated[
         str | None, typer.Option(help="target table (default: the table it came from)")
     ] = None,
+    no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="restore even without a recorded sha256 (catalogue or run manifest) to check",
+        ),
+    ] = False,
 ) -> None:
-    """Load archived rows back into a table; rows already present are skipped."""
-    from core.storage import StorageError
-    from pipelines.archive import ArchiveError, objects_of_run, restore_object
+    """Load archived rows back into a table; rows already present are skipped.
+
+    Each object's sha256 is checked against the archive_objects catalogue or, in a database
+    that has no row for it, against its run manifest in storage; with neither it is refused
+    unless --no-verify."""
+    from core.storage import StorageError, open_storage
+    from pipelines.archive import ArchiveError, manifest_objects, objects_of_run, restore_object
     from pipelines.engine import connect
 
     settings = cli_settings()
     _require_postgres(settings)
     wanted = list(keys or [])
+    from_manifest: dict[str, str] = {}
     if run is not None:
         with connect(settings) as conn:
-            wanted += objects_of_run(conn, run)
-        if not wanted:
+            of_run = objects_of_run(conn, run)
+        if not of_run:  # a fresh or recovered database: the run's manifest in storage
+            try:
+                from_manifest = manifest_objects(open_storage(settings=settings), run)
+            except StorageError as exc:
+                fail(str(exc), code=1)
+            of_run = list(from_manifest)
+        if not of_run:
             fail(f"run {run} archived no objects")
+        wanted += of_run
     if not wanted:
         fail("name at least one KEY or --run ID")
     total = 0
     for key in wanted:
         try:
-            res = restore_object(key, into=into, settings=settings)
+            res = restore_object(
+                key,
+                into=into,
+                settings=settings,
+                verify=not no_verify,
+                manifest_sha256=from_manifest.get(key) or None,
+            )
         except FileNotFoundError:
             fail(f"no archived object {key} in {settings.storage_url}")
         except (ArchiveError, StorageError) as exc:

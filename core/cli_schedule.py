@@ -33,9 +33,11 @@ def list_command() -> None:
     from rich.table import Table
 
     from schedules.control import list_schedules
+    from schedules.schedule import check_actors, load_schedules
 
     settings = cli_settings()
     require_services(settings, broker=False)
+    check_actors(load_schedules(settings))
     rows = list_schedules(settings)
     table = Table()
     for column in ("name", "cron", "tz", "actor", "state", "next fire", "last tick"):

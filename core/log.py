@@ -24,6 +24,21 @@ def mask_email(text: str) -> str:
     return _EMAIL.sub(r"\1***@\2", text)
 
 
+# Expo push tokens address one person's device: ``ExponentPushToken[xxxx]`` (and the newer
+# ``ExpoPushToken[xxxx]``)
+_PUSH_TOKEN = re.compile(r"\b(Expo(?:nent)?PushToken)\[[^\]]*\]")
+
+
+def mask_push_token(text: str) -> str:
+    """``ExponentPushToken[abc…]`` -> ``ExponentPushToken[***]``."""
+    return _PUSH_TOKEN.sub(r"\1[***]", text)
+
+
+def mask_personal(text: str) -> str:
+    """Every masker: e-mail addresses and push tokens."""
+    return mask_push_token(mask_email(text))
+
+
 def _mask_value(value: Any) -> Any:
     if isinstance(value, str):
         return mask_email(value)

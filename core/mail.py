@@ -7,7 +7,10 @@
 
 Vendor errors are sorted at this boundary into ``PermanentMailError`` (retrying cannot help:
 SMTP 5xx, SES ``MessageRejected``) and ``TemporaryMailError`` (SMTP 4xx, connection refused,
-time-outs, SES throttling), so callers decide retries without knowing the vendor.
+time-outs, SES throttling), so callers decide retries without knowing the vendor. Our own
+configuration being wrong (SMTP 530/534/535/538: authentication or TLS required or refused; an
+extension we rely on not offered) is ``MailConfigurationError``, a temporary error: the
+address is fine, and the mail should go once an operator fixes the settings.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ class PermanentMailError(MailError):
 
 class TemporaryMailError(MailError):
     """Try again later (4xx, connection refused or lost, time-out, throttling)."""
+
+
+class MailConfigurationError(TemporaryMailError):
+    """Our side is misconfigured (credentials, TLS, AUTH not offered): not the recipient's
+    fault, so not a permanent per-user failure; retried with backoff until it is fixed."""
+
+
+# 530 authentication/STARTTLS required, 534 mechanism too weak, 535 credentials invalid,
+# 538 encryption required for the mechanism (RFC 4954, RFC 3207)
+_CONFIGURATION_CODES = frozenset({530, 534, 535, 538})
 
 
 class MailTransport(Protocol):
@@ -90,12 +103,14 @@ class SmtpTransport:
             raise TemporaryMailError(f"recipient deferred: {detail}") from None
         except smtplib.SMTPResponseException as exc:
             text = _reply_text(exc.smtp_error)
+            if exc.smtp_code in _CONFIGURATION_CODES:
+                raise MailConfigurationError(f"SMTP {exc.smtp_code} {text}") from None
             if 500 <= exc.smtp_code < 600:
                 raise PermanentMailError(f"SMTP {exc.smtp_code} {text}") from None
             raise TemporaryMailError(f"SMTP {exc.smtp_code} {text}") from None
         except smtplib.SMTPNotSupportedError as exc:
-            # e.g. AUTH configured but not offered: a configuration error, not a blip
-            raise PermanentMailError(f"SMTP server does not support it: {exc}") from None
+            # e.g. AUTH configured but not offered: a configuration error, not a bad address
+            raise MailConfigurationError(f"SMTP server does not support it: {exc}") from None
         except (smtplib.SMTPException, OSError) as exc:
             # disconnected, refused, unreachable, timed out: the next attempt may work
             raise TemporaryMailError(

@@ -27,6 +27,8 @@ RECEIPTS_PATH = "/--/api/v2/push/getReceipts"
 MAX_MESSAGES = 100  # Expo's limit per send request
 MAX_RECEIPT_IDS = 1000  # Expo's limit per getReceipts request
 DEVICE_NOT_REGISTERED = "DeviceNotRegistered"
+# The error of a ticket whose send request as a whole failed (HTTP error, unreachable, refused).
+REQUEST_FAILED = "RequestFailed"
 
 
 class PushError(Exception):
@@ -98,19 +100,34 @@ class ExpoPush:
         self.timeout = timeout
 
     def send(self, messages: Sequence[PushMessage]) -> list[PushTicket]:
+        """One ticket per message, in order. A request that fails as a whole (HTTP error,
+        unreachable, refused) gives its messages ``REQUEST_FAILED`` tickets and is logged; the
+        other requests still go, so their tickets (DeviceNotRegistered, ok ids for receipts)
+        are not lost with it."""
         tickets: list[PushTicket] = []
         for start in range(0, len(messages), MAX_MESSAGES):
             chunk = messages[start : start + MAX_MESSAGES]
-            answer = self._post(SEND_PATH, [m.as_json() for m in chunk])
-            data = answer.get("data")
-            if not isinstance(data, list) or len(data) != len(chunk):
-                raise PushError(f"push service answered {len(data or [])} tickets for {len(chunk)}")
-            for message, ticket in zip(chunk, data, strict=True):
-                if ticket.get("status") == "ok":
-                    tickets.append(PushTicket(token=message.to, ok=True, id=ticket.get("id")))
-                else:
-                    error = (ticket.get("details") or {}).get("error") or "unknown"
-                    tickets.append(PushTicket(token=message.to, ok=False, error=error))
+            try:
+                tickets.extend(self._send_chunk(chunk))
+            except PushError as exc:
+                log.warning("push_request_failed", messages=len(chunk), error=str(exc)[:200])
+                tickets.extend(
+                    PushTicket(token=m.to, ok=False, error=REQUEST_FAILED) for m in chunk
+                )
+        return tickets
+
+    def _send_chunk(self, chunk: Sequence[PushMessage]) -> list[PushTicket]:
+        answer = self._post(SEND_PATH, [m.as_json() for m in chunk])
+        data = answer.get("data")
+        if not isinstance(data, list) or len(data) != len(chunk):
+            raise PushError(f"push service answered {len(data or [])} tickets for {len(chunk)}")
+        tickets: list[PushTicket] = []
+        for message, ticket in zip(chunk, data, strict=True):
+            if ticket.get("status") == "ok":
+                tickets.append(PushTicket(token=message.to, ok=True, id=ticket.get("id")))
+            else:
+                error = (ticket.get("details") or {}).get("error") or "unknown"
+                tickets.append(PushTicket(token=message.to, ok=False, error=error))
         return tickets
 
     def receipts(self, ticket_ids: Sequence[str]) -> dict[str, PushReceipt]:

@@ -14,7 +14,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
@@ -59,14 +59,17 @@ class ObjectWriter(Protocol):
 class Storage(Protocol):
     url: str
 
+    # exclusive=True: publish only if no object has the key yet, atomically (no check-then-put
+    # window); otherwise FileExistsError when the writer closes, and the existing object stays.
     def writer(
-        self, key: str, *, storage_class: str | None = None
+        self, key: str, *, storage_class: str | None = None, exclusive: bool = False
     ) -> contextlib.AbstractContextManager[ObjectWriter]: ...
     def open(self, key: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
     def stat(self, key: str) -> ObjectInfo: ...
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
     def set_storage_class(self, key: str, storage_class: str) -> None: ...
+    def sweep_incomplete(self, older_than: timedelta) -> int: ...
 
     # Conveniences built on the five primitives above (see _Conveniences).
     def put_bytes(
@@ -103,7 +106,7 @@ class _Hashing:
 
 class _Conveniences:
     def writer(
-        self, key: str, *, storage_class: str | None = None
+        self, key: str, *, storage_class: str | None = None, exclusive: bool = False
     ) -> contextlib.AbstractContextManager[ObjectWriter]:
         raise NotImplementedError
 
@@ -159,7 +162,9 @@ class FileStorage(_Conveniences):
         return self.root / check_key(key)
 
     @contextlib.contextmanager
-    def writer(self, key: str, *, storage_class: str | None = None) -> Iterator[_FileWriter]:
+    def writer(
+        self, key: str, *, storage_class: str | None = None, exclusive: bool = False
+    ) -> Iterator[_FileWriter]:
         # storage_class has no meaning on a file system; accepted so callers need not care.
         path = self._path(key)
         try:
@@ -173,7 +178,18 @@ class FileStorage(_Conveniences):
                 yield writer
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)  # atomic: readers see the old object or the whole new one
+            if exclusive:
+                # link() fails with EEXIST if the name exists: no window between a check and
+                # the publish (two archivers racing on one name, one wins, the other is told)
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise FileExistsError(f"{self.url}: {key} already exists") from None
+                except OSError as exc:
+                    raise StorageError(f"cannot publish {key} under {self.root}: {exc}") from exc
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)  # atomic: readers see the old object or the whole new one
             _fsync_dir(path.parent)
             writer._finish()
         except BaseException:
@@ -216,6 +232,27 @@ class FileStorage(_Conveniences):
         """A file system has one class; only checks that the object exists."""
         self.stat(key)
 
+    def sweep_incomplete(self, older_than: timedelta) -> int:
+        """Remove uploads abandoned by a crash (``.NAME.tmp-*`` files, invisible to ``list``)
+        not written to for ``older_than``; returns how many. A live upload keeps its temp file's
+        mtime fresh, so a generous ``older_than`` (a day) never touches one."""
+        if not self.root.exists():
+            return 0
+        cut = datetime.now(UTC).timestamp() - older_than.total_seconds()
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not (name.startswith(".") and _TMP_MARK in name):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    if path.stat().st_mtime < cut:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:  # finished or removed meanwhile
+                    continue
+        return removed
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -231,11 +268,15 @@ def _fsync_dir(path: Path) -> None:
 class _S3Writer(_Hashing):
     """Buffers one part at a time; small objects go up in one PUT, large ones as multipart."""
 
-    def __init__(self, store: S3Storage, key: str, storage_class: str | None) -> None:
+    def __init__(
+        self, store: S3Storage, key: str, storage_class: str | None, *, exclusive: bool = False
+    ) -> None:
         super().__init__(key)
         self._store = store
         self._full_key = store._full_key(key)
         self._extra: dict[str, Any] = {"StorageClass": storage_class} if storage_class else {}
+        # a conditional write (S3 since 2024-08): refused with 412 if the key exists
+        self._condition: dict[str, Any] = {"IfNoneMatch": "*"} if exclusive else {}
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
@@ -267,22 +308,40 @@ class _S3Writer(_Hashing):
     def commit(self) -> None:
         s3, bucket = self._store._client, self._store.bucket
         if self._upload_id is None:
-            with self._store._translate(self.key):
+            with self._exists_guard(), self._store._translate(self.key):
                 s3.put_object(
-                    Bucket=bucket, Key=self._full_key, Body=bytes(self._buffer), **self._extra
+                    Bucket=bucket,
+                    Key=self._full_key,
+                    Body=bytes(self._buffer),
+                    **self._extra,
+                    **self._condition,
                 )
         else:
             if self._buffer:
                 self._upload_part(bytes(self._buffer))
-            with self._store._translate(self.key):
+            with self._exists_guard(), self._store._translate(self.key):
                 s3.complete_multipart_upload(
                     Bucket=bucket,
                     Key=self._full_key,
                     UploadId=self._upload_id,
                     MultipartUpload={"Parts": self._parts},
+                    **self._condition,
                 )
         self._buffer.clear()
         self._finish()
+
+    @contextlib.contextmanager
+    def _exists_guard(self) -> Iterator[None]:
+        """An exclusive write refused because the key exists -> FileExistsError."""
+        try:
+            yield
+        except StorageError as exc:
+            cause = exc.__cause__
+            response = getattr(cause, "response", None) or {}
+            code = str(response.get("Error", {}).get("Code", ""))
+            if self._condition and code in ("PreconditionFailed", "412"):
+                raise FileExistsError(f"{self._store.url}: {self.key} already exists") from exc
+            raise
 
     def abort(self) -> None:
         if self._upload_id is None:
@@ -339,8 +398,10 @@ class S3Storage(_Conveniences):
             raise StorageError(f"{redact_url(self.url)} ({where}) unreachable: {exc}") from exc
 
     @contextlib.contextmanager
-    def writer(self, key: str, *, storage_class: str | None = None) -> Iterator[_S3Writer]:
-        writer = _S3Writer(self, key, storage_class)
+    def writer(
+        self, key: str, *, storage_class: str | None = None, exclusive: bool = False
+    ) -> Iterator[_S3Writer]:
+        writer = _S3Writer(self, key, storage_class, exclusive=exclusive)
         try:
             yield writer
             writer.commit()
@@ -392,6 +453,28 @@ class S3Storage(_Conveniences):
                 full_key,
                 ExtraArgs={"StorageClass": storage_class, "MetadataDirective": "COPY"},
             )
+
+    def sweep_incomplete(self, older_than: timedelta) -> int:
+        """Abort multipart uploads under our prefix started more than ``older_than`` ago (a
+        crashed writer never completed or aborted them; their parts are billed). A bucket
+        lifecycle rule (AbortIncompleteMultipartUpload) is the backstop. Returns how many."""
+        cut = datetime.now(UTC) - older_than
+        full_prefix = f"{self.prefix}/" if self.prefix else ""
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        with self._translate(full_prefix or "/"):
+            pages = list(paginator.paginate(Bucket=self.bucket, Prefix=full_prefix))
+        aborted = 0
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                initiated = upload.get("Initiated")
+                if initiated is None or initiated >= cut:
+                    continue
+                with self._translate(self._short_key(upload["Key"])):
+                    self._client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                aborted += 1
+        return aborted
 
 
 # ------------------------------------------------------------------------------------- factory

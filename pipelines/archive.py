@@ -22,7 +22,7 @@ import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import IO, Any
 
 import zstandard
@@ -86,10 +86,17 @@ def _stamp(value: Any) -> str:
 
 
 def object_key(table: str, lo: Key, hi: Key, fmt: str) -> str:
-    """``table/yyyy/mm/<first>--<last>.<fmt>.zst``: the same rows always get the same key."""
-    when = lo[0] if isinstance(lo[0], datetime) else datetime.now(UTC)
-    when = when.astimezone(UTC)
-    return f"{table}/{when:%Y}/{when:%m}/{_stamp(lo[0])}_{lo[1]}--{_stamp(hi[0])}_{hi[1]}.{fmt}.zst"
+    """``table/yyyy/mm/<first>--<last>.<fmt>.zst``: the same rows always get the same key.
+
+    yyyy/mm are those of the batch's first age value, a timestamp (in UTC) or a ``date``."""
+    first = lo[0]
+    if isinstance(first, datetime):
+        month = first.astimezone(UTC).strftime("%Y/%m")
+    elif isinstance(first, date):
+        month = first.strftime("%Y/%m")
+    else:  # policies only allow time types (policies._TIME_TYPES); never seen
+        month = datetime.now(UTC).strftime("%Y/%m")
+    return f"{table}/{month}/{_stamp(lo[0])}_{lo[1]}--{_stamp(hi[0])}_{hi[1]}.{fmt}.zst"
 
 
 def plan_archive(
@@ -267,8 +274,14 @@ def _drop_empty_partitions(ctx: Any, policy: Policy, cutoff: datetime) -> None:
             sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(p.schema, p.name))
         ).fetchone()
         if left and not left[0]:
+            # Rows may arrive between this check and the drop: drop_partition checks again
+            # under the DETACH's lock and keeps the partition if any did.
             parts.drop_partition(
-                ctx.work, policy.table, p, lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms
+                ctx.work,
+                policy.table,
+                p,
+                lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
+                require_empty=True,
             )
 
 
@@ -368,11 +381,55 @@ class _Verify:
         return True
 
 
+def _manifests(storage: Any, table: str | None = None) -> Iterator[dict[str, Any]]:
+    """The run manifests in storage (of ``table``'s runs if given), newest run first."""
+    prefix = f"manifests/{table}/" if table else "manifests/"
+    keys = [i.key for i in storage.list(prefix) if i.key.endswith(".json")]
+    for mkey in sorted(keys, key=lambda k: k.rsplit("/", 1)[-1], reverse=True):
+        try:
+            doc = json.loads(storage.get_bytes(mkey))
+        except (ValueError, OSError) as exc:
+            log.warning("archive_manifest_unreadable", key=mkey, error=str(exc))
+            continue
+        if isinstance(doc, dict) and doc.get("kind") == "tidemill.archive.manifest":
+            yield doc
+
+
+def manifest_checksum(storage: Any, key: str) -> tuple[str, str] | None:
+    """``(sha256, manifest table)`` of ``key`` as a run manifest in storage records it: the
+    checksum to verify against when the ``archive_objects`` catalogue has no row (a fresh or
+    recovered database). None if no manifest lists it."""
+    for doc in _manifests(storage, key.split("/", 1)[0]):
+        for obj in doc.get("objects", []):
+            if obj.get("key") == key and obj.get("sha256"):
+                return str(obj["sha256"]), str(doc.get("table") or "")
+    return None
+
+
+def manifest_objects(storage: Any, run_id: int) -> dict[str, str]:
+    """Key -> sha256 of the objects the manifest of run ``run_id`` lists, in its order (empty
+    if there is none)."""
+    for doc in _manifests(storage):
+        if doc.get("run_id") == run_id:
+            return {str(o["key"]): str(o.get("sha256") or "") for o in doc.get("objects", [])}
+    return {}
+
+
 def restore_object(
-    key: str, *, into: str | None = None, settings: Settings | None = None
+    key: str,
+    *,
+    into: str | None = None,
+    settings: Settings | None = None,
+    verify: bool = True,
+    manifest_sha256: str | None = None,
 ) -> RestoreResult:
     """Load one archived object back into ``into`` (default: its own table). Rows already
-    there are skipped (``ON CONFLICT DO NOTHING``), so restoring twice inserts nothing more."""
+    there are skipped (``ON CONFLICT DO NOTHING``), so restoring twice inserts nothing more.
+
+    The object's sha256 is checked against the ``archive_objects`` catalogue or, when the
+    catalogue has no row for it (a fresh or recovered database), against its run manifest in
+    storage (``manifest_sha256`` when the caller already read it). With neither, the restore
+    is refused unless ``verify=False``."""
     from core.storage import open_storage
     from pipelines.engine import connect
 
@@ -387,15 +444,32 @@ def restore_object(
             "SELECT table_name, sha256 FROM archive_objects WHERE storage_url = %s AND key = %s",
             (storage.url, key),
         ).fetchone()
-        table = into or (recorded[0] if recorded else key.split("/", 1)[0])
+        expected: str | None = None
+        source = "archive_objects"
+        manifest_table = None
+        if recorded and verify:
+            expected = recorded[1]
+        elif verify:
+            found_in = (manifest_sha256, "") if manifest_sha256 else manifest_checksum(storage, key)
+            if found_in is not None:
+                expected, manifest_table = found_in
+                source = "run manifest"
+            else:
+                log.warning("archive_restore_rejected", reason="no checksum", key=key)
+                raise ArchiveError(
+                    f"{key}: no sha256 for it in archive_objects nor in any run manifest under "
+                    f"manifests/{key.split('/', 1)[0]}/ in {storage.url}; refusing to restore "
+                    "unverified rows (pass --no-verify to restore it anyway)"
+                )
+        table = into or (recorded[0] if recorded else manifest_table or key.split("/", 1)[0])
         found = conn.execute("SELECT to_regclass(%s)", (f"public.{table}",)).fetchone()
         if not found or not found[0]:
             log.warning("archive_restore_rejected", reason="no such table", table=table)
             raise ArchiveError(f"table {table!r} does not exist")
         target = sql.Identifier("public", table)
         with storage.open(key) as raw, conn.transaction():
-            verify = _Verify(raw)
-            data = _decompressed(verify)  # type: ignore[arg-type]
+            hashed = _Verify(raw)
+            data = _decompressed(hashed)  # type: ignore[arg-type]
             if fmt == "csv":
                 header = data.readline()
                 cols = next(iter(_csv_rows(header)))
@@ -434,15 +508,22 @@ def restore_object(
                     ).format(t=target)
                 ).rowcount
             # Read to the end so the hash covers the whole object before we commit.
-            while verify.read(1 << 20):
+            while hashed.read(1 << 20):
                 pass
-            if recorded and verify.hash.hexdigest() != recorded[1]:
-                log.error("archive_restore_checksum_mismatch", key=key)
+            if expected is not None and hashed.hash.hexdigest() != expected:
+                log.error("archive_restore_checksum_mismatch", key=key, source=source)
                 raise ArchiveError(
-                    f"{key}: sha256 {verify.hash.hexdigest()} differs from the recorded "
-                    f"{recorded[1]}; nothing restored"
+                    f"{key}: sha256 {hashed.hash.hexdigest()} differs from the recorded "
+                    f"{expected} ({source}); nothing restored"
                 )
-    log.info("archive_restored", key=key, table=table, rows_read=read, rows_inserted=inserted)
+    log.info(
+        "archive_restored",
+        key=key,
+        table=table,
+        rows_read=read,
+        rows_inserted=inserted,
+        verified=source if expected is not None else "no",
+    )
     return RestoreResult(key, table, read, inserted)
 
 

@@ -44,8 +44,15 @@ class DrillResult:
     tables_checked: int = 0
     mismatches: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    kind: str = "logical"  # or "physical": a base backup restored into a scratch cluster
 
     def summary(self) -> str:
+        if self.status == "passed" and self.kind == "physical":
+            return (
+                f"physical drill passed: {self.backup} restored and started in "
+                f"{self.restore_seconds:.1f}s (RTO), data {self.data_age_seconds:.0f}s old "
+                f"(RPO), {self.tables_checked} tables counted"
+            )
         if self.status == "passed":
             return (
                 f"drill passed: {self.backup} restored in {self.restore_seconds:.1f}s "
@@ -79,8 +86,17 @@ def run_drill(
     storage: Storage | None = None,
     ref: str | None = None,
     database_url: str | None = None,
+    physical: bool = False,
 ) -> DrillResult:
-    """Run one drill and record it; never raises for a failed drill (it is a result)."""
+    """Run one drill and record it; never raises for a failed drill (it is a result).
+
+    ``physical``: drill the latest base backup (+ its incremental, if newer) instead: restore
+    it into a scratch cluster up to the backup's own end, check it starts and promotes, count
+    every table (compared with the manifest when it has counts; base manifests usually do
+    not). ``backup_drills`` has no kind column: such a drill's row carries
+    ``{"drill": "physical"}`` in ``mismatches`` (its backup_id also points at a base)."""
+    if physical and ref is not None:
+        raise BackupError("--physical drills the latest base backup; --backup is for logical")
     settings = settings or get_settings()
     storage = storage or open_storage(settings=settings)
     database_url = database_url or settings.database_url
@@ -93,45 +109,35 @@ def run_drill(
         ).fetchone()
     assert row is not None
     drill_id = int(row[0])
-    result = DrillResult(drill_id=drill_id, status="failed", backup=None)
+    result = DrillResult(
+        drill_id=drill_id,
+        status="failed",
+        backup=None,
+        kind="physical" if physical else "logical",
+    )
     entry: CatalogEntry | None = None
-    scratch = f"tidemill_drill_{drill_id}"
     try:
-        entry = _pick(storage, ref)
-        assert entry.manifest is not None
-        result.backup = entry.folder
-        with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(scratch))
-            )
-        try:
-            target = _scratch_url(database_url, scratch)
-            result.restore_seconds = restore_logical(storage, entry, target)
-            with psycopg.connect(target, autocommit=True) as conn:
-                actual = count_rows(conn)
-        finally:
-            with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                        sql.Identifier(scratch)
-                    )
-                )
-        expected = {k: int(v) for k, v in entry.manifest["tables"].items()}
-        result.tables_checked = len(expected)
-        result.mismatches = compare_counts(expected, actual)
-        data_at = entry.data_at
-        result.data_age_seconds = (drill_started - data_at).total_seconds() if data_at else None
-        result.status = "failed" if result.mismatches else "passed"
-        if result.mismatches:
-            result.error = f"row counts differ in {len(result.mismatches)} table(s)"
+        if physical:
+            from pipelines.restore import plan_restore
+
+            chain = plan_restore(catalog(storage, kinds=("base", "incremental")), None)
+            entry = chain[-1]
+            result.backup = " + ".join(e.folder for e in chain)
+            actual = _physical_restore(settings, storage, result, drill_id)
+        else:
+            entry = _pick(storage, ref)
+            result.backup = entry.folder
+            actual = _logical_restore(storage, entry, result, database_url, drill_id)
+        _finish_counts(result, entry, actual, drill_started, need_counts=not physical)
     except Exception as exc:  # a failed drill is recorded, not raised
         result.status = "failed"
         result.error = str(exc) or type(exc).__name__
-    _record(database_url, result, entry)
+    _record(database_url, result, entry, notes={"drill": "physical"} if physical else None)
     if result.status == "passed":
         log.info(
             "backup_drill_passed",
             drill_id=drill_id,
+            kind=result.kind,
             backup=result.backup,
             restore_seconds=round(result.restore_seconds or 0, 3),
             data_age_seconds=round(result.data_age_seconds or 0, 1),
@@ -141,11 +147,91 @@ def run_drill(
         log.error(
             "backup_drill_failed",
             drill_id=drill_id,
+            kind=result.kind,
             backup=result.backup,
             error=result.error,
             mismatches=result.mismatches or None,
         )
     return result
+
+
+def _logical_restore(
+    storage: Storage, entry: CatalogEntry, result: DrillResult, database_url: str, drill_id: int
+) -> dict[str, int]:
+    """Restore a logical backup into a scratch database, count its rows, drop it."""
+    scratch = f"tidemill_drill_{drill_id}"
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(scratch))
+        )
+    try:
+        target = _scratch_url(database_url, scratch)
+        result.restore_seconds = restore_logical(storage, entry, target)
+        with psycopg.connect(target, autocommit=True) as conn:
+            return count_rows(conn)
+    finally:
+        with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch))
+            )
+
+
+def _physical_restore(
+    settings: Settings, storage: Storage, result: DrillResult, drill_id: int
+) -> dict[str, int]:
+    """Restore the latest base (+ incremental) into a scratch cluster up to its consistent
+    end, start it, count every table; the scratch cluster is removed whatever happens."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from core.proc import free_port
+    from pipelines.restore import restore_to_time, stop_restored
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"tidemill-drill-{drill_id}-"))
+    data_dir = scratch / "pgdata"
+    try:
+        restored = restore_to_time(
+            settings,
+            target=None,
+            data_dir=data_dir,
+            port=free_port(),
+            storage=storage,
+            immediate=True,
+        )
+        result.restore_seconds = restored.seconds
+        with psycopg.connect(restored.url, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            if row != (False,):
+                raise BackupError("the restored cluster did not leave recovery")
+            actual = count_rows(conn)
+    finally:
+        if (data_dir / "postmaster.pid").exists():  # started, even if it then failed
+            stop_restored(data_dir)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return actual
+
+
+def _finish_counts(
+    result: DrillResult,
+    entry: CatalogEntry,
+    actual: dict[str, int],
+    drill_started: datetime,
+    *,
+    need_counts: bool = True,
+) -> None:
+    """Compare with the manifest's counts (a base backup's manifest has none: then the drill
+    checks that every table could be counted on the started cluster)."""
+    assert entry.manifest is not None
+    counts = entry.manifest["tables"] if need_counts else entry.manifest.get("tables") or {}
+    expected = {k: int(v) for k, v in counts.items()}
+    result.tables_checked = len(expected) if expected else len(actual)
+    result.mismatches = compare_counts(expected, actual) if expected else {}
+    data_at = entry.data_at
+    result.data_age_seconds = (drill_started - data_at).total_seconds() if data_at else None
+    result.status = "failed" if result.mismatches else "passed"
+    if result.mismatches:
+        result.error = f"row counts differ in {len(result.mismatches)} table(s)"
 
 
 def _pick(storage: Storage, ref: str | None) -> CatalogEntry:
@@ -162,8 +248,15 @@ def _pick(storage: Storage, ref: str | None) -> CatalogEntry:
     return fulls[-1]
 
 
-def _record(database_url: str, result: DrillResult, entry: CatalogEntry | None) -> None:
+def _record(
+    database_url: str,
+    result: DrillResult,
+    entry: CatalogEntry | None,
+    *,
+    notes: dict[str, Any] | None = None,
+) -> None:
     backup_id = entry.manifest.get("backup_id") if entry and entry.manifest else None
+    recorded = {**(notes or {}), **result.mismatches}
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         conn.execute(
             """UPDATE backup_drills SET
@@ -178,7 +271,7 @@ def _record(database_url: str, result: DrillResult, entry: CatalogEntry | None) 
                 "restore_seconds": result.restore_seconds,
                 "data_age": result.data_age_seconds,
                 "tables": result.tables_checked,
-                "mismatches": Jsonb(result.mismatches) if result.mismatches else None,
+                "mismatches": Jsonb(recorded) if recorded else None,
                 "error": result.error[:2000] if result.error else None,
                 "id": result.drill_id,
             },

@@ -8,8 +8,10 @@ so a run never holds locks for long and app writes never queue behind it.
 
 A new run first closes what a dead run left: its row is marked ``interrupted`` and, for an
 archive, an object uploaded but never committed (no ``archive_objects`` row: its rows are still
-in Postgres) is removed before those rows are archived again. Deletes need nothing more: a
-batch either committed or did not, and the next run starts from the oldest remaining row.
+in Postgres) is removed before those rows are archived again. A run that fails after an upload
+removes that object in its failure handler (best effort); if it cannot (storage down), the key
+stays pending on its row and the next run removes it, as for a dead run. Deletes need nothing
+more: a batch either committed or did not, and the next run starts from the oldest remaining row.
 """
 
 from __future__ import annotations
@@ -216,16 +218,25 @@ def _recover(meta: psycopg.Connection[Any], policy: Policy, settings: Settings) 
         (policy.name,),
     ).fetchall()
     ids = []
-    for run_id, progress, _dry in dead:
+    for run_id, _progress, _dry in dead:
         ids.append(run_id)
         log.warning("pipeline_run_interrupted", pipeline=policy.name, run_id=run_id)
-        pending = (progress or {}).get("pending")
-        if pending and policy.action == "archive":
-            from pipelines.archive import remove_orphan
-
-            remove_orphan(meta, settings, pending, pipeline=policy.name, run_id=run_id)
     if policy.action == "archive":
-        from pipelines.archive import write_manifest
+        from pipelines.archive import remove_orphan, write_manifest
+
+        # A run that died, or failed after an upload (read-back mismatch, storage-class move or
+        # catalogue insert failing) and could not remove its object then, left it pending: its
+        # rows are still in Postgres, so the object goes before they are archived again (unless
+        # a committed batch, of that run or a later one, owns that key). A storage error here
+        # stops this run: archiving again beside an orphan would store those rows twice.
+        leftovers = meta.execute(
+            "SELECT id, progress->>'pending' FROM pipeline_runs WHERE pipeline = %s "
+            "AND status IN ('interrupted', 'failed') AND progress ? 'pending' ORDER BY id",
+            (policy.name,),
+        ).fetchall()
+        for run_id, pending in leftovers:
+            remove_orphan(meta, settings, pending, pipeline=policy.name, run_id=run_id)
+            clear_pending(meta, run_id)
 
         # Runs that died or failed after committing batches still get their manifest (a
         # failed run could not write it when storage was what failed).
@@ -238,6 +249,34 @@ def _recover(meta: psycopg.Connection[Any], policy: Policy, settings: Settings) 
         for (run_id,) in unfinished:
             write_manifest(meta, settings, policy, run_id)
     return ids
+
+
+def clear_pending(meta: psycopg.Connection[Any], run_id: int) -> None:
+    meta.execute(
+        "UPDATE pipeline_runs SET progress = progress - 'pending' WHERE id = %s", (run_id,)
+    )
+
+
+def _remove_failed_upload(
+    meta: psycopg.Connection[Any], settings: Settings, policy: Policy, run_id: int
+) -> None:
+    """Best effort, in the failure handler: the object of the batch that did not commit."""
+    from pipelines.archive import remove_orphan
+
+    row = meta.execute(
+        "SELECT progress->>'pending' FROM pipeline_runs WHERE id = %s", (run_id,)
+    ).fetchone()
+    pending = row[0] if row else None
+    if not pending:
+        return
+    try:
+        remove_orphan(meta, settings, pending, pipeline=policy.name, run_id=run_id)
+    except Exception as exc:  # storage may be what failed; the next run's _recover retries
+        log.warning(
+            "archive_orphan_removal_deferred", run_id=run_id, key=pending, error=_describe(exc)
+        )
+        return
+    clear_pending(meta, run_id)
 
 
 def run_pipeline(
@@ -316,6 +355,17 @@ def run_pipeline(
             if policy.action == "archive" and not dry_run:
                 from pipelines.archive import write_manifest
 
+                try:
+                    # Not when the work connection broke: its COMMIT may have gone through
+                    # unseen, so the next run decides (by then the catalogue says).
+                    if not work.broken:
+                        _remove_failed_upload(meta, settings, policy, ctx.run_id)
+                except Exception as cleanup:  # the meta connection itself may be gone
+                    log.warning(
+                        "archive_orphan_removal_deferred",
+                        run_id=ctx.run_id,
+                        error=_describe(cleanup),
+                    )
                 try:
                     write_manifest(meta, settings, policy, ctx.run_id)
                 except Exception:  # storage may be what failed; the next run writes it

@@ -243,6 +243,7 @@ class EraseResult:
     erased: bool
     counts: dict[str, int]
     redis_keys: int = 0
+    broker_messages: int = 0  # queued / dead-lettered dramatiq messages about the user
     steps: list[str] = field(default_factory=list)
 
 
@@ -391,6 +392,7 @@ def erase(
             # user nobody can find any more. Once more after the commit, in case an app
             # re-cached the profile in between.
             result.redis_keys = _drop_redis_keys(user, settings)
+            result.broker_messages = _drop_dramatiq_messages(user, settings)
             _compliance(conn, "data_deletion_completed", None, reference, {"counts": counts})
             conn.execute(
                 "INSERT INTO audit_logs (action, entity_type, entity_id, actor, details) "
@@ -400,11 +402,15 @@ def erase(
         result.counts = counts
         result.erased = True
     result.redis_keys += _drop_redis_keys(user, settings)
+    # and a message enqueued about the user meanwhile (e.g. relayed from the outbox just
+    # before the commit removed its row) goes too.
+    result.broker_messages += _drop_dramatiq_messages(user, settings)
     log.info(
         "gdpr_user_erased",
         reference=reference,
         rows=sum(counts.values()),
         redis_keys=result.redis_keys,
+        broker_messages=result.broker_messages,
     )
     return result
 
@@ -432,9 +438,81 @@ def _drop_redis_keys(user: dict[str, Any], settings: Settings) -> int:
     # space in small steps, so a large Redis is not blocked.
     for key in client.scan_iter(match=f"*{user['id']}*", count=1000):
         keys.add(key.decode() if isinstance(key, bytes) else key)
-    if not keys:
+    return int(client.unlink(*sorted(keys))) if keys else 0
+
+
+# dramatiq's Redis broker keeps, per queue Q (and its delay queue Q.DQ): the list ``ns:Q`` of
+# waiting message ids, the hash ``ns:Q.msgs`` id -> encoded message, and for dead letters the
+# sorted set ``ns:Q.XQ`` with the hash ``ns:Q.XQ.msgs``. tidemill's broker (workers/broker.py)
+# uses dramatiq's default namespace.
+DRAMATIQ_NAMESPACE = "dramatiq"
+# Atomic against dramatiq's own dispatch script: drop the message's data, then its id from
+# the queue (list) or the dead letters (sorted set). A message a worker already fetched keeps
+# running (its data is in the worker's memory); with its data gone, a nack does not
+# dead-letter it and a requeue does not put it back, since dramatiq checks the hash first.
+_DROP_MESSAGE = """
+if redis.call('hdel', KEYS[1], ARGV[1]) == 0 then return 0 end
+local kind = redis.call('type', KEYS[2])['ok']
+if kind == 'list' then redis.call('lrem', KEYS[2], 0, ARGV[1])
+elseif kind == 'zset' then redis.call('zrem', KEYS[2], ARGV[1]) end
+return 1
+"""
+
+
+def _names_user(message: dict[str, Any], needles: set[str]) -> bool:
+    """Whether one of the message's own arguments is the user's id or e-mail.
+
+    Only top-level arguments count: a message about this user (a welcome e-mail, an export, an
+    erase, a push to them). A message that carries the user among others, nested in a list or
+    a mapping (a merged cache invalidation, a batch of push receipts), is kept: dropping it
+    would skip the others' work, and it holds ids or cache keys only until processed.
+    """
+    values = [*(message.get("args") or ()), *(message.get("kwargs") or {}).values()]
+    return any(isinstance(v, str) and v.strip().lower() in needles for v in values)
+
+
+def _drop_dramatiq_messages(user: dict[str, Any], settings: Settings) -> int:
+    """Queued, delayed and dead-lettered dramatiq messages about the erased user: they would
+    only fail (the user is gone) or replay its personal data, so they are removed."""
+    from urllib.parse import urlsplit
+
+    import redis
+
+    url = settings.effective_broker_url
+    if urlsplit(url).scheme not in {"redis", "rediss", "unix"}:
+        log.info("gdpr_broker_not_redis", detail="queued messages are left to the broker")
         return 0
-    return int(client.unlink(*sorted(keys)))
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+    needles = {str(user["id"]).lower()}
+    if user.get("email"):
+        needles.add(str(user["email"]).strip().lower())
+    try:
+        return _drop_matching(client, needles)
+    finally:
+        client.close()
+
+
+def _drop_matching(client: Any, needles: set[str]) -> int:
+    drop = client.register_script(_DROP_MESSAGE)
+    removed = 0
+    for raw in client.scan_iter(match=f"{DRAMATIQ_NAMESPACE}:*.msgs", count=1000):
+        hash_key = raw.decode() if isinstance(raw, bytes) else raw
+        if client.type(hash_key) not in (b"hash", "hash"):
+            continue
+        queue_key = hash_key[: -len(".msgs")]
+        for message_id, data in client.hscan_iter(hash_key, count=500):
+            try:
+                message = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(message, dict) and _names_user(message, needles):
+                removed += int(drop(keys=[hash_key, queue_key], args=[message_id]))
+                log.info(
+                    "gdpr_message_dropped",
+                    queue=queue_key.split(":", 1)[-1],
+                    actor=message.get("actor_name"),
+                )
+    return removed
 
 
 # ---------------------------------------------------------------------------- the policy

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from core.log import get_logger
@@ -141,18 +142,49 @@ def create_month(conn: Any, table: str, month: date, *, lock_timeout_ms: int = 2
     return moved
 
 
-def drop_partition(conn: Any, table: str, part: Partition, *, lock_timeout_ms: int = 2000) -> None:
-    """Detach then drop a partition. Its rows go with it: callers drop only expired months."""
+def drop_partition(
+    conn: Any,
+    table: str,
+    part: Partition,
+    *,
+    lock_timeout_ms: int = 2000,
+    require_empty: bool = False,
+) -> bool:
+    """Detach then drop a partition; returns whether it was dropped.
+
+    Its rows go with it: callers drop only expired months. ``require_empty`` (the archive,
+    whose rows must not leave Postgres unarchived) re-checks that the partition is empty after
+    DETACH has taken its ACCESS EXCLUSIVE lock, in the same transaction: a row inserted since
+    the caller's check keeps the partition (the detach is rolled back) and waits for the next
+    run to archive it.
+    """
     parent = sql.Identifier("public", table)
     ident = sql.Identifier(part.schema, part.name)
+    dropped = False
     with conn.transaction():
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout_ms)))
         # Not CONCURRENTLY: Postgres refuses it when a default partition exists. The plain
         # DETACH holds the parent's lock only for a catalog update; lock_timeout bounds the
         # wait behind long transactions, and the run retries later if it expires.
         conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, ident))
+        if require_empty:
+            left = conn.execute(
+                sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(ident)
+            ).fetchone()
+            if left and left[0]:
+                log.warning(
+                    "partition_drop_aborted",
+                    table=table,
+                    partition=part.name,
+                    reason="rows arrived after the emptiness check",
+                )
+                raise psycopg.Rollback()
         conn.execute(sql.SQL("DROP TABLE {}").format(ident))
+        dropped = True
+    if not dropped:
+        return False
     log.info("partition_dropped", table=table, partition=part.name)
+    return True
 
 
 def ensure_months(

@@ -20,6 +20,7 @@ different bytes it fails loudly: two clusters writing into one archive, or a cor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -36,7 +37,7 @@ import zstandard
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
-from core.storage import Storage, open_storage
+from core.storage import FileStorage, Storage, open_storage
 from db.embedded import postgres_bin
 from db.engine import libpq_url
 from pipelines.backup import (
@@ -129,45 +130,72 @@ def _stored_wal_sha256(storage: Storage, key: str) -> str:
 
 
 def push_wal(storage: Storage, path: Path, name: str, *, level: int = 1) -> str:
-    """Archive one WAL file; returns "stored" or "identical" (already archived, same bytes)."""
+    """Archive one WAL file; returns "stored" or "identical" (already archived, same bytes).
+
+    The no-overwrite rule is enforced by the publish itself (``exclusive=True``: a hard link on
+    file://, a conditional ``If-None-Match: *`` put on s3), not by the existence check, which
+    is only a shortcut for PostgreSQL's retries: a second archiver writing the same name
+    between our check and our publish cannot be overwritten.
+    """
     key = wal_key(name)
     if not path.is_file():
         raise BackupError(f"{path} does not exist or is not a file")
     if storage.exists(key):
-        local = _file_sha256(path)
-        stored = _stored_wal_sha256(storage, key)
-        if stored == local:
-            log.info("wal_already_archived", wal=name)
-            return "identical"
-        log.error("wal_segment_conflict", wal=name, key=key)
-        raise WalConflict(
-            f"{key} is already archived with different content; refusing to overwrite it "
-            "(is another cluster archiving into the same storage?)"
-        )
+        return _same_or_conflict(storage, path, name, key)
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-    with open(path, "rb") as fh, storage.writer(key) as out:
-        cctx.copy_stream(fh, cast(IO[bytes], out), read_size=CHUNK, write_size=CHUNK)
+    try:
+        with open(path, "rb") as fh, storage.writer(key, exclusive=True) as out:
+            cctx.copy_stream(fh, cast(IO[bytes], out), read_size=CHUNK, write_size=CHUNK)
+    except FileExistsError:  # archived by someone else after our check
+        log.warning("wal_archived_concurrently", wal=name)
+        return _same_or_conflict(storage, path, name, key)
     log.info("wal_archived", wal=name, key=key)
     return "stored"
 
 
+def _same_or_conflict(storage: Storage, path: Path, name: str, key: str) -> str:
+    local = _file_sha256(path)
+    stored = _stored_wal_sha256(storage, key)
+    if stored == local:
+        log.info("wal_already_archived", wal=name)
+        return "identical"
+    log.error("wal_segment_conflict", wal=name, key=key)
+    raise WalConflict(
+        f"{key} is already archived with different content; refusing to overwrite it "
+        "(is another cluster archiving into the same storage?)"
+    )
+
+
 def fetch_wal(storage: Storage, name: str, dest: Path) -> bool:
-    """Restore one WAL file to ``dest``; False when the archive does not have it."""
+    """Restore one WAL file to ``dest``; False only when the archive does not have it.
+
+    Anything else (storage unreachable or denied, an unreadable object, a local write error)
+    raises: ``tidemill wal fetch`` turns that into an exit code that makes recovery abort,
+    because "not archived" is how PostgreSQL learns that it has reached the end of the archive.
+    """
     key = wal_key(name)
     tmp = dest.with_name(f".{dest.name}.tidemill-tmp")
-    try:
-        with storage.open(key) as raw, open(tmp, "wb") as fh:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            while chunk := reader.read(CHUNK):
-                fh.write(chunk)
-        os.replace(tmp, dest)
-    except FileNotFoundError:
-        tmp.unlink(missing_ok=True)
-        return False
-    except zstandard.ZstdError as exc:
-        tmp.unlink(missing_ok=True)
-        log.error("wal_corrupt", wal=name, key=key, error=str(exc))
-        raise WalCorrupt(f"{key} is corrupt: {exc}") from exc
+    with contextlib.ExitStack() as stack:
+        try:
+            raw = stack.enter_context(storage.open(key))
+        except FileNotFoundError:
+            if isinstance(storage, FileStorage) and not storage.root.is_dir():
+                # the whole archive is missing (unmounted volume, wrong path): not its end
+                raise BackupError(f"WAL archive {storage.root} does not exist") from None
+            return False
+        try:
+            with open(tmp, "wb") as fh:
+                reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+                while chunk := reader.read(CHUNK):
+                    fh.write(chunk)
+            os.replace(tmp, dest)
+        except zstandard.ZstdError as exc:
+            tmp.unlink(missing_ok=True)
+            log.error("wal_corrupt", wal=name, key=key, error=str(exc))
+            raise WalCorrupt(f"{key} is corrupt: {exc}") from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return True
 
 

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ import zstandard
 from core.log import get_logger
 from core.proc import wait_until
 from core.settings import Settings, get_settings
-from core.storage import Storage, open_storage
+from core.storage import ObjectInfo, Storage, open_storage
 from db.embedded import (
     DATABASE_NAME,
     _make_traversable,
@@ -37,6 +38,7 @@ from db.embedded import (
     tidemill_command,
 )
 from pipelines.backup import BackupError, CatalogEntry, catalog, verify
+from pipelines.physical import WAL_PREFIX, wal_position
 
 log = get_logger(__name__)
 
@@ -83,6 +85,67 @@ def plan_restore(entries: list[CatalogEntry], target: datetime | None) -> list[C
     raise BackupError(f"no complete base backup with data from before {when} in storage")
 
 
+def _segno(position: str, per_log: int) -> int:
+    return int(position[:8], 16) * per_log + int(position[8:16], 16)
+
+
+def check_wal_coverage(
+    chain: list[CatalogEntry], wal: Sequence[ObjectInfo], target: datetime | None
+) -> None:
+    """Refuse, before anything is extracted, a restore whose archived WAL has a hole.
+
+    The base backup carries the WAL it needs to be consistent (``wal_start``…``wal_end``);
+    replaying further needs every segment after ``wal_end`` up to the one holding ``target``
+    (the first segment archived at or after it; without a target, the newest archived one).
+    Retention prunes WAL older than 7 days, so an older base can point into a pruned stretch:
+    without this check PostgreSQL would only say so with a FATAL after the whole extraction.
+    No I/O: ``wal`` is the storage listing under ``wal/``.
+    """
+    last = chain[-1]
+    assert last.manifest is not None
+    end = last.manifest.get("wal_end")
+    if not end:
+        return  # an old manifest without the range: PostgreSQL will have to tell
+    per_log = 0x100000000 // int(last.manifest.get("wal_segment_size") or 16 * 1024 * 1024)
+    end_no = _segno(end[8:24], per_log)
+    archived: dict[int, ObjectInfo] = {}
+    for info in wal:
+        position = wal_position(info.key)
+        if position is None or not info.key.removesuffix(".zst").endswith(position):
+            continue  # .history, .backup and .partial files are not segments of the stream
+        no = _segno(position, per_log)
+        if no > end_no:
+            archived.setdefault(no, info)
+    if not archived:
+        return  # nothing archived after the base: it restores to its own end
+    newest = max(archived)
+    need_to = newest
+    if target is not None:
+        after = [
+            no for no, i in archived.items() if i.modified is not None and i.modified >= target
+        ]
+        need_to = min(after) if after else newest
+    missing = [no for no in range(end_no + 1, need_to + 1) if no not in archived]
+    if missing:
+
+        def name(no: int) -> str:
+            return f"{no // per_log:08X}{no % per_log:08X}"
+
+        when = target.isoformat() if target else "the end of the archive"
+        log.error(
+            "restore_wal_gap",
+            base=last.folder,
+            first_missing=name(missing[0]),
+            missing=len(missing),
+        )
+        raise BackupError(
+            f"cannot restore {last.folder} to {when}: {len(missing)} WAL segment(s) after the "
+            f"backup are missing from the archive (first missing: log/segment "
+            f"{name(missing[0])}, needed through {name(need_to)}); WAL retention has probably "
+            "pruned them. Pick a newer base backup or a --to within the kept WAL."
+        )
+
+
 def _extract(storage: Storage, entry: CatalogEntry, dest: Path) -> None:
     assert entry.manifest is not None
     key = next(o["key"] for o in entry.manifest["objects"] if o["role"] == "base")
@@ -115,7 +178,10 @@ def restore_to_time(
     start: bool = True,
     storage: Storage | None = None,
     timeout: float = 3600,
+    immediate: bool = False,
 ) -> RestoreResult:
+    """``immediate``: stop at the base backup's own end (the first consistent point) instead
+    of replaying the archive to ``target`` or its end; what the physical restore drill does."""
     settings = settings or get_settings()
     storage = storage or open_storage(settings=settings)
     t0 = time.monotonic()
@@ -123,6 +189,10 @@ def restore_to_time(
     if data_dir.exists() and any(data_dir.iterdir()):
         raise BackupError(f"{data_dir} is not empty; restore into a new data directory")
     chain = plan_restore(catalog(storage, kinds=("base", "incremental")), target)
+    if immediate:
+        target = None
+    else:
+        check_wal_coverage(chain, list(storage.list(WAL_PREFIX)), target)
     log.info(
         "restore_started",
         chain=[e.folder for e in chain],
@@ -151,7 +221,7 @@ def restore_to_time(
                 for path in work:
                     shutil.rmtree(path, ignore_errors=True)
         _check_version(data_dir)
-        _write_recovery(settings, storage, data_dir, target=target, port=port)
+        _write_recovery(settings, storage, data_dir, target=target, port=port, immediate=immediate)
     except BaseException as exc:
         log.error("restore_failed", data_dir=str(data_dir), error=str(exc))
         # Half a data directory is worse than none: nobody should try to start it.
@@ -179,6 +249,7 @@ def _write_recovery(
     *,
     target: datetime | None,
     port: int,
+    immediate: bool = False,
 ) -> None:
     fetch = " ".join([*tidemill_command(), "wal", "fetch", '"%f"', '"%p"'])
     fetch += f" --storage {shlex.quote(storage.url)}"
@@ -194,7 +265,9 @@ def _write_recovery(
         "listen_addresses = '127.0.0.1'",
         "unix_socket_directories = ''",
     ]
-    if target is not None:
+    if immediate:
+        lines.append("recovery_target = 'immediate'")
+    elif target is not None:
         lines.append(f"recovery_target_time = {_conf_quote(target.isoformat())}")
     # Recovery refuses to run with lower limits than the primary had; the primary may have set
     # them on its command line (the embedded server does), which no backup carries.

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
-from db.engine import unit_of_work
+from db.engine import UnitOfWork, unit_of_work
 from schedules.schedule import PIPELINE_ACTOR, Schedule, load_schedules
 from schedules.scheduler import FireOutcome, fire
 
@@ -78,6 +78,18 @@ _LAST_RUNS = """
         WHERE pipeline = n.name ORDER BY started_at DESC LIMIT 1
     ) r ON true
 """
+# A backup actor records its own run: in ``backups`` (by kind) or ``backup_drills``. The tick's
+# run is the newest row started at or after the tick (a retry after a failure is newer).
+_LAST_BACKUP = """
+    SELECT status, started_at FROM backups
+    WHERE kind = %(kind)s AND started_at >= %(tick)s
+    ORDER BY started_at DESC LIMIT 1
+"""
+_LAST_DRILL = """
+    SELECT status, started_at FROM backup_drills
+    WHERE started_at >= %(tick)s
+    ORDER BY started_at DESC LIMIT 1
+"""
 _STATES = """
     SELECT name, paused, changed_by, changed_at, missed_ticks, skipped_ticks, last_misfire_at
     FROM schedule_state WHERE name = ANY(%(names)s::text[])
@@ -94,14 +106,39 @@ def _message_status(tick: object) -> str:
     return "enqueued" if getattr(tick, "dispatched_at", None) else "pending"
 
 
+def _backup_kind(schedule: Schedule) -> str | None:
+    """The ``backups.kind`` a backup actor's run writes (workers.backups), None if not one."""
+    if schedule.actor == "backup_full":
+        return "full"
+    if schedule.actor == "backup_base":
+        # An incremental tick that finds no parent base falls back to a full base backup; that
+        # row is not attributed here (it would be confused with the daily base schedule's).
+        return "incremental" if schedule.kwargs.get("incremental") else "base"
+    return None
+
+
+def _backup_run_status(uow: UnitOfWork, schedule: Schedule, tick: datetime) -> str | None:
+    """The status of the backup (or drill) that ran for ``tick``, None if none has started."""
+    kind = _backup_kind(schedule)
+    if kind is not None:
+        row = uow.sql(_LAST_BACKUP, {"kind": kind, "tick": tick}).fetchone()
+    elif schedule.actor == "backup_drill":
+        row = uow.sql(_LAST_DRILL, {"tick": tick}).fetchone()
+    else:  # backup_prune and everything else keep no run record of their own
+        return None
+    return row.status if row is not None else None
+
+
 def list_schedules(
     settings: Settings | None = None, *, now: datetime | None = None
 ) -> list[ScheduleStatus]:
     """Every schedule with its next fire time (from ``now``), last tick and last run's status.
 
     The last run's status is the lifecycle pipeline's own (``pipeline_runs``: running,
-    succeeded, failed, interrupted) when one started for or after the last tick; otherwise the
-    state of the message the tick enqueued (pending, enqueued, error).
+    succeeded, failed, interrupted) when one started for or after the last tick; for backup
+    actors, the backup's own (``backups``: running, complete, failed, expired; for drills
+    ``backup_drills``: running, passed, failed), from the newest row started at or after the
+    tick; otherwise the state of the message the tick enqueued (pending, enqueued, error).
     """
     settings = settings or get_settings()
     now = now or datetime.now(UTC)
@@ -111,6 +148,11 @@ def list_schedules(
         ticks = {r.name: r for r in uow.sql(_LAST_TICKS, {"names": names}).fetchall()}
         runs = {r.name: r for r in uow.sql(_LAST_RUNS, {"names": names}).fetchall()}
         states = {r.name: r for r in uow.sql(_STATES, {"names": names}).fetchall()}
+        backup_runs = {
+            s.name: _backup_run_status(uow, s, ticks[s.name].tick)
+            for s in schedules
+            if s.name in ticks
+        }
     out = []
     for schedule in schedules:
         tick = ticks.get(schedule.name)
@@ -124,6 +166,8 @@ def list_schedules(
             tick is None or run.tick == tick.tick or run.started_at >= tick.fired_at
         ):
             status = run.status
+        if backup_runs.get(schedule.name) is not None:
+            status = backup_runs[schedule.name]
         out.append(
             ScheduleStatus(
                 name=schedule.name,

@@ -9,8 +9,10 @@ ad-hoc jobs). A tick only enqueues; the work happens in the actor.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -138,6 +140,43 @@ def validate(schedule: Schedule) -> Schedule:
     except ScheduleError as exc:
         raise ScheduleError(f"{where}: {exc}") from None
     return schedule
+
+
+def registered_actors() -> set[str]:
+    """Every dramatiq actor the workers declare (``workers.actors``, imported here, lazily:
+    it builds the broker from settings)."""
+    import dramatiq
+
+    import workers.actors  # noqa: F401  (declares every actor family on the broker)
+
+    return set(dramatiq.get_broker().get_declared_actors())
+
+
+def check_actors(schedules: Iterable[Schedule], known: Collection[str] | None = None) -> None:
+    """Refuse a schedule whose actor no worker declares (a misspelt name would otherwise be
+    enqueued on every tick and only fail at the relay): a ScheduleError naming it.
+
+    ``known`` defaults to ``registered_actors()``. When the actors cannot be imported because
+    no broker is configured (the scheduler itself needs only Postgres), the check is skipped,
+    loudly.
+    """
+    if known is None:
+        try:
+            known = registered_actors()
+        except SettingsError as exc:
+            log.warning("schedule_actors_unchecked", reason=str(exc))
+            return
+    for schedule in schedules:
+        if schedule.actor in known:
+            continue
+        close = difflib.get_close_matches(schedule.actor, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        error = (
+            f"schedule {schedule.name!r} ({schedule.source}): unknown actor "
+            f"{schedule.actor!r} (no worker declares it){hint}"
+        )
+        log.error("schedule_invalid", schedule=schedule.name, source=schedule.source, error=error)
+        raise ScheduleError(error)
 
 
 def _from_policies(settings: Settings) -> list[Schedule]:

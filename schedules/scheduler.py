@@ -6,7 +6,10 @@ fires while its replica holds the leader lock (``schedules.leader``). A fire ins
 a tick fired twice during a hand-over inserts one row and sends one message.
 
 On start-up and on every leadership acquisition the leader applies each schedule's misfire
-policy to the ticks missed since the last recorded one (``schedules.misfire``).
+policy to the ticks missed since the last recorded one (``schedules.misfire``). Jobs wait for
+that catch-up before firing, so a current tick cannot hide the gap before it. Any tick the leader
+could not fire later on (a failed fire, a run APScheduler missed or skipped) asks for another
+catch-up, so every tick is either fired or counted by its schedule's policy, once.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from apscheduler.events import EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from core.log import get_logger
@@ -26,12 +29,13 @@ from core.settings import Settings, get_settings
 from db.engine import UnitOfWork, unit_of_work
 from schedules.leader import Fence, LeaderLock
 from schedules.misfire import MisfirePlan, baseline, latest_tick, plan_misfire
-from schedules.schedule import Schedule, load_schedules
+from schedules.schedule import Schedule, check_actors, load_schedules
 
 log = get_logger(__name__)
 
 # How late APScheduler may run a job and still fire it (a busy thread pool, a GC pause).
-# Anything later is a misfire, handled by the catch-up on the next acquisition.
+# Anything later is a misfire, handled by a catch-up. Also how long a job waits for a pending
+# catch-up before leaving its tick to it.
 JOB_GRACE_S = 30
 
 KINDS = ("scheduled", "manual", "catch-up")
@@ -42,6 +46,7 @@ class FireOutcome(StrEnum):
     DUPLICATE = "duplicate"  # this (schedule, tick) had already fired
     PAUSED = "paused"
     NOT_LEADER = "not_leader"  # the fence failed: this replica lost the lock
+    CAUGHT_UP = "caught_up"  # a catch-up already accounted for this tick (fired or counted)
 
 
 _TICK = """
@@ -65,12 +70,14 @@ def _fenced(uow: UnitOfWork, fence: Fence | None) -> bool:
     return fence is None or uow.sql(Fence.sql, fence.params()).fetchone() is not None
 
 
-def _paused(uow: UnitOfWork, name: str) -> bool:
-    # FOR SHARE: a pause committing concurrently either lands before this fire or waits for it.
+def _state_for_fire(uow: UnitOfWork, name: str) -> tuple[bool, datetime | None]:
+    """(paused, caught_up_to). FOR SHARE: a pause or a catch-up (FOR UPDATE) committing
+    concurrently either lands before this fire, and is seen, or waits for it."""
     row = uow.sql(
-        "SELECT paused FROM schedule_state WHERE name = %(n)s FOR SHARE", {"n": name}
+        "SELECT paused, caught_up_to FROM schedule_state WHERE name = %(n)s FOR SHARE",
+        {"n": name},
     ).fetchone()
-    return bool(row and row.paused)
+    return (bool(row.paused), row.caught_up_to) if row else (False, None)
 
 
 def _insert_tick(
@@ -120,16 +127,22 @@ def fire(
 ) -> FireOutcome:
     """Record the tick and enqueue its actor, in one transaction.
 
-    A paused schedule does not fire (manual ticks excepted: an operator asked for them). With a
+    A paused schedule does not fire (manual ticks excepted: an operator asked for them), nor does
+    a scheduled tick that a catch-up already planned for (at or before ``caught_up_to``). With a
     ``fence``, nothing commits unless the leader lock is still this replica's.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     with unit_of_work(settings) as uow:
+        paused, caught_up_to = (
+            (False, None) if kind == "manual" else _state_for_fire(uow, schedule.name)
+        )
         if not _fenced(uow, fence):
             outcome = FireOutcome.NOT_LEADER
-        elif kind != "manual" and _paused(uow, schedule.name):
+        elif paused:
             outcome = FireOutcome.PAUSED
+        elif kind == "scheduled" and caught_up_to is not None and tick <= caught_up_to:
+            outcome = FireOutcome.CAUGHT_UP
         elif _insert_tick(
             uow, schedule, tick, kind=kind, fired_by=fired_by or identity(), covers=covers
         ):
@@ -141,6 +154,7 @@ def fire(
         FireOutcome.DUPLICATE: "tick_already_fired",
         FireOutcome.PAUSED: "tick_paused",
         FireOutcome.NOT_LEADER: "tick_fenced",
+        FireOutcome.CAUGHT_UP: "tick_caught_up",
     }[outcome]
     log.info(event, schedule=schedule.name, tick=tick.isoformat(), kind=kind)
     return outcome
@@ -161,15 +175,6 @@ _RECORD_MISFIRE = """
         caught_up_to = EXCLUDED.caught_up_to,
         missed_ticks = s.missed_ticks + EXCLUDED.missed_ticks,
         skipped_ticks = s.skipped_ticks + EXCLUDED.skipped_ticks,
-        last_misfire_at = EXCLUDED.last_misfire_at
-"""
-
-_RECORD_RUNTIME_MISFIRE = """
-    INSERT INTO schedule_state AS s (name, missed_ticks, skipped_ticks, last_misfire_at)
-    VALUES (%(n)s, 1, 1, %(now)s)
-    ON CONFLICT (name) DO UPDATE SET
-        missed_ticks = s.missed_ticks + 1,
-        skipped_ticks = s.skipped_ticks + 1,
         last_misfire_at = EXCLUDED.last_misfire_at
 """
 
@@ -254,17 +259,23 @@ def catch_up(
     return plans
 
 
-def _record_runtime_misfire(schedule: Schedule, *, settings: Settings) -> None:
-    """APScheduler ran a job too late to fire (JOB_GRACE_S): count it as a skipped tick."""
-    with unit_of_work(settings) as uow:
-        uow.sql(_RECORD_RUNTIME_MISFIRE, {"n": schedule.name, "now": datetime.now(UTC)})
-
-
 class Scheduler:
-    """APScheduler jobs for every schedule plus a leader thread that owns the lock."""
+    """APScheduler jobs for every schedule plus a leader thread that owns the lock.
+
+    Catch-ups are requested (``_request_catch_up``) on every acquisition and whenever a tick
+    could not be fired: a failed fire, a run APScheduler missed (later than ``job_grace_s``) or
+    skipped (the previous run still busy). The leader thread applies them; until one is done,
+    jobs wait rather than fire, and a job whose tick the catch-up planned for does not fire it
+    again (``FireOutcome.CAUGHT_UP``).
+    """
 
     def __init__(
-        self, settings: Settings, schedules: list[Schedule], *, replica_id: str | None = None
+        self,
+        settings: Settings,
+        schedules: list[Schedule],
+        *,
+        replica_id: str | None = None,
+        job_grace_s: int = JOB_GRACE_S,
     ) -> None:
         assert settings.database_url
         self.identity = replica_id or identity()  # host:pid; tests name in-process replicas
@@ -272,6 +283,7 @@ class Scheduler:
         self.schedules = schedules
         self.by_name = {s.name: s for s in schedules}
         self.retry_s = settings.scheduler_leader_retry_s
+        self.job_grace_s = job_grace_s
         self.lock = LeaderLock(
             settings.database_url,
             identity=self.identity,
@@ -280,42 +292,70 @@ class Scheduler:
         )
         self.aps = BackgroundScheduler(timezone="UTC")
         self._stop = threading.Event()
-        self._catch_up_due = False
+        self._wake = threading.Event()  # a catch-up was requested: run the leader step now
+        self._caught_up = threading.Event()  # clear while a catch-up is due
+        self._requests = 0  # catch-up requests so far; a catch-up done clears only its own
+        self._requests_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+
+    @property
+    def catch_up_due(self) -> bool:
+        return not self._caught_up.is_set()
+
+    def _request_catch_up(self, reason: str | None = None, **fields: object) -> None:
+        with self._requests_lock:
+            self._requests += 1
+            self._caught_up.clear()
+        if reason is not None:
+            log.info("catch_up_requested", reason=reason, identity=self.identity, **fields)
+            self._wake.set()
+
+    def _wait_for_catch_up(self) -> bool:
+        """Wait (at most ``job_grace_s``) until no catch-up is due; False if one still is."""
+        waited = 0.0
+        while not self._caught_up.wait(0.2):
+            waited += 0.2
+            if self._stop.is_set() or waited >= self.job_grace_s or self.lock.fence is None:
+                return False
+        return True
 
     def _job(self, name: str) -> None:
         schedule = self.by_name[name]
-        fence = self.lock.fence
-        if fence is None:
+        if self.lock.fence is None:
             return  # a standby: the leader fires this tick
         now = datetime.now(UTC)
-        tick = latest_tick(schedule.trigger(), now=now, lookback=timedelta(seconds=JOB_GRACE_S + 5))
+        tick = latest_tick(
+            schedule.trigger(), now=now, lookback=timedelta(seconds=self.job_grace_s + 5)
+        )
         if tick is None:
             log.warning("tick_not_found", schedule=name, now=now.isoformat())
             return
+        if not self._wait_for_catch_up():
+            # The catch-up has not finished (or leadership went): leave this tick to it, and
+            # make sure one runs after this tick was due, so it is planned for.
+            if self.lock.fence is not None and not self._stop.is_set():
+                self._request_catch_up("tick_waited_too_long", schedule=name, tick=tick.isoformat())
+            return
+        fence = self.lock.fence
+        if fence is None:
+            return
         try:
             fire(schedule, tick, settings=self.settings, fence=fence, fired_by=self.identity)
-        except Exception as exc:  # a database outage: the next acquisition catches up
+        except Exception as exc:  # a database blip: the catch-up applies the misfire policy
             log.error("tick_fire_failed", schedule=name, tick=tick.isoformat(), error=str(exc))
+            self._request_catch_up("tick_fire_failed", schedule=name, tick=tick.isoformat())
 
-    def _on_missed(self, event: JobExecutionEvent) -> None:
-        if self.lock.fence is None:
+    def _on_not_run(self, event: JobEvent) -> None:
+        """APScheduler did not run a job: too late (missed) or still busy (max instances). The
+        tick goes through the misfire policy like any other tick the leader did not fire."""
+        if self.lock.fence is None or event.job_id not in self.by_name:
             return
-        schedule = self.by_name.get(event.job_id)
-        if schedule is None:
-            return
-        log.warning(
-            "schedule_misfire",
-            schedule=schedule.name,
-            policy="runtime",
-            missed=1,
-            skipped=1,
-            scheduled=str(event.scheduled_run_time),
-        )
-        try:
-            _record_runtime_misfire(schedule, settings=self.settings)
-        except Exception as exc:
-            log.error("misfire_record_failed", schedule=schedule.name, error=str(exc))
+        reason = "job_missed" if event.code == EVENT_JOB_MISSED else "job_max_instances"
+        times = getattr(event, "scheduled_run_times", None) or [
+            getattr(event, "scheduled_run_time", None)
+        ]
+        log.warning(reason, schedule=event.job_id, scheduled=[str(t) for t in times])
+        self._request_catch_up(reason, schedule=event.job_id)
 
     def _leader_loop(self) -> None:
         while not self._stop.is_set():
@@ -323,22 +363,27 @@ class Scheduler:
                 self._leader_step()
             except Exception as exc:  # this thread must outlive any surprise, or no one leads
                 log.error("leader_loop_error", error=f"{type(exc).__name__}: {exc}")
-            self._stop.wait(self.retry_s)
+            self._wake.wait(self.retry_s)
+            self._wake.clear()
 
     def _leader_step(self) -> None:
         if self.lock.is_leader:
             if not self.lock.check():
                 log.warning("leader_lost", identity=self.identity)
                 return
-        elif self.lock.try_acquire():
+        else:
+            # Before the fence is published: jobs that see it wait for the first catch-up.
+            self._request_catch_up()
+            if not self.lock.try_acquire():
+                return
             assert self.lock.fence is not None
             log.info("leader_acquired", identity=self.identity, backend_pid=self.lock.fence.pid)
-            self._catch_up_due = True
-        else:
-            return
-        if self._catch_up_due:
-            # Ticks due while no one led (start-up, hand-over): apply each misfire policy. A
-            # failure (a database blip) is retried on the next step, still as the leader.
+        if self.catch_up_due:
+            # Ticks due while no one led (start-up, hand-over) or that could not be fired:
+            # apply each misfire policy. A failure (a database blip) is retried on the next
+            # step, still as the leader; jobs keep waiting meanwhile.
+            with self._requests_lock:
+                requests = self._requests
             try:
                 catch_up(
                     self.schedules,
@@ -347,9 +392,14 @@ class Scheduler:
                     fence=self.lock.fence,
                     fired_by=self.identity,
                 )
-                self._catch_up_due = False
             except Exception as exc:
                 log.error("catch_up_failed", error=f"{type(exc).__name__}: {exc}")
+                return
+            with self._requests_lock:
+                if self._requests == requests:  # none asked for since: every job may fire
+                    self._caught_up.set()
+            if self.catch_up_due:
+                self._wake.set()
 
     def start(self) -> None:
         for schedule in self.schedules:
@@ -359,11 +409,11 @@ class Scheduler:
                 args=(schedule.name,),
                 id=schedule.name,
                 name=schedule.name,
-                misfire_grace_time=JOB_GRACE_S,
+                misfire_grace_time=self.job_grace_s,
                 coalesce=True,
                 max_instances=1,
             )
-        self.aps.add_listener(self._on_missed, EVENT_JOB_MISSED)
+        self.aps.add_listener(self._on_not_run, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
         self.aps.start()
         self._thread = threading.Thread(target=self._leader_loop, name="leader", daemon=True)
         self._thread.start()
@@ -377,6 +427,7 @@ class Scheduler:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self.aps.shutdown(wait=True)
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -387,7 +438,9 @@ class Scheduler:
 def run_scheduler(settings: Settings, stop: threading.Event) -> None:
     """`tidemill scheduler`: run until ``stop`` is set."""
     settings = settings or get_settings()
-    scheduler = Scheduler(settings, load_schedules(settings))
+    schedules = load_schedules(settings)
+    check_actors(schedules)  # a misspelt actor stops start-up with one clear line
+    scheduler = Scheduler(settings, schedules)
     scheduler.start()
     try:
         stop.wait()

@@ -227,3 +227,133 @@ def test_restore_rejects_a_tampered_object(sql, file_storage) -> None:
     assert bad.returncode == 1
     assert "differs from the recorded" in bad.stderr
     assert sql.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+def test_failure_after_upload_removes_the_object_and_the_next_run_archives_once(
+    sql, s3_url, moto_server, monkeypatch
+) -> None:
+    # Given 60 old messages and an archive to S3 whose storage class S3 rejects: the object is
+    # uploaded and verified, then moving it to the class fails before the DELETE commits
+    use_storage(monkeypatch, s3_url)
+    _messages(sql, 60, 0)
+    ids = sorted(str(r[0]) for r in sql.execute("SELECT id FROM messages"))
+    bad = _policy("messages-archive", batch_size=25, storage_class="NOT_A_STORAGE_CLASS")
+    with pytest.raises(StorageError):
+        run_pipeline("messages-archive", now=NOW, policy=bad)
+    # Then the failed run left no object behind, and every row is still in Postgres
+    bucket, prefix = s3_url[5:].split("/", 1)
+    listed = s3_client(moto_server).list_objects_v2(Bucket=bucket, Prefix=prefix)
+    assert [o["Key"] for o in listed.get("Contents", [])] == []
+    assert sql.execute("SELECT count(*) FROM messages").fetchone()[0] == 60
+    run = sql.execute("SELECT status, progress ? 'pending' FROM pipeline_runs").fetchone()
+    assert run == ("failed", False)
+    # When a later run archives with other bounds (batches of 40, not 25)
+    result = run_pipeline(
+        "messages-archive", now=NOW, policy=_policy("messages-archive", batch_size=40)
+    )
+    # Then every row is archived exactly once
+    assert result.status == "succeeded" and result.stats.rows_affected == 60
+    for k in [o["Key"] for o in s3_client(moto_server).list_objects_v2(Bucket=bucket)["Contents"]]:
+        if k.endswith(".csv.zst"):
+            s3_client(moto_server).restore_object(Bucket=bucket, Key=k, RestoreRequest={"Days": 1})
+    assert sorted(archived_ids(s3_url, "messages/")) == ids
+
+
+def test_orphan_a_failed_run_could_not_remove_goes_before_the_next_run(sql, file_storage) -> None:
+    # Given a run that failed after uploading a batch and could not remove it (storage was down)
+    _messages(sql, 10, 0)
+    storage = open_storage()
+    orphan = "messages/2019/06/1_a--2_b.csv.zst"
+    storage.put_bytes(orphan, b"rows that are still in Postgres")
+    kept = "messages/2019/05/committed.csv.zst"
+    storage.put_bytes(kept, b"a committed batch")
+    failed = sql.execute(
+        "INSERT INTO pipeline_runs (pipeline, status, progress) "
+        "VALUES ('messages-archive', 'failed', %s), ('messages-archive', 'failed', %s) "
+        "RETURNING id",
+        (json.dumps({"pending": orphan}), json.dumps({"pending": kept})),
+    ).fetchall()
+    sql.execute(
+        "INSERT INTO archive_objects (run_id, pipeline, table_name, key, format, rows, "
+        "size_bytes, sha256, first_key, last_key, storage_url) "
+        "VALUES (%s, 'messages-archive', 'messages', %s, 'csv', 1, 1, 'x', '{}', '{}', %s)",
+        (failed[1][0], kept, file_storage),
+    )
+    # When the next run starts
+    result = run_pipeline("messages-archive", now=NOW)
+    # Then the uncommitted object is gone, the committed one (in the catalogue) is kept,
+    # and the rows are archived once
+    assert not storage.exists(orphan) and storage.exists(kept)
+    assert result.stats.rows_affected == 10
+    assert len(archived_ids(file_storage, f"messages/{OLD:%Y}/")) == 10
+    assert (
+        sql.execute("SELECT count(*) FROM pipeline_runs WHERE progress ? 'pending'").fetchone()[0]
+        == 0
+    )
+
+
+def test_restore_without_a_catalogue_row_verifies_against_the_run_manifest(
+    sql, file_storage
+) -> None:
+    import zstandard
+
+    # Given an archived run, restored into a database whose catalogue lost its rows
+    _messages(sql, 10, 0)
+    result = run_pipeline("messages-archive", now=NOW)
+    key = sql.execute("SELECT key FROM archive_objects").fetchone()[0]
+    sql.execute("DELETE FROM archive_objects")
+    storage = open_storage()
+    original = storage.get_bytes(key)
+    # When the object was tampered with, the manifest's checksum catches it
+    storage.put_bytes(key, zstandard.ZstdCompressor().compress(b"id,content\n"))
+    bad = run_cli("archive", "restore", key)
+    assert bad.returncode == 1 and "differs from the recorded" in bad.stderr
+    assert "run manifest" in bad.stderr
+    # and the intact object restores, found by its run too
+    storage.put_bytes(key, original)
+    good = run_cli("archive", "restore", "--run", str(result.run_id))
+    assert good.returncode == 0, good.stderr
+    assert "restored 10 row(s)" in good.stdout
+    # When neither the catalogue nor a manifest has its checksum, restore refuses
+    sql.execute("DELETE FROM messages")
+    assert result.manifest_key is not None
+    storage.delete(result.manifest_key)
+    refused = run_cli("archive", "restore", key)
+    assert refused.returncode == 1 and "--no-verify" in refused.stderr
+    assert sql.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+    # unless told not to verify
+    forced = run_cli("archive", "restore", "--no-verify", key)
+    assert forced.returncode == 0, forced.stderr
+    assert sql.execute("SELECT count(*) FROM messages").fetchone()[0] == 10
+
+
+def test_objects_of_a_date_age_column_are_filed_under_their_rows_month(sql, file_storage) -> None:
+    from datetime import date
+
+    from pipelines.archive import object_key
+
+    # Given a table aged by a `date` column, with rows from March and April 2019
+    sql.execute("CREATE TABLE day_totals (id bigint PRIMARY KEY, day date NOT NULL, n int)")
+    sql.execute(
+        "INSERT INTO day_totals SELECT g, date '2019-03-20' + g, g FROM generate_series(1, 30) g"
+    )
+    policy = dataclasses.replace(
+        get_policy("messages-archive"),
+        name="day-totals-archive",
+        table="day_totals",
+        age_column="day",
+        key_column="id",
+        batch_size=20,
+        storage_class=None,
+        filter=None,
+    )
+    # When archived
+    result = run_pipeline("day-totals-archive", now=NOW, policy=policy)
+    # Then each object's yyyy/mm is its first row's month, not the month of the run
+    assert result.stats.rows_affected == 30
+    keys = [r[0] for r in sql.execute("SELECT key FROM archive_objects ORDER BY id")]
+    assert keys[0].startswith("day_totals/2019/03/2019-03-21_1--2019-04-09_20.")
+    assert keys[1].startswith("day_totals/2019/04/2019-04-10_21--")
+    assert object_key("t", (date(2020, 12, 31), 1), (date(2021, 1, 2), 9), "csv") == (
+        "t/2020/12/2020-12-31_1--2021-01-02_9.csv.zst"
+    )

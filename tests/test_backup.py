@@ -256,6 +256,25 @@ def test_s3_backup_is_multipart_and_drills_from_s3(sql, db, s3_url, moto_server)
     assert "public.blobs" in backup.manifest["tables"]
 
 
+def test_list_verify_reports_a_glacier_backup_and_keeps_going(sql, db, s3_url) -> None:  # noqa: F811
+    """A GLACIER object cannot be read back (InvalidObjectState): `backup list --verify` says so
+    for that backup and still verifies the others, without a traceback."""
+    seed(sql, 20)
+    settings = settings_for(db, s3_url)
+    cold = run_full_backup(settings)
+    warm = run_full_backup(settings)
+    storage = open_storage(s3_url, settings=settings)
+    storage.set_storage_class(cold.key, "GLACIER")  # not recorded in the manifest
+    listed = run_cli("backup", "list", "--verify", "--storage", s3_url)
+    assert "Traceback" not in listed.stderr, listed.stderr
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    lines = {line.split()[1]: line for line in listed.stdout.splitlines() if "full/" in line}
+    name = lambda folder: folder.removeprefix("backups/")  # noqa: E731
+    assert "cold, not verifiable" in lines[name(cold.folder)]
+    assert "verified now" in lines[name(warm.folder)]
+    assert "2 complete, 0 incomplete" in listed.stdout
+
+
 def test_compare_counts_reports_missing_and_extra_tables() -> None:
     assert compare_counts({"a": 1, "b": 2}, {"a": 1, "b": 2}) == {}
     assert compare_counts({"a": 1, "b": 2}, {"a": 1, "c": 0}) == {

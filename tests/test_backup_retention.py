@@ -230,3 +230,46 @@ def test_cli_base_backup_then_prune_dry_run(db, tmp_path: Path) -> None:
 
 
 from tests.support.s3 import moto_server, s3_client, s3_url  # noqa: E402,F401
+
+
+def test_prune_sweeps_crashed_uploads_and_marks_interrupted_backups(
+    tmp_path: Path, db, sql
+) -> None:
+    import dataclasses
+
+    from core.settings import Settings
+
+    root = tmp_path / "objects"
+    url = f"file://{root}"
+    settings = dataclasses.replace(Settings.from_env(), database_url=db, storage_url=url)
+    storage = open_storage(url, settings=settings)
+    kept = _put_backup(storage, "full", NOW - days(1))
+    # what a crashed upload leaves: a temp file beside the object, invisible to list()
+    crashed_tmp = root / "backups/full/x" / ".dump.pgc.zst.tmp-abc123"
+    crashed_tmp.parent.mkdir(parents=True)
+    crashed_tmp.write_bytes(b"z" * 4096)
+    two_days_ago = datetime.now(UTC).timestamp() - 2 * 86400
+    os.utime(crashed_tmp, (two_days_ago, two_days_ago))
+    live_tmp = root / "wal" / ".000000010000000000000001.zst.tmp-live"
+    live_tmp.parent.mkdir(parents=True, exist_ok=True)
+    live_tmp.write_bytes(b"w")
+    # catalogue rows whose process died: 'running' for days; a fresh one is left alone
+    sql.execute(
+        "INSERT INTO backups (kind, status, key, storage_url, started_at) VALUES "
+        "('full', 'running', 'backups/full/x/dump.pgc.zst', %s, %s), "
+        "('base', 'running', 'backups/base/y/base.tar.zst', %s, %s)",
+        (url, NOW - days(2), url, NOW - timedelta(hours=2)),
+    )
+    dry = run_retention(settings, storage=storage, dry_run=True, now=NOW)
+    assert dry.swept_uploads == 0 and crashed_tmp.exists()
+    plan = run_retention(settings, storage=storage, now=NOW)
+    assert plan.swept_uploads == 1 and plan.interrupted == 1
+    assert "removed 1 abandoned upload(s)" in plan.describe()
+    assert not crashed_tmp.exists() and live_tmp.exists()
+    assert [e.folder for e in catalog(storage)] == [kept]
+    rows = dict(
+        (key, (status, error))
+        for key, status, error in sql.execute("SELECT key, status, error FROM backups").fetchall()
+    )
+    assert rows["backups/full/x/dump.pgc.zst"] == ("failed", "interrupted")
+    assert rows["backups/base/y/base.tar.zst"] == ("running", None)

@@ -10,6 +10,7 @@ from typing import Any
 
 import dramatiq
 import pytest
+import structlog
 
 import workers.actors  # noqa: F401  (the relay must know every actor the triggers name)
 from core.proc import free_port, wait_until
@@ -27,7 +28,6 @@ from db.cache_keys import (
 from db.embedded import EmbeddedValkey
 from tests.test_outbox_relay import running_relay
 from workers.broker import broker
-from workers.cache import UnknownTable, invalidate
 
 # --- the map ------------------------------------------------------------------------------------
 
@@ -69,11 +69,9 @@ def test_every_seed_key_pattern_is_declared() -> None:
     }
 
 
-def test_unknown_table_is_a_clear_permanent_error() -> None:
+def test_unknown_table_is_a_clear_error() -> None:
     with pytest.raises(UnknownCachedTable, match="no cache keys declared for table 'nope'"):
         keys_for("nope", [{"id": 1}])
-    with pytest.raises(UnknownTable):
-        invalidate.fn(table="nope", rows=[{"id": 1}])
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -256,3 +254,39 @@ def test_relay_merges_a_batch_of_cache_rows_into_one_message(sql, redis_client) 
     finally:
         worker.stop()
     assert gone(redis_client, *[moment_key(m) for m in mids])
+
+
+def test_unknown_table_in_a_merged_batch_does_not_keep_the_others_stale(sql, redis_client) -> None:
+    from workers.outbox import drain
+
+    broker.flush_all()
+    uid = new_user(sql, "mixed@example.com")
+    mids = [new_moment(sql, uid) for _ in range(3)]
+    sql.execute("DELETE FROM outbox")
+    for mid in mids:
+        redis_client.set(moment_key(mid), "stale")
+    # Given one relay batch where a change names a table without a cache map entry, between
+    # ordinary changes
+    sql.execute("UPDATE moments SET title = 'changed' WHERE id = %s", (mids[0],))
+    sql.execute(
+        "INSERT INTO outbox (actor, queue_name, kwargs) VALUES ('invalidate', 'cache', %s)",
+        (json.dumps({"table": "nope", "rows": [{"id": 1}]}),),
+    )
+    for mid in mids[1:]:
+        sql.execute("UPDATE moments SET title = 'changed' WHERE id = %s", (mid,))
+    assert drain(broker, batch=100) == 4
+    # When the merged message runs
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
+    with structlog.testing.capture_logs() as logs:
+        worker.start()
+        try:
+            broker.join("cache", timeout=20_000)
+        finally:
+            worker.stop()
+    # Then every known table's keys are gone, the unknown table is logged, nothing dead-letters
+    assert gone(redis_client, *[moment_key(m) for m in mids])
+    assert [e["table"] for e in logs if e["event"] == "cache_unknown_table"] == ["nope"]
+    from dramatiq.brokers.redis import RedisBroker
+
+    assert isinstance(broker, RedisBroker)
+    assert broker.client.hlen("dramatiq:cache.XQ.msgs") == 0

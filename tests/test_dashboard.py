@@ -4,10 +4,14 @@ letters made by dramatiq's own broker commands or by a real worker."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import dramatiq
 import httpx
 import pytest
+from dramatiq.middleware import MiddlewareError
 
 from core.settings import Settings, SettingsError
 from tests.support import dashboard as support
@@ -119,14 +123,81 @@ def test_login_limiter_counts_per_account_and_address(dash_settings: Settings) -
     from db.redis import get_redis
 
     limiter = LoginLimiter(get_redis(dash_settings), max_failures=2, window_s=60)
-    limiter.failed("alice", "10.0.0.1")
-    assert not limiter.blocked("alice", "10.0.0.2")
-    limiter.failed("alice", "10.0.0.2")
-    assert limiter.blocked("alice", "10.0.0.3")  # two failures for the account
-    assert not limiter.blocked("bob", "10.0.0.9")
-    limiter.failed("bob", "10.0.0.9")
-    limiter.failed("carol", "10.0.0.9")
-    assert limiter.blocked("dave", "10.0.0.9")  # two failures from the address
+    assert limiter.attempt("alice", "10.0.0.1")
+    assert limiter.attempt("alice", "10.0.0.2")
+    assert not limiter.attempt("alice", "10.0.0.3")  # a third attempt for the account
+    assert limiter.attempt("bob", "10.0.0.9")
+    assert limiter.attempt("carol", "10.0.0.9")
+    assert not limiter.attempt("dave", "10.0.0.9")  # a third attempt from the address
+    limiter.succeeded("dave", "10.0.0.9")  # a success clears both counters
+    assert limiter.attempt("erin", "10.0.0.9")
+    assert limiter.attempt("dave", "10.0.0.8")
+
+
+def test_concurrent_wrong_passwords_cannot_pass_the_limit(
+    dash_url: str, dash_settings: Settings, sql: Any
+) -> None:
+    """Counting happens before the slow password check: however many guesses arrive at once,
+    no more than the limit are checked."""
+    import threading
+
+    limit = dash_settings.login_max_failures
+    with httpx.Client(base_url=dash_url, timeout=60) as client:
+        token = csrf_of(client.get("/dashboard/login").text)
+        cookies = dict(client.cookies)
+    statuses: list[int] = []
+    start = threading.Barrier(limit * 3)
+
+    def guess(i: int) -> None:
+        with httpx.Client(base_url=dash_url, timeout=60, cookies=cookies) as c:
+            start.wait()
+            resp = c.post(
+                "/dashboard/login",
+                data={"username": OPERATOR[0], "password": f"guess-{i}", "csrf": token},
+            )
+            statuses.append(resp.status_code)
+
+    # When: three times the limit of wrong guesses arrive together
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(limit * 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Then: only `limit` were checked (and audited); the rest were refused unchecked
+    assert sorted(statuses) == [401] * limit + [429] * (limit * 2)
+    assert len(audit_rows(sql, "dashboard.login_failed")) == limit
+    with httpx.Client(base_url=dash_url, timeout=30, cookies=cookies) as c:
+        resp = c.post(
+            "/dashboard/login",
+            data={"username": OPERATOR[0], "password": OPERATOR[1], "csrf": token},
+        )
+        assert resp.status_code == 429
+
+
+def test_non_ascii_tokens_are_refused_not_crashing(dash_url: str) -> None:
+    with httpx.Client(base_url=dash_url, timeout=30) as client:
+        client.get("/dashboard/login")
+        resp = client.post(
+            "/dashboard/login",
+            data={"username": OPERATOR[0], "password": OPERATOR[1], "csrf": "é"},
+        )
+        assert resp.status_code == 403
+    with sign_in(dash_url, VIEWER) as viewer:
+        cookie = viewer.cookies.get("tidemill_session")
+        assert cookie
+        payload, _ = cookie.rsplit(".", 1)
+    with httpx.Client(base_url=dash_url, timeout=30) as forger:
+        raw = f"tidemill_session={payload}.é".encode()
+        resp = forger.get("/dashboard", headers={b"Cookie": raw})
+        assert resp.status_code == 303  # signed out, not a 500
+
+
+def test_with_no_accounts_the_login_page_says_how_to_make_one(db: str) -> None:
+    with dashboard_env(TIDEMILL_DASHBOARD_USERS="") as settings, support.serve(settings) as url:
+        page = httpx.get(f"{url}/dashboard/login", timeout=30).text
+    assert "tidemill dashboard add-user NAME --role operator" in page
+    assert "export TIDEMILL_DASHBOARD_USERS=" in page
+    assert "make up" in page
 
 
 def test_login_needs_its_csrf_token_and_never_redirects_off_site(dash_url: str) -> None:
@@ -251,6 +322,36 @@ def test_dead_letter_shows_actor_masked_arguments_and_the_real_error(
     assert "alice.smith" not in page
     # the final attempt's error, recorded by workers.stats when the message was dead-lettered
     assert "PermanentError: not released yet for a***@example.com" in page
+
+
+def test_push_tokens_in_dead_letters_are_masked(dash_url: str, redis_client: Any) -> None:
+    dead_letter(
+        "notifications.check_push_receipts",
+        [{"id": "r1", "to": "ExponentPushToken[abcSECRET123]"}],
+    )
+    with sign_in(dash_url, VIEWER) as viewer:
+        page = viewer.get("/dashboard/queues", params={"queue": DASH_QUEUE}).text
+        assert "check_push_receipts" in page
+        assert "ExponentPushToken[***]" in page
+        assert "abcSECRET123" not in page
+        # nor can the token be found by searching for it
+        found = viewer.get("/dashboard/queues", params={"queue": DASH_QUEUE, "q": "abcSECRET"})
+        assert "check_push_receipts" not in found.text
+
+
+def test_search_matches_the_masked_text_not_the_hidden_one(
+    dash_url: str, redis_client: Any
+) -> None:
+    rid = dead_letter("flaky_until_released", "k-probe", email="alice.smith@example.com").options[
+        "redis_message_id"
+    ]
+    with sign_in(dash_url, VIEWER) as viewer:
+        for probe in ("alice.smith@example.com", "alice.smith"):
+            resp = viewer.get("/dashboard/queues", params={"queue": DASH_QUEUE, "q": probe})
+            assert resp.status_code == 200
+            assert rid not in resp.text, probe  # the mask cannot be probed by searching
+        shown = viewer.get("/dashboard/queues", params={"queue": DASH_QUEUE, "q": "a***@example"})
+        assert rid in shown.text
 
 
 def test_operator_retries_a_dead_letter_and_a_worker_processes_it(
@@ -394,6 +495,89 @@ def test_bulk_retry_acts_on_exactly_the_set_it_counted(
     assert row[0] == OPERATOR[0] and row[4]["selected"] == 5 and row[4]["done"] == 5
 
 
+class ConnectionLost(MiddlewareError, ConnectionError):
+    """A builtin ConnectionError (dramatiq only lets MiddlewareError out of a middleware)."""
+
+
+class SocketGone(MiddlewareError, OSError):
+    """A builtin OSError, likewise."""
+
+
+class FailingEnqueue(dramatiq.Middleware):
+    """Dramatiq middleware on the real broker: from the `fail_on`-th enqueue on, enqueueing
+    raises as a lost connection would."""
+
+    def __init__(self, *, fail_on: int, error: type[Exception] = ConnectionLost) -> None:
+        self.fail_on = fail_on
+        self.error = error
+        self.calls = 0
+
+    def before_enqueue(self, broker: Any, message: Any, delay: Any) -> None:
+        self.calls += 1
+        if self.calls >= self.fail_on:
+            raise self.error("broker gone")
+
+
+@contextmanager
+def failing_enqueue(**kwargs: Any) -> Iterator[FailingEnqueue]:
+    from workers.broker import broker
+
+    mw = FailingEnqueue(**kwargs)
+    broker.middleware.append(mw)
+    try:
+        yield mw
+    finally:
+        broker.middleware.remove(mw)
+
+
+def test_bulk_retry_failing_partway_reports_audits_and_keeps_the_rest(
+    dash_url: str, redis_client: Any, sql: Any
+) -> None:
+    for i in range(3):
+        dead_letter("flaky_until_released", f"part-{i}")
+    with sign_in(dash_url, OPERATOR) as operator:
+        token = page_csrf(operator)
+        preview = operator.post(
+            "/dashboard/dead-select",
+            data={"csrf": token, "op": "retry", "q": "part-", "queue": DASH_QUEUE},
+        )
+        selection = preview.text.split('name="token" value="')[1].split('"')[0]
+        # When: the broker fails on the second enqueue
+        with failing_enqueue(fail_on=2):
+            failed = operator.post("/dashboard/dead-bulk", data={"csrf": token, "token": selection})
+        # Then: a 503 that says how many moved, and offers the rest for confirming again
+        assert failed.status_code == 503
+        assert "after 1 letter(s) were retried" in failed.text
+        assert "Retry 2 dead letter(s)?" in failed.text
+        assert redis_client.llen(f"dramatiq:{DASH_QUEUE}") == 1
+        assert len(dead_ids(redis_client)) == 2
+        [row] = audit_rows(sql, "dashboard.dead_letters.bulk_retry")
+        assert row[4]["done"] == 1 and row[4]["selected"] == 3
+        assert "ConnectionLost" in row[4]["error"]
+        # confirming again (the broker is back) retries exactly the remainder
+        done = operator.post("/dashboard/dead-bulk", data={"csrf": token, "token": selection})
+        assert "done=retried&n=2" in done.headers["location"]
+    assert redis_client.llen(f"dramatiq:{DASH_QUEUE}") == 3
+    assert dead_ids(redis_client) == []
+
+
+def test_retry_one_with_the_broker_down_is_a_503_and_audited(
+    dash_url: str, redis_client: Any, sql: Any
+) -> None:
+    rid = dead_letter("flaky_until_released", "down").options["redis_message_id"]
+    with sign_in(dash_url, OPERATOR) as operator:
+        token = page_csrf(operator)
+        with failing_enqueue(fail_on=1, error=SocketGone):
+            resp = operator.post(
+                "/dashboard/dead/retry", data={"csrf": token, "queue": DASH_QUEUE, "id": rid}
+            )
+        assert resp.status_code == 503
+        assert "after 0 letter(s) were retried" in resp.text
+    assert dead_ids(redis_client) == [rid]
+    [row] = audit_rows(sql, "dashboard.dead_letter.retry")
+    assert row[4]["count"] == 0 and "SocketGone" in row[4]["error"]
+
+
 def test_bulk_delete_of_a_filter(dash_url: str, redis_client: Any) -> None:
     for i in range(4):
         dead_letter("other_actor", f"x{i}")
@@ -477,11 +661,60 @@ def test_webhooks_page_counts_searches_and_replays(dash_url: str, sql: Any) -> N
         overview = operator.get("/dashboard").text
         assert "50.0 %" in overview  # 1 failed of the 2 received in the last hour
         resp = operator.post("/dashboard/webhooks/evt_bad1/replay", data={"csrf": csrf_of(page)})
-        assert resp.status_code == 303 and "done=replayed" in resp.headers["location"]
+        assert resp.status_code == 303 and "done=replay_queued" in resp.headers["location"]
+        assert "Replay queued" in operator.get(resp.headers["location"]).text
+    # the web process did not process it: reopened, and handed to a worker through the outbox
     status = sql.execute("SELECT status FROM webhook_events WHERE id = 'evt_bad1'").fetchone()[0]
-    assert status == "ignored"  # replayed: a type tidemill does not act on
+    assert status == "received"
+    outbox = sql.execute(
+        "SELECT actor, queue_name, args FROM outbox WHERE dispatched_at IS NULL"
+    ).fetchall()
+    assert [tuple(r) for r in outbox] == [("process_event", "payments", ["evt_bad1"])]
     [row] = audit_rows(sql, "dashboard.webhook.replay")
-    assert row[0] == OPERATOR[0] and row[3] == "evt_bad1" and row[4]["outcome"] == "ignored"
+    assert row[0] == OPERATOR[0] and row[3] == "evt_bad1" and row[4]["outcome"] == "queued"
+
+
+def test_replay_from_the_dashboard_is_processed_by_a_worker(
+    dash_url: str, inproc_worker: Any, sql: Any
+) -> None:
+    from workers.broker import broker
+    from workers.outbox import drain
+
+    _insert_event(sql, "evt_bad2", type_="customer.created", status="failed")
+    _insert_event(sql, "evt_done", type_="customer.created", status="processed")
+    with sign_in(dash_url, OPERATOR) as operator:
+        token = page_csrf(operator, "/dashboard/webhooks")
+        resp = operator.post("/dashboard/webhooks/evt_bad2/replay", data={"csrf": token})
+        assert "done=replay_queued" in resp.headers["location"]
+        # an applied event is not queued again
+        resp = operator.post("/dashboard/webhooks/evt_done/replay", data={"csrf": token})
+        assert "done=already_applied&status=processed" in resp.headers["location"]
+        assert "already processed" in operator.get(resp.headers["location"]).text
+    # the relay's job, done here: send the outbox rows to the broker
+    assert drain(broker, batch=10) == 1
+
+    def status_of(event_id: str) -> str:
+        row = sql.execute("SELECT status FROM webhook_events WHERE id = %s", (event_id,))
+        return str(row.fetchone()[0])
+
+    assert wait_for(lambda: status_of("evt_bad2") == "ignored")  # a type tidemill ignores
+    assert status_of("evt_done") == "processed"
+
+
+def test_flash_takes_only_a_number_and_a_known_status_from_the_link(dash_url: str) -> None:
+    with sign_in(dash_url, VIEWER) as viewer:
+        page = viewer.get(
+            "/dashboard/queues", params={"done": "deleted", "n": "all; call +1-555-0100"}
+        ).text
+        assert "Deleted 0 dead letter(s)." in page and "555" not in page
+        page = viewer.get(
+            "/dashboard", params={"done": "already_applied", "status": "hacked, call us"}
+        ).text
+        assert "already ?." in page and "call us" not in page
+        page = viewer.get("/dashboard/queues", params={"done": "retried", "n": "²"}).text
+        assert "Retried 0 dead letter(s)" in page
+        page = viewer.get("/dashboard/queues", params={"done": "retried", "n": "7"}).text
+        assert "Retried 7 dead letter(s)" in page
 
 
 def test_pipelines_page_and_run_detail(dash_url: str, sql: Any) -> None:
@@ -694,12 +927,15 @@ def test_retry_never_loses_a_letter(dash_settings: Settings, redis_client: Any) 
                 raise ConnectionError("broker gone")
             return broker.enqueue(message)
 
-    with pytest.raises(ConnectionError):
+    with pytest.raises(broker_state.RetryFailed) as failed:
         broker_state.retry(
             client,
             [(DASH_QUEUE, i) for i in ids[1:]] + [(DASH_QUEUE, ids[0])],
             broker=BrokerFailingOnSecond(),
         )
+    assert failed.value.moved == 1
+    assert isinstance(failed.value.error, ConnectionError)
+    assert failed.value.remaining == [(DASH_QUEUE, ids[2]), (DASH_QUEUE, ids[0])]
     # the first moved; the one that failed and the unreadable one are still dead letters
     assert redis_client.llen(f"dramatiq:{DASH_QUEUE}") == 1
     assert set(dead_ids(redis_client)) == set(ids) - {ids[1]}

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 import workers.actors  # noqa: F401  (the relay must know every actor the triggers name)
-from core.mail import TemporaryMailError, open_mail
+from core.mail import MailConfigurationError, TemporaryMailError, open_mail
 from core.proc import free_port, wait_until
 from core.settings import reset_settings_cache
 from db.engine import unit_of_work
@@ -120,6 +121,25 @@ def test_new_user_gets_one_welcome_email_in_their_language(
     assert row[0] == message["Message-ID"] and row[1] is not None
 
 
+def test_line_breaks_in_the_name_cannot_break_or_add_headers(
+    mail_url, smtp_server, inproc_worker, sql
+) -> None:
+    # Given a user whose name tries to smuggle a Bcc header
+    add_user(sql, "ali@example.com", full_name="Ali\r\nBcc: x@y")
+    # When the welcome e-mail goes out
+    drain(broker, batch=100)
+    broker.join("emails", timeout=30_000)
+    inproc_worker.join()
+    # Then one e-mail is sent, to the user only, with the name on one line
+    assert deliveries(sql) == [("sent", None)]
+    [message] = smtp_server.messages
+    assert smtp_server.envelopes[0][1] == ["ali@example.com"]
+    assert message["Bcc"] is None
+    [address] = message["To"].addresses
+    assert (address.display_name, address.addr_spec) == ("Ali Bcc: x@y", "ali@example.com")
+    assert "Ali Bcc: x@y" in parts(message)["text/plain"]
+
+
 def test_permanent_smtp_error_is_recorded_and_not_retried(
     mail_url, smtp_server, inproc_worker, sql
 ) -> None:
@@ -153,13 +173,49 @@ def test_connection_refused_is_temporary_and_leaves_no_claim(db, sql) -> None:
     assert deliveries(sql) == []  # the retry will claim again
 
 
-def test_wrong_smtp_password_is_permanent(db, sql, smtp_server) -> None:
+def test_wrong_smtp_password_is_a_temporary_configuration_error(db, sql, smtp_server) -> None:
     uid = add_user(sql, "x@example.com")
     transport = open_mail(f"smtp://mailer:wrong@127.0.0.1:{smtp_server.port}")
+    # When the server answers 535 to our login
+    with (
+        structlog.testing.capture_logs() as logs,
+        pytest.raises(MailConfigurationError, match="535"),
+        unit_of_work() as uow,
+    ):
+        deliver_welcome(uow, uid, transport=transport)
+    # Then it is not the user's failure: no record, so a retry after the fix sends it
+    assert isinstance(MailConfigurationError("x"), TemporaryMailError)
+    assert deliveries(sql) == []
+    [event] = [e for e in logs if e["event"] == "mail_transport_misconfigured"]
+    assert event["log_level"] == "error"
+    # and once the password is right, the same user is welcomed
     with unit_of_work() as uow:
-        assert deliver_welcome(uow, uid, transport=transport) == "failed"
-    [(status, error)] = deliveries(sql)
-    assert status == "failed" and "535" in (error or "")
+        assert deliver_welcome(uow, uid, transport=open_mail(smtp_server.url)) == "sent"
+    assert len(smtp_server.to("x@example.com")) == 1
+
+
+def test_misconfigured_transport_is_retried_by_the_worker(
+    smtp_server, inproc_worker, sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the worker configured with a wrong SMTP password
+    monkeypatch.setenv("MAIL_URL", f"smtp://mailer:wrong@127.0.0.1:{smtp_server.port}")
+    reset_settings_cache()
+    try:
+        add_user(sql, "retry@example.com")
+        drain(broker, batch=100)
+        # Then the message is retried with backoff (it waits in the delay queue), not recorded
+        # as a failure
+        assert wait_until(lambda: _delayed("emails") > 0, timeout=20)
+        assert deliveries(sql) == []
+    finally:
+        reset_settings_cache()
+
+
+def _delayed(queue: str) -> int:
+    from dramatiq.brokers.redis import RedisBroker
+
+    assert isinstance(broker, RedisBroker)
+    return int(broker.client.hlen(f"dramatiq:{queue}.DQ.msgs"))
 
 
 def test_soft_deleted_user_and_user_without_email_get_nothing(
@@ -263,7 +319,7 @@ def test_starttls_server_refuses_a_client_that_will_not_upgrade(
 ) -> None:
     transport = open_mail(f"smtp://127.0.0.1:{starttls_server.port}?starttls=off")
     uid = add_user(sql, "plain@example.com")
-    with unit_of_work() as uow:
-        # 530 "Must issue a STARTTLS command first": permanent, recorded
-        assert deliver_welcome(uow, uid, transport=transport) == "failed"
-    assert "530" in (deliveries(sql)[0][1] or "")
+    # 530 "Must issue a STARTTLS command first": our configuration, retried, not recorded
+    with pytest.raises(MailConfigurationError, match="530"), unit_of_work() as uow:
+        deliver_welcome(uow, uid, transport=transport)
+    assert deliveries(sql) == []

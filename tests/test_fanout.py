@@ -166,6 +166,39 @@ def test_push_requests_hold_at_most_100_messages(sql, expo_server: ExpoServer) -
     assert sorted(expo_server.requests) == [50, 100, 100]
 
 
+def test_one_failed_push_request_does_not_drop_the_others(sql, expo_server: ExpoServer) -> None:
+    # Given 250 followers with tokens, every tenth uninstalled, and Expo failing the second
+    # of the three send requests (HTTP 500)
+    creator = user(sql, "big")
+    sql.execute(
+        "INSERT INTO users (email, push_token) SELECT 'f' || g || '@example.com', "
+        "'ExponentPushToken[f' || g || ']' FROM generate_series(1, 250) g"
+    )
+    sql.execute(
+        "INSERT INTO follows (follower_id, followee_id) "
+        "SELECT id, %s FROM users WHERE email LIKE 'f%%'",
+        (creator,),
+    )
+    dead = {token(f"f{g}") for g in range(10, 251, 10)}
+    expo_server.dead_at_send |= dead
+    expo_server.fail_requests.add(2)
+    mid = moment(sql, creator)
+    # When the fan-out pushes them in one batch
+    with unit_of_work() as uow:
+        result = deliver_fan_out(uow, "new_moment", mid, push=ExpoPush(expo_server.url), batch=500)
+    # Then the third request is still sent after the failed second one
+    assert result.inserted == 250
+    assert expo_server.send_attempts == 3 and expo_server.requests == [100, 50]
+    sent = set(expo_server.tokens_sent())
+    # the dead tokens Expo answered for are cleared, those of the failed request are kept
+    left = {r[0] for r in sql.execute("SELECT push_token FROM users WHERE push_token IS NOT NULL")}
+    assert dead & sent and not (dead & sent & left)
+    assert dead - sent <= left
+    assert result.tokens_cleared == len(dead & sent)
+    # and every ok ticket is pushed and goes to the receipt check
+    assert result.pushed == result.receipt_checks == len(sent - dead) == 150 - len(dead & sent)
+
+
 def test_unreachable_push_service_keeps_the_notifications(sql, audience) -> None:
     from core.proc import free_port
 

@@ -203,14 +203,73 @@ def _scan_postgres(sql, needles: list[str]) -> list[str]:
     return found
 
 
+def _redis_texts(redis_client, key: str) -> list[str]:
+    """Every string stored under ``key``, whatever its type (hash fields and values, list
+    items, set and sorted-set members, stream entries)."""
+    kind = redis_client.type(key)
+    if kind == "string":
+        return [redis_client.get(key) or ""]
+    if kind == "hash":
+        return [t for kv in redis_client.hgetall(key).items() for t in kv]
+    if kind == "list":
+        return list(redis_client.lrange(key, 0, -1))
+    if kind == "set":
+        return list(redis_client.smembers(key))
+    if kind == "zset":
+        return list(redis_client.zrange(key, 0, -1))
+    if kind == "stream":
+        return [t for _id, fields in redis_client.xrange(key) for kv in fields.items() for t in kv]
+    raise AssertionError(f"redis {key}: type {kind} not scanned")
+
+
 def _scan_redis(redis_client, needles: list[str]) -> list[str]:
     found = []
     for key in redis_client.scan_iter(count=1000):
-        value = redis_client.get(key) if redis_client.type(key) == "string" else ""
+        texts = [key, *_redis_texts(redis_client, key)]
         for needle in needles:
-            if needle in key or (value and needle in value):
-                found.append(f"redis {key}")
+            if any(needle in t for t in texts):
+                found.append(f"redis {key} ({redis_client.type(key)}) contains {needle!r}")
     return found
+
+
+def _broker() -> Any:
+    """A dramatiq Redis broker on the broker URL tidemill uses (no middleware)."""
+    from dramatiq.brokers.redis import RedisBroker
+
+    from core.settings import get_settings
+
+    broker = RedisBroker(url=get_settings().effective_broker_url, middleware=[])
+    for queue in ("emails", "lifecycle", "notifications"):
+        broker.declare_queue(queue)
+    return broker
+
+
+def _enqueue_about(p: dict[str, Any]) -> dict[str, str]:
+    """Messages about the person: a queued welcome e-mail, a delayed export, and a
+    dead-lettered e-mail by address; and one about the other user. Returns their Redis ids."""
+    from dramatiq import Message
+
+    broker = _broker()
+
+    def msg(queue: str, actor: str, args: tuple[Any, ...] = (), **kwargs: Any) -> Message:
+        return Message(queue_name=queue, actor_name=actor, args=args, kwargs=kwargs, options={})
+
+    ids = {
+        "queued": broker.enqueue(msg("emails", "send_welcome_email", user_id=p["id"])),
+        "delayed": broker.enqueue(msg("lifecycle", "gdpr_export", (p["id"],)), delay=3_600_000),
+        "other": broker.enqueue(msg("emails", "send_welcome_email", user_id=p["other"])),
+    }
+    dead = broker.enqueue(msg("notifications", "send_email", to=p["email"], subject="hi"))
+    consumer = broker.consume("notifications", prefetch=1, timeout=1000)
+    try:
+        fetched = next(consumer)
+        assert fetched is not None and fetched.message_id == dead.message_id
+        consumer.nack(fetched)  # dramatiq's own path into the dead-letter queue
+    finally:
+        consumer.close()
+    ids["dead"] = dead
+    broker.close()
+    return {k: m.options["redis_message_id"] for k, m in ids.items()}
 
 
 def test_erase_leaves_no_personal_data_anywhere(sql, redis_client, file_storage) -> None:
@@ -218,6 +277,11 @@ def test_erase_leaves_no_personal_data_anywhere(sql, redis_client, file_storage)
     p = _person(sql, redis_client, deleted_days_ago=31)
     needles = _personal_strings(p)
     assert _scan_postgres(sql, needles)  # the scan finds the data before the erase
+    # and dramatiq messages about the person: queued, delayed and dead-lettered
+    messages = _enqueue_about(p)
+    before = _scan_redis(redis_client, needles)
+    for queue in ("emails.msgs", "lifecycle.DQ.msgs", "notifications.XQ.msgs"):
+        assert any(f"dramatiq:{queue} " in hit for hit in before), before
     others_messages = sql.execute(
         "SELECT count(*) FROM messages WHERE sender_id = %s", (p["other"],)
     ).fetchone()[0]
@@ -235,6 +299,12 @@ def test_erase_leaves_no_personal_data_anywhere(sql, redis_client, file_storage)
         == 0
     )
     assert result.redis_keys == 4
+    # the messages about the person are gone from their queues; the other user's stays
+    assert result.broker_messages == 3
+    assert redis_client.hkeys("dramatiq:emails.msgs") == [messages["other"]]
+    assert redis_client.lrange("dramatiq:emails", 0, -1) == [messages["other"]]
+    assert redis_client.zcard("dramatiq:notifications.XQ") == 0
+    assert redis_client.llen("dramatiq:lifecycle.DQ") == 0
     # messages stay for the conversation, anonymized as Lovendo's delete_user_data does
     kept = sql.execute(
         "SELECT content, sender_id, metadata FROM messages WHERE sender_id = %s", (TOMBSTONE_ID,)

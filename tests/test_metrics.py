@@ -62,6 +62,49 @@ def test_queue_depth_age_and_dead_letters_per_queue(dash_url: str, redis_client:
     assert m[("tidemill_scrape_errors", (("part", "broker"),))] == 0
 
 
+def test_only_worker_processes_count_as_live_workers(
+    dash_url: str, dash_settings: Settings, redis_client: Any
+) -> None:
+    import dramatiq
+
+    from tests.support.dashboard import VIEWER, sign_in
+    from workers.broker import broker
+    from workers.stats import WORKERS_KEY, worker_id
+
+    # Given a process that only enqueues (dramatiq writes its broker heartbeat then too)
+    redis_client.delete(WORKERS_KEY)
+    flaky_until_released.send("enqueue-only")
+    assert redis_client.zcard("dramatiq:__heartbeats__") >= 1
+    assert scrape(dash_url)[("tidemill_workers", ())] == 0
+    # When a real worker boots, it is counted; when it stops, it is not
+    worker = dramatiq.Worker(broker, worker_threads=1, queues={"tests-none"})
+    worker.start()
+    try:
+        assert redis_client.zrange(WORKERS_KEY, 0, -1) == [worker_id()]
+        assert scrape(dash_url)[("tidemill_workers", ())] == 1
+        with sign_in(dash_url, VIEWER) as viewer:
+            page = viewer.get("/dashboard").text
+        assert 'id="live-workers">1<' in page and worker_id() in page
+    finally:
+        worker.stop()
+    assert redis_client.zcard(WORKERS_KEY) == 0
+    assert scrape(dash_url)[("tidemill_workers", ())] == 0
+
+
+def test_silent_workers_are_pruned_and_not_counted(dash_settings: Settings) -> None:
+    from workers.stats import WORKERS_KEY, live_workers, write_worker_heartbeat
+
+    client = broker_state.broker_redis(dash_settings)
+    client.delete(WORKERS_KEY)
+    t = 1_900_000_000.0
+    write_worker_heartbeat(client, "host-a:1", now=t - 61)
+    write_worker_heartbeat(client, "host-b:2", now=t - 30)
+    assert [m for m, _ in live_workers(client, now=t)] == ["host-b:2"]  # a is too old
+    write_worker_heartbeat(client, "host-c:3", now=t)
+    assert set(client.zrange(WORKERS_KEY, 0, -1)) == {"host-b:2", "host-c:3"}  # a was pruned
+    client.delete(WORKERS_KEY)
+
+
 def test_in_flight_counts_fetched_unacked_messages(dash_settings: Settings) -> None:
     flaky_until_released.send("a")
     flaky_until_released.send("b")
@@ -75,6 +118,10 @@ def test_outbox_pipelines_backups_and_webhooks(dash_url: str, sql: Any) -> None:
     sql.execute(
         "INSERT INTO outbox (actor, created_at) "
         "VALUES ('x', now() - interval '30 seconds'), ('y', now())"
+    )
+    sql.execute(
+        "INSERT INTO outbox (actor, created_at, last_error) "
+        "VALUES ('gone', now() - interval '1 hour', 'unknown actor gone')"
     )
     sql.execute(
         "INSERT INTO pipeline_runs (pipeline, started_at, finished_at, status, rows_affected, "
@@ -94,7 +141,8 @@ def test_outbox_pipelines_backups_and_webhooks(dash_url: str, sql: Any) -> None:
 
     m = scrape(dash_url)
     assert m[("tidemill_outbox_backlog", ())] >= 2
-    assert m[("tidemill_outbox_oldest_seconds", ())] >= 29
+    assert 29 <= m[("tidemill_outbox_oldest_seconds", ())] < 3600  # the refused row is not pending
+    assert m[("tidemill_outbox_rejected", ())] == 1
     p = (("pipeline", "purge-notifications"),)
     assert m[("tidemill_pipeline_last_run_rows", p)] == 7
     assert m[("tidemill_pipeline_last_run_success", p)] == 0
@@ -120,6 +168,11 @@ def test_metrics_token_is_required_when_set(db: str) -> None:
         assert httpx.get(f"{url}/metrics", timeout=30).status_code == 401
         bad = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer nope"}, timeout=30)
         assert bad.status_code == 401
+        # a non-ASCII token is refused, not a 500 (compare_digest raises on non-ASCII str)
+        odd = httpx.get(
+            f"{url}/metrics", headers={b"Authorization": "Bearer é".encode()}, timeout=30
+        )
+        assert odd.status_code == 401
         assert scrape(url, Authorization="Bearer s3cret-token")
 
 

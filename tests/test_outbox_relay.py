@@ -13,9 +13,17 @@ from dramatiq.brokers.redis import RedisBroker
 
 from core.proc import wait_until
 from core.settings import get_settings
+from db.engine import unit_of_work
 from tests.support import actors  # noqa: F401  (declares the actors the rows name)
 from workers.broker import broker
-from workers.outbox import Relay, drain, message_id_for
+from workers.outbox import (
+    Relay,
+    drain,
+    message_id_for,
+    outbox_backlog,
+    outbox_rejected,
+    prune_dispatched,
+)
 
 
 def redis_broker() -> RedisBroker:
@@ -47,14 +55,38 @@ def test_drain_enqueues_marks_and_the_worker_applies(inproc_worker, sql) -> None
 
 def test_unknown_actor_is_kept_with_its_error_not_retried(db, sql) -> None:
     broker.flush_all()
+    sql.execute("DELETE FROM outbox")
     oid = add_row(sql, "no_such_actor", 1)
-    assert drain(broker, batch=10) == 1
+    legacy = add_row(sql, "no_such_actor_either", 2)
+    assert drain(broker, batch=10) == 2
     row = sql.execute(
         "SELECT dispatched_at, message_id, last_error FROM outbox WHERE id = %s", (oid,)
     ).fetchone()
-    assert row[0] is not None and row[1] is None
+    # The row stays undispatched with its error: never claimed again, not in the backlog,
+    # counted as rejected
+    assert row[0] is None and row[1] is None
     assert "unknown actor 'no_such_actor'" in row[2]
     assert redis_broker().client.llen("dramatiq:tests") == 0
+    assert drain(broker, batch=10) == 0
+    assert outbox_backlog() == (0, None)
+    assert outbox_rejected() == 2
+    # and the prune keeps it, however old, as it keeps an error row from before this rule
+    # (marked dispatched then; no longer counted as rejected, but not deleted)
+    sql.execute(
+        "UPDATE outbox SET created_at = now() - interval '30 days', "
+        "dispatched_at = CASE WHEN id = %s THEN now() - interval '30 days' END",
+        (legacy,),
+    )
+    with unit_of_work() as uow:
+        assert prune_dispatched(uow, older_than_hours=1) == 0
+    assert sql.execute("SELECT count(*) FROM outbox").fetchone()[0] == 2
+    # Once an operator clears the error (the actor deployed), the relay sends it
+    sql.execute("UPDATE outbox SET last_error = NULL, dispatched_at = NULL WHERE id = %s", (oid,))
+    sql.execute("UPDATE outbox SET actor = 'write_row' WHERE id = %s", (oid,))
+    assert outbox_backlog()[0] == 1 and outbox_rejected() == 0
+    assert drain(broker, batch=10) == 1
+    assert sql.execute("SELECT message_id FROM outbox WHERE id = %s", (oid,)).fetchone()[0]
+    broker.flush_all()
 
 
 def test_skip_locked_lets_two_relays_split_the_rows(db, sql) -> None:

@@ -148,3 +148,33 @@ def test_archive_drops_months_it_emptied(sql, db, file_storage) -> None:
     names = {p.name for p in parts.list_partitions(sql, "messages")}
     assert "messages_p2023_01" not in names
     assert sql.execute("SELECT count(*) FROM archive_objects").fetchone()[0] == 1
+
+
+def test_archive_drop_keeps_a_month_that_got_a_row_after_its_emptiness_check(sql, db) -> None:
+    # Given an expired month the archive emptied, and found empty
+    a, b = make_user(sql), make_user(sql)
+    conv = make_conversation(sql, [a, b])
+    with psycopg.connect(db, autocommit=True) as conn:
+        parts.create_month(conn, "messages", date(2023, 2, 1))
+        parts.create_month(conn, "messages", date(2023, 3, 1))
+    month = next(p for p in parts.list_partitions(sql, "messages") if p.name == "messages_p2023_02")
+    assert not sql.execute("SELECT EXISTS (SELECT 1 FROM partitions.messages_p2023_02)").fetchone()[
+        0
+    ]
+    # When a row lands in it between that check and the drop
+    add_messages(sql, conversation=conv, sender=a, n=1, start=datetime(2023, 2, 3, tzinfo=UTC))
+    with psycopg.connect(db, autocommit=True) as conn:
+        dropped = parts.drop_partition(conn, "messages", month, require_empty=True)
+    # Then the drop is abandoned: the partition is still attached and the row still there
+    assert dropped is False
+    names = {p.name for p in parts.list_partitions(sql, "messages")}
+    assert "messages_p2023_02" in names
+    assert (
+        sql.execute("SELECT count(*) FROM messages WHERE created_at < '2023-03-01'").fetchone()[0]
+        == 1
+    )
+    # while a month still empty under the lock is dropped
+    march = next(p for p in parts.list_partitions(sql, "messages") if p.name == "messages_p2023_03")
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert parts.drop_partition(conn, "messages", march, require_empty=True) is True
+    assert "messages_p2023_03" not in {p.name for p in parts.list_partitions(sql, "messages")}

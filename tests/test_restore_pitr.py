@@ -4,6 +4,7 @@ subprocess into a new data directory, started, and queried."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -130,3 +131,71 @@ def test_restore_needs_a_complete_base_backup_before_the_target(
     (tmp_path / "c" / "precious").write_text("x")
     busy = run_cli("restore", "--data-dir", str(tmp_path / "c"), env=env)
     assert busy.returncode == 1 and "not empty" in busy.stderr
+
+
+def test_restore_refuses_a_base_whose_wal_was_pruned_before_extracting(
+    archived_cluster: ArchivedCluster,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A base older than the kept WAL (retention prunes WAL after 7 days): the gap after the
+    base is found in the storage listing, before a byte is extracted, with a clear error."""
+    c = archived_cluster
+    storage = open_storage(c.storage_url, settings=c.settings)
+    c.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    backup = run_base_backup(c.settings, storage=storage)
+    for i in range(3):
+        c.execute("INSERT INTO t VALUES (%s, 'later')", (i,))
+        c.switch_and_wait()
+    wal_end = backup.manifest["wal_end"]
+    # the segment right after the base's own WAL is gone, as if pruned
+    after = sorted(
+        info.key
+        for info in storage.list("wal/")
+        if len(info.key) == len("wal/") + 24 + len(".zst") and info.key[12:28] > wal_end[8:24]
+    )
+    assert after, "segments after the base were archived"
+    storage.delete(after[0])
+    target_dir = tmp_path / "restored"
+    refused = run_cli(
+        "restore", "--data-dir", str(target_dir), "--port", str(free_port()), env=c.env()
+    )
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "WAL segment(s) after the backup are missing" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not target_dir.exists()  # refused before extracting anything
+
+
+def test_physical_drill_restores_the_latest_base_into_a_scratch_cluster(
+    archived_cluster: ArchivedCluster,  # noqa: F811
+    db: str,
+    sql,
+) -> None:
+    """`tidemill backup drill --physical`: the latest base backup, restored to its own end into
+    a scratch cluster that starts and promotes; every table counted; recorded in
+    backup_drills (as physical) and the scratch cluster gone afterwards."""
+    c = archived_cluster
+    storage = open_storage(c.storage_url, settings=c.settings)
+    c.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    c.execute("INSERT INTO t SELECT g, 'base' FROM generate_series(1, 300) g")
+    backup = run_base_backup(c.settings, storage=storage)
+    c.execute("INSERT INTO t SELECT g, 'after' FROM generate_series(301, 400) g")
+    c.switch_and_wait()
+    env = {**c.env(), "DATABASE_URL": db}  # the drill is recorded in the app's database
+    drilled = run_cli("backup", "drill", "--physical", env=env, timeout=300)
+    assert drilled.returncode == 0, drilled.stdout + drilled.stderr
+    assert f"physical drill passed: {backup.folder}" in drilled.stdout
+    drill_id, status, tables, mismatches, restore_s = sql.execute(
+        "SELECT id, status, tables_checked, mismatches, restore_seconds FROM backup_drills"
+    ).fetchone()
+    assert status == "passed" and tables >= 1 and restore_s > 0
+    assert mismatches == {"drill": "physical"}
+    assert not list(Path(tempfile.gettempdir()).glob(f"tidemill-drill-{drill_id}-*"))
+    # a base that cannot be restored is a failed drill, recorded, exit 1
+    stored = c.objects / backup.key
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    stored.write_bytes(bytes(data))
+    failed = run_cli("backup", "drill", "--physical", env=env, timeout=300)
+    assert failed.returncode == 1 and "drill FAILED" in failed.stdout
+    statuses = [r[0] for r in sql.execute("SELECT status FROM backup_drills ORDER BY id")]
+    assert statuses == ["passed", "failed"]

@@ -9,7 +9,8 @@ import pytest
 from tests.conftest import run_cli
 from tests.support.scheduler import extra_json, make_schedule, tick_rows
 
-HOURLY = make_schedule("cli-hourly", cron="0 * * * *")
+# A registered actor: `schedule list` and `tidemill scheduler` refuse unknown ones.
+HOURLY = make_schedule("cli-hourly", cron="0 * * * *", actor="prune_outbox")
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -84,3 +85,14 @@ def test_bad_extra_schedules_fail_every_command_with_the_variable_named(db) -> N
         assert "'x'" in line and "bad cron" in line
     line = one_error_line(run_cli("schedule", "list", env=env(TIDEMILL_SCHEDULES_EXTRA="[")))
     assert "TIDEMILL_SCHEDULES_EXTRA" in line
+
+
+def test_a_misspelt_actor_stops_the_scheduler_and_list_with_one_line(db, sql) -> None:
+    typo = make_schedule("nightly", cron="0 3 * * *", actor="bakup_full")
+    bad = env(TIDEMILL_SCHEDULES_EXTRA=extra_json(HOURLY, typo))
+    for args in (("scheduler",), ("schedule", "list")):
+        line = one_error_line(run_cli(*args, env=bad))
+        assert "'nightly'" in line and "unknown actor 'bakup_full'" in line
+        assert "did you mean 'backup_full'" in line
+    # the scheduler stopped before it fired or took the lock
+    assert sql.execute("SELECT count(*) FROM schedule_ticks").fetchone() == (0,)

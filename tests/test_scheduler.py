@@ -7,8 +7,11 @@ import itertools
 import json
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import psycopg
 import pytest
+from apscheduler.events import EVENT_JOB_MISSED, JobExecutionEvent
 from freezegun import freeze_time
 
 from core.proc import wait_until
@@ -284,6 +287,62 @@ def test_list_shows_next_fire_last_tick_and_last_run_status(db, sql) -> None:
     assert names == sorted(names) and {"purge-old", "hourly", "idle", "outbox-prune"} <= set(names)
 
 
+def test_list_shows_a_backup_schedules_own_run_status(db, sql) -> None:
+    full = make_schedule("nightly-full", cron="0 3 * * *", actor="backup_full")
+    incr = make_schedule(
+        "hourly-incr", cron="30 * * * *", actor="backup_base", kwargs={"incremental": True}
+    )
+    drill = make_schedule("nightly-drill", cron="0 5 * * *", actor="backup_drill")
+    settings = settings_with(full, incr, drill)
+    now = at("2026-01-02T06:00")
+    fire(full, at("2026-01-02T03:00"), settings=settings)
+    fire(incr, at("2026-01-02T05:30"), settings=settings)
+    fire(drill, at("2026-01-02T05:00"), settings=settings)
+    sql.execute("UPDATE outbox SET dispatched_at = now()")
+    # Yesterday's backups and drill succeeded: they are not the last tick's runs
+    sql.execute(
+        "INSERT INTO backups (kind, status, key, storage_url, started_at) VALUES "
+        "('full', 'complete', 'f0', 'file:///b', %(old)s), "
+        "('incremental', 'complete', 'i0', 'file:///b', %(old)s)",
+        {"old": at("2026-01-01T03:00")},
+    )
+    sql.execute(
+        "INSERT INTO backup_drills (status, started_at) VALUES ('passed', %s)",
+        (at("2026-01-01T05:00"),),
+    )
+    by_name = {s.name: s for s in control.list_schedules(settings, now=now)}
+    assert [by_name[n].last_run_status for n in ("nightly-full", "hourly-incr")] == [
+        "enqueued",
+        "enqueued",
+    ]
+    assert by_name["nightly-drill"].last_run_status == "enqueued"
+    # When tonight's full backup and drill fail, and the incremental (not a base) is running
+    sql.execute(
+        "INSERT INTO backups (kind, status, key, storage_url, started_at) VALUES "
+        "('full', 'failed', 'f1', 'file:///b', %(full)s), "
+        "('base', 'complete', 'b1', 'file:///b', %(incr)s), "
+        "('incremental', 'running', 'i1', 'file:///b', %(incr)s)",
+        {"full": at("2026-01-02T03:00:05"), "incr": at("2026-01-02T05:30:02")},
+    )
+    sql.execute(
+        "INSERT INTO backup_drills (status, started_at) VALUES ('failed', %s)",
+        (at("2026-01-02T05:00:03"),),
+    )
+    by_name = {s.name: s for s in control.list_schedules(settings, now=now)}
+    # Then list shows each backup's own status, not the message's "enqueued"
+    assert by_name["nightly-full"].last_run_status == "failed"
+    assert by_name["hourly-incr"].last_run_status == "running"
+    assert by_name["nightly-drill"].last_run_status == "failed"
+    # and a retry that completes is the tick's run from then on
+    sql.execute(
+        "INSERT INTO backups (kind, status, key, storage_url, started_at) "
+        "VALUES ('full', 'complete', 'f2', 'file:///b', %s)",
+        (at("2026-01-02T03:10"),),
+    )
+    by_name = {s.name: s for s in control.list_schedules(settings, now=now)}
+    assert by_name["nightly-full"].last_run_status == "complete"
+
+
 # ---- the scheduler, in process -----------------------------------------------------------------
 
 
@@ -341,3 +400,130 @@ def test_a_starting_scheduler_applies_the_misfire_policy_to_its_downtime(db, sql
         assert rows[-1][0] == last + timedelta(hours=5)
     else:
         assert (skipped, len(rows)) == (5, 1)
+
+
+def _state(sql, name: str) -> Any:
+    """(missed_ticks, skipped_ticks, caught_up_to) of ``name``, None without a state row."""
+    return sql.execute(
+        "SELECT missed_ticks, skipped_ticks, caught_up_to FROM schedule_state WHERE name = %s",
+        (name,),
+    ).fetchone()
+
+
+def _not_near_the_hour() -> datetime:
+    """Now, moved off minute 59: a test reading the real clock must not straddle the hour."""
+    now = datetime.now(UTC)
+    if now.minute == 59:
+        time.sleep(61 - now.second)
+        now = datetime.now(UTC)
+    return now
+
+
+def test_a_fire_that_fails_while_leading_goes_through_the_misfire_policy(
+    db, sql, logs, caplog
+) -> None:
+    # Given a leader firing every second, on a database where a lock wait soon gives up
+    sql.execute(f"ALTER DATABASE {sql.info.dbname} SET lock_timeout = '300ms'")
+    sched = make_schedule("fast", cron="* * * * * *", misfire="once", misfire_grace_s=3600)
+    settings = settings_with(sched, scheduler_leader_retry_s=0.2)
+    scheduler = Scheduler(settings, [sched], replica_id="blip")
+    scheduler.start()
+    try:
+        assert wait_until(lambda: len(tick_rows(sql, "fast")) >= 2, timeout=30)
+        # When a fire fails (a lock on schedule_ticks outlasts its lock_timeout) and the
+        # replica stays the leader
+        with psycopg.connect(db) as blocker:
+            blocker.execute("SET lock_timeout = 0")
+            blocker.execute("LOCK TABLE schedule_ticks IN ACCESS EXCLUSIVE MODE")
+            assert wait_until(lambda: bool(logged_events(caplog, "tick_fire_failed")), timeout=30)
+            blocker.rollback()
+        # Then the leader applies the policy to the failed tick: one catch-up for the gap
+        assert wait_until(
+            lambda: any(kind == "catch-up" for _, kind, *_ in tick_rows(sql, "fast")), timeout=30
+        )
+        assert wait_until(lambda: len(tick_rows(sql, "fast")) >= 6, timeout=30)
+        assert scheduler.lock.is_leader
+    finally:
+        scheduler.stop()
+    rows = tick_rows(sql, "fast")
+    failed = {datetime.fromisoformat(e["tick"]) for e in logged_events(caplog, "tick_fire_failed")}
+    catch_ups = [tick for tick, kind, *_ in rows if kind == "catch-up"]
+    assert failed and all(any(f <= c for c in catch_ups) for f in failed)
+    assert not failed & {tick for tick, *_ in rows if tick not in catch_ups}
+    # and every tick from the first to the last was fired or covered by a catch-up, once
+    span = int((rows[-1][0] - rows[0][0]).total_seconds()) + 1
+    assert sum(covers for _, _, covers, _ in rows) == span
+    missed, skipped, _ = _state(sql, "fast")
+    assert skipped == 0 and missed == sum(c for _, k, c, _ in rows if k == "catch-up")
+
+
+@pytest.mark.parametrize("policy", ["once", "skip"])
+def test_a_run_apscheduler_missed_is_planned_by_the_policy_and_counted_once(
+    db, sql, policy
+) -> None:
+    sched = make_schedule("hourly", cron="0 * * * *", misfire=policy, misfire_grace_s=3 * 3600)
+    settings = settings_with(sched, scheduler_leader_retry_s=0.2)
+    this_hour = _not_near_the_hour().replace(minute=0, second=0, microsecond=0)
+    scheduler = Scheduler(settings, [sched], replica_id="late")
+    scheduler.start()
+    try:
+        assert wait_until(
+            lambda: scheduler.lock.is_leader and not scheduler.catch_up_due, timeout=30
+        )
+        # Given the previous hour fired, when APScheduler reports this hour's run as missed
+        fire(sched, this_hour - timedelta(hours=1), settings=settings)
+        scheduler._on_not_run(JobExecutionEvent(EVENT_JOB_MISSED, "hourly", "default", this_hour))
+        # Then the leader's catch-up applies the policy to it
+        assert wait_until(lambda: _state(sql, "hourly") is not None, timeout=30)
+        assert wait_until(lambda: not scheduler.catch_up_due, timeout=30)
+    finally:
+        scheduler.stop()
+    # and a later acquisition does not count the same tick again
+    later = Scheduler(settings, [sched], replica_id="later")
+    later.start()
+    try:
+        assert wait_until(lambda: later.lock.is_leader and not later.catch_up_due, timeout=30)
+    finally:
+        later.stop()
+    missed, skipped, caught_up_to = _state(sql, "hourly")
+    rows = tick_rows(sql, "hourly")
+    assert missed == 1 and caught_up_to is not None and caught_up_to >= this_hour
+    if policy == "once":
+        assert skipped == 0
+        assert rows[-1] == (this_hour, "catch-up", 1, "late")
+    else:
+        assert skipped == 1 and len(rows) == 1
+
+
+def test_jobs_wait_for_the_first_catch_up_after_acquiring(db, sql) -> None:
+    # Given a per-second schedule whose last tick was an hour ago, and a first catch-up that
+    # is held up (another schedule's state row is locked; catch-ups go in schedule order)
+    first = make_schedule("a-first", cron="0 0 1 1 *")
+    fast = make_schedule("b-fast", cron="* * * * * *", misfire="skip", misfire_grace_s=600)
+    settings = settings_with(first, fast, scheduler_leader_retry_s=0.2)
+    last = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    fire(fast, last, settings=settings)
+    sql.execute("INSERT INTO schedule_state (name) VALUES ('a-first')")
+    scheduler = Scheduler(settings, [first, fast], replica_id="waiter")
+    try:
+        with psycopg.connect(db) as blocker:
+            blocker.execute("SELECT 1 FROM schedule_state WHERE name = 'a-first' FOR UPDATE")
+            scheduler.start()
+            assert wait_until(lambda: scheduler.lock.is_leader, timeout=30)
+            time.sleep(2.5)  # several of b-fast's ticks come due while the catch-up waits
+            # no job fired ahead of the catch-up
+            assert len(tick_rows(sql, "b-fast")) == 1
+            blocker.rollback()
+        # When the catch-up proceeds
+        assert wait_until(lambda: _state(sql, "b-fast") is not None, timeout=30)
+        assert wait_until(lambda: len(tick_rows(sql, "b-fast")) >= 3, timeout=30)
+    finally:
+        scheduler.stop()
+    # Then it counted the whole hour, and jobs fired only ticks after what it planned for
+    missed, skipped, caught_up_to = _state(sql, "b-fast")
+    assert missed == skipped and missed >= 3600
+    rows = tick_rows(sql, "b-fast")
+    assert rows[0][0] == last
+    assert all(tick > caught_up_to and kind == "scheduled" for tick, kind, *_ in rows[1:])
+    ticks = [tick for tick, *_ in rows[1:]]
+    assert all(b - a == timedelta(seconds=1) for a, b in itertools.pairwise(ticks))

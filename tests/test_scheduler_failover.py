@@ -25,7 +25,11 @@ from tests.support.scheduler import extra_json, make_schedule, outbox_ticks, tic
 
 pytestmark = pytest.mark.slow
 
-FAST = make_schedule("failover-fast", cron="*/2 * * * * *", misfire="once", misfire_grace_s=60)
+# A registered actor (`tidemill scheduler` refuses unknown ones) on a queue of its own: the
+# static outbox-prune schedule enqueues the same actor on "maintenance".
+FAST = make_schedule(
+    "failover-fast", cron="*/2 * * * * *", actor="prune_outbox", misfire="once", misfire_grace_s=60
+)
 TAKEOVER_BOUND = timedelta(seconds=15)
 
 
@@ -122,7 +126,9 @@ def run_handover(sql, tmp_path: Path, *, retry_s: float, way: str) -> None:
         assert missing == []  # taken over before the next tick: nothing was due meanwhile
     assert all(kind == "scheduled" for _, kind, *_ in new[1:])
     # one message per tick: no duplicate enqueue during the hand-over
-    assert sorted(outbox_ticks(sql, FAST.actor)) == sorted(t.isoformat() for t in ticks)
+    assert sorted(outbox_ticks(sql, FAST.actor, FAST.queue_name)) == sorted(
+        t.isoformat() for t in ticks
+    )
     # the hand-over gap on the tick grid is within the bound the issue sets
     assert first_new[0] - last_old[0] <= TAKEOVER_BOUND
     (acquired,) = events(procs[standby_pid][1], "leader_acquired")

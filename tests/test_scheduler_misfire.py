@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from core.settings import SettingsError
 from schedules.misfire import MAX_COUNT, baseline, latest_tick, plan_misfire, ticks_between
-from schedules.schedule import Schedule, ScheduleError, cron_trigger, parse_extra, validate
+from schedules.schedule import (
+    Schedule,
+    ScheduleError,
+    check_actors,
+    cron_trigger,
+    parse_extra,
+    validate,
+)
 from tests.support.scheduler import make_schedule
 
 
@@ -211,3 +218,14 @@ def test_bad_extra_schedules_name_the_variable(raw: str, needle: str) -> None:
     with pytest.raises(SettingsError, match="TIDEMILL_SCHEDULES_EXTRA") as info:
         parse_extra(raw)
     assert needle in str(info.value)
+
+
+def test_check_actors_names_the_schedule_and_the_closest_registered_actor() -> None:
+    known = {"backup_full", "backup_base", "run_pipeline"}
+    check_actors([make_schedule("ok", actor="backup_base")], known)
+    with pytest.raises(
+        ScheduleError, match=r"'nightly'.*unknown actor 'bakup_full'.*'backup_full'"
+    ):
+        check_actors([make_schedule("nightly", actor="bakup_full")], known)
+    with pytest.raises(ScheduleError, match=r"unknown actor 'zzz' \(no worker declares it\)$"):
+        check_actors([make_schedule("odd", actor="zzz")], known)

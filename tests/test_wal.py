@@ -97,6 +97,86 @@ def test_wal_fetch_round_trip_missing_and_corrupt(tmp_path: Path) -> None:
     assert not (tmp_path / "other").exists()
 
 
+def test_wal_fetch_aborts_recovery_when_storage_fails(tmp_path: Path) -> None:
+    """Only "not archived" may exit 1 (PostgreSQL: end of archive, promote); an unreadable
+    archive must exit > 125 so recovery aborts instead of silently losing the rest."""
+    url = f"file://{tmp_path / 'objects'}"
+    name = "000000010000000000000009"
+    # a directory where the segment should be: an OSError that is not "not found"
+    (tmp_path / "objects" / wal_key(name)).mkdir(parents=True)
+    broken = run_cli("wal", "fetch", name, str(tmp_path / "RECOVERYXLOG"), "--storage", url)
+    assert broken.returncode == 255, broken.stderr
+    assert "Traceback" not in broken.stderr
+    assert "tidemill: error: wal fetch" in broken.stderr
+    assert not (tmp_path / "RECOVERYXLOG").exists()
+    # the archive itself is missing (unmounted volume): not the end of the archive either
+    gone = f"file://{tmp_path / 'never-created'}"
+    missing = run_cli("wal", "fetch", name, str(tmp_path / "RECOVERYXLOG"), "--storage", gone)
+    assert missing.returncode == 255, missing.stderr
+    assert "does not exist" in missing.stderr
+
+
+def test_wal_fetch_aborts_recovery_when_s3_is_unreachable(tmp_path: Path) -> None:
+    from core.proc import free_port
+
+    env = dict(os.environ)
+    env.update(S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    env.update(AWS_DEFAULT_REGION="us-east-1")
+    fetched = run_cli(
+        "wal",
+        "fetch",
+        "000000010000000000000009",
+        str(tmp_path / "RECOVERYXLOG"),
+        "--storage",
+        "s3://tidemill-nowhere/wal-test",
+        env=env,
+    )
+    assert fetched.returncode == 255, fetched.stderr
+    assert "Traceback" not in fetched.stderr
+    assert "unreachable" in fetched.stderr
+
+
+def test_wal_push_never_overwrites_a_segment_archived_after_its_check(tmp_path: Path) -> None:
+    """Another archiver publishes the same name while our push is compressing (after its
+    existence check): the publish is refused atomically and the difference reported."""
+    import threading
+    import time
+
+    from pipelines.physical import WalConflict, push_wal
+
+    root = tmp_path / "objects"
+    storage = open_storage(f"file://{root}")
+    name = "000000010000000000000021"
+    segment = tmp_path / name
+    segment.write_bytes(os.urandom(1 << 20) * 48)  # long enough to be caught mid-upload
+    other = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(4096))
+    won: list[bool] = []
+
+    def rival() -> None:
+        while not any(".tmp-" in p.name for p in root.rglob(".*")):  # our upload has started
+            time.sleep(0.001)
+        try:
+            with storage.writer(wal_key(name), exclusive=True) as w:
+                w.write(other)
+            won.append(True)
+        except FileExistsError:
+            won.append(False)
+
+    thread = threading.Thread(target=rival, daemon=True)
+    thread.start()
+    try:
+        push_wal(storage, segment, name)
+        outcome = "stored"
+    except WalConflict:
+        outcome = "conflict"
+    thread.join(timeout=30)
+    assert won == [True], "the rival published while the push was in flight"
+    assert outcome == "conflict"
+    assert storage.get_bytes(wal_key(name)) == other  # the first publisher's bytes stay
+    assert not [p for p in root.rglob(".*") if ".tmp-" in p.name]
+
+
 def test_wal_names_and_positions() -> None:
     assert lsn_to_segment("0/3000028", 1, SEGMENT) == "000000010000000000000003"
     assert lsn_to_segment("1/FF000000", 2, SEGMENT) == "0000000200000001000000FF"

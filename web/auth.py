@@ -151,7 +151,8 @@ class SessionSigner:
         if not cookie or "." not in cookie:
             return None
         payload, mac = cookie.rsplit(".", 1)
-        if not hmac.compare_digest(mac, self._mac(payload)):
+        # bytes: compare_digest raises TypeError on non-ASCII str (a forged cookie would 500)
+        if not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
             return None
         try:
             body = json.loads(_unb64(payload))
@@ -164,12 +165,16 @@ class SessionSigner:
 
 
 def csrf_ok(expected: str | None, given: str | None) -> bool:
-    return bool(expected) and bool(given) and hmac.compare_digest(str(expected), str(given))
+    if not expected or not given:
+        return False
+    # bytes: compare_digest raises TypeError on non-ASCII str
+    return hmac.compare_digest(str(expected).encode(), str(given).encode())
 
 
 class LoginLimiter:
-    """At most `max_failures` failed sign-ins per account and per client address within the
-    window (fixed windows in Redis: INCR + EXPIRE, shared by every web replica)."""
+    """At most `max_failures` sign-in attempts per account and per client address within the
+    window (fixed windows in Redis: INCR + EXPIRE, shared by every web replica). A success
+    clears both counters, so only failures accumulate."""
 
     def __init__(self, client: Any, *, max_failures: int, window_s: int) -> None:
         self.client = client
@@ -181,19 +186,26 @@ class LoginLimiter:
         digest = hashlib.sha256(user.lower().encode()).hexdigest()[:16]
         return f"tidemill:login_failures:user:{digest}", f"tidemill:login_failures:ip:{address}"
 
-    def blocked(self, user: str, address: str) -> bool:
-        counts = self.client.mget(list(self._keys(user, address)))
-        return any(int(c or 0) >= self.max_failures for c in counts)
-
-    def failed(self, user: str, address: str) -> None:
-        pipe = self.client.pipeline(transaction=False)
+    def attempt(self, user: str, address: str) -> bool:
+        """Count this attempt *before* the slow password check and say whether it may go on.
+        Checking first and counting after the check let concurrent POSTs all read the same
+        old count and all get their password checked (the limit was bypassed)."""
+        # MULTI/EXEC: INCR and EXPIRE land together, so a key never lives without a TTL
+        pipe = self.client.pipeline(transaction=True)
         for key in self._keys(user, address):
             pipe.incr(key)
             pipe.expire(key, self.window_s, nx=True)
-        pipe.execute()
+        results = pipe.execute()
+        counts = results[0::2]
+        return all(int(c) <= self.max_failures for c in counts)
+
+    def blocked(self, user: str, address: str) -> bool:
+        """Read-only: would the next attempt be refused?"""
+        counts = self.client.mget(list(self._keys(user, address)))
+        return any(int(c or 0) >= self.max_failures for c in counts)
 
     def succeeded(self, user: str, address: str) -> None:
-        self.client.delete(self._keys(user, address)[0])
+        self.client.delete(*self._keys(user, address))
 
 
 def audit(

@@ -27,7 +27,10 @@ def authorized(settings: Settings, header: str | None) -> bool:
     if not settings.metrics_token:
         return True
     scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), settings.metrics_token)
+    # bytes: compare_digest raises TypeError on non-ASCII str (a stray header would 500)
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), settings.metrics_token.encode()
+    )
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None, value: float | None = None) -> Any:
@@ -82,13 +85,10 @@ class StoreCollector:
         yield depth
         yield age
         yield dead
-        live = broker_state.live_processes(
-            client, heartbeat_timeout_ms=self.settings.heartbeat_timeout_ms
-        )
         yield _gauge(
-            "tidemill_broker_processes",
-            "Broker processes with a heartbeat within the timeout",
-            value=len(live),
+            "tidemill_workers",
+            "Worker processes with a heartbeat in the last minute",
+            value=len(broker_state.live_workers(client)),
         )
 
     def _outbox(self) -> Iterator[Metric]:
@@ -98,6 +98,13 @@ class StoreCollector:
             "tidemill_outbox_oldest_seconds",
             "Age of the oldest undispatched outbox row",
             value=oldest or 0.0,
+        )
+        from workers.outbox import outbox_rejected
+
+        yield _gauge(
+            "tidemill_outbox_rejected",
+            "Outbox rows the relay refused (unknown actor); each needs an operator",
+            value=outbox_rejected(self.settings),
         )
 
     def _pipelines(self) -> Iterator[Metric]:

@@ -8,13 +8,9 @@ from core.log import get_logger
 from db.cache_keys import UnknownCachedTable, keys_for
 from db.engine import UnitOfWork
 from db.redis import get_redis
-from workers.base import PermanentError, actor
+from workers.base import actor
 
 log = get_logger(__name__)
-
-
-class UnknownTable(PermanentError):
-    """The change names a table without a cache map entry: waiting will not add one."""
 
 
 def invalidate_keys(keys: list[str] | set[str], *, table: str | None = None) -> int:
@@ -42,18 +38,25 @@ def invalidate(
 
     Never touches Postgres. A Redis outage fails the message, which is retried with backoff
     (20 retries, reaching the maximum backoff), so the keys go once Redis is back.
+
+    A change naming a table without a cache map entry is logged (``cache_unknown_table``) and
+    skipped, after the other changes' keys are deleted: waiting will not add a map entry, and
+    failing the merged message would leave every other change in it stale.
     """
     wanted: set[str] = set()
     tables: set[str] = set()
+    unknown: set[str] = set()
     for change in [{"keys": keys, "table": table, "rows": rows}, *(changes or ())]:
         wanted.update(change.get("keys") or ())
         name = change.get("table")
         if name is None:
             continue
-        tables.add(name)
         try:
             wanted |= keys_for(name, change.get("rows") or ())
-        except UnknownCachedTable as exc:
-            log.error("cache_unknown_table", table=name)
-            raise UnknownTable(str(exc)) from None
+        except UnknownCachedTable:
+            unknown.add(name)
+            continue
+        tables.add(name)
     invalidate_keys(wanted, table=",".join(sorted(tables)) or None)
+    for name in sorted(unknown):
+        log.error("cache_unknown_table", table=name)

@@ -9,6 +9,8 @@ more.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -20,7 +22,13 @@ from typing import Any
 import jinja2
 
 from core.log import get_logger
-from core.mail import MailTransport, PermanentMailError, TemporaryMailError, open_mail
+from core.mail import (
+    MailConfigurationError,
+    MailTransport,
+    PermanentMailError,
+    TemporaryMailError,
+    open_mail,
+)
 from core.settings import Settings, get_settings
 from db.engine import UnitOfWork
 from workers.base import PermanentError, actor
@@ -38,6 +46,17 @@ class Recipient:
     email: str
     name: str
     language: str | None
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_name(raw: str | None) -> str:
+    """A display name fit for a header: control and format characters (CR, LF, NUL, bidi
+    overrides) become spaces, whitespace runs collapse to one space. A user-typed name with a
+    line break would otherwise make the header raise (or, worse, add one)."""
+    chars = (" " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in raw or "")
+    return _WHITESPACE.sub(" ", "".join(chars)).strip()
 
 
 @cache
@@ -63,13 +82,13 @@ def render(kind: str, recipient: Recipient, *, settings: Settings | None = None)
     """A multipart/alternative message (text + HTML) in the recipient's language."""
     settings = settings or get_settings()
     lang = template_language(kind, recipient.language)
-    context = {"name": recipient.name, "email": recipient.email}
+    context = {"name": clean_name(recipient.name), "email": recipient.email}
     text_env, html_env = _environment(False), _environment(True)
     subject = text_env.get_template(f"{kind}/{lang}/subject.txt").render(context).strip()
     message = EmailMessage()
     message["Subject"] = subject
     message["From"] = settings.mail_from
-    message["To"] = formataddr((recipient.name, recipient.email))
+    message["To"] = formataddr((clean_name(recipient.name), recipient.email))
     message["Content-Language"] = lang
     message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies, please
     message.set_content(text_env.get_template(f"{kind}/{lang}/body.txt").render(context))
@@ -124,7 +143,9 @@ def deliver_welcome(
     recipient = Recipient(
         user_id=uid,
         email=user.email.strip(),
-        name=(user.full_name or "").strip() or user.username or user.email.split("@")[0],
+        name=clean_name(user.full_name)
+        or clean_name(user.username)
+        or user.email.strip().split("@")[0],
         language=user.language,
     )
     message = render(WELCOME, recipient, settings=settings)
@@ -136,6 +157,11 @@ def deliver_welcome(
         _record(uow, uid, "failed", error=str(exc)[:500])
         log.error("welcome_email_failed", user_id=str(uid), error=str(exc)[:200])
         return "failed"
+    except MailConfigurationError as exc:
+        # Our credentials or TLS settings, not this user's address: an operator must act, and
+        # the retries (with backoff) send the mail once they have. The claim rolls back.
+        log.error("mail_transport_misconfigured", user_id=str(uid), error=str(exc)[:200])
+        raise
     except TemporaryMailError as exc:
         # the claim rolls back with the transaction; the retry (with backoff) claims again
         log.warning("welcome_email_deferred", user_id=str(uid), error=str(exc)[:200])

@@ -217,10 +217,14 @@ def _push_batch(
         # The rows are committed; the in-app notification stands. Push is best effort.
         log.warning("push_failed", messages=len(messages), error=str(exc)[:200])
         return
+    # A failed request (of several) comes back as REQUEST_FAILED tickets for its messages only:
+    # the other requests' dead tokens are still cleared and their ok tickets receipt-checked.
     dead = [t for t in tickets if not t.ok and t.error == DEVICE_NOT_REGISTERED]
     other = [t for t in tickets if not t.ok and t.error != DEVICE_NOT_REGISTERED]
     if other:
-        log.warning("push_errors", errors=sorted({t.error or "unknown" for t in other}))
+        log.warning(
+            "push_errors", messages=len(other), errors=sorted({t.error or "unknown" for t in other})
+        )
     result.pushed += sum(1 for t in tickets if t.ok)
     if dead:
         result.tokens_cleared += clear_tokens(uow, [(owner[t.token], t.token) for t in dead])

@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from core.log import get_logger
 from core.settings import Settings
-from db.engine import UnitOfWork, get_database, libpq_url
+from db.engine import KEEPALIVES, UnitOfWork, get_database, libpq_url
 from workers.base import actor
 
 log = get_logger(__name__)
@@ -41,9 +41,12 @@ class RelayStats:
     rejected: int = 0
 
 
+# A rejected row (unknown actor) keeps dispatched_at NULL, so it stays out of the prune and in
+# sight, and carries last_error, which keeps it from being claimed again. Clearing its
+# last_error (say, after deploying the actor) makes the relay send it.
 _CLAIM = text("""
     SELECT id, actor, queue_name, args, kwargs FROM outbox
-    WHERE dispatched_at IS NULL
+    WHERE dispatched_at IS NULL AND last_error IS NULL
     ORDER BY id
     LIMIT :batch
     FOR UPDATE SKIP LOCKED
@@ -52,7 +55,8 @@ _CLAIM = text("""
 # needed, the message carries it; it is emptied rather than kept until the prune, so personal
 # data does not linger in the outbox after, say, a GDPR erase.
 _MARK = text("""
-    UPDATE outbox SET dispatched_at = now(), message_id = data.message_id, last_error = data.error,
+    UPDATE outbox SET dispatched_at = CASE WHEN data.error IS NULL THEN now() END,
+           message_id = data.message_id, last_error = data.error,
            kwargs = CASE WHEN outbox.actor = ANY(CAST(:scrub AS text[])) AND data.error IS NULL
                          THEN '{}'::jsonb ELSE outbox.kwargs END
     FROM (SELECT unnest(CAST(:ids AS bigint[])) AS id,
@@ -91,7 +95,8 @@ def relay_batch(
                 actor = broker.get_actor(row.actor)
             except dramatiq.errors.ActorNotFound:
                 # Not retried: no deploy of this relay will learn the actor by waiting. The row
-                # stays in the table with its error, visible to operators.
+                # stays in the table, undispatched, with its error: outbox_rejected() counts it
+                # and the prune keeps it, until an operator clears last_error or deletes it.
                 log.error("outbox_unknown_actor", outbox_id=row.id, actor=row.actor)
                 marks[row.id] = (None, f"unknown actor {row.actor!r}")
                 stats.rejected += 1
@@ -171,7 +176,7 @@ class Relay:
         while not self.stopping.is_set():
             try:
                 with psycopg.connect(
-                    libpq_url(self.settings.database_url), autocommit=True
+                    libpq_url(self.settings.database_url), autocommit=True, **KEEPALIVES
                 ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._loop(conn)
@@ -209,14 +214,18 @@ class Relay:
 _BACKLOG = text("""
     SELECT count(*) AS pending,
            extract(epoch FROM clock_timestamp() - min(created_at)) AS oldest_s
-    FROM outbox WHERE dispatched_at IS NULL
+    FROM outbox WHERE dispatched_at IS NULL AND last_error IS NULL
+""")
+_REJECTED = text("""
+    SELECT count(*) FROM outbox WHERE dispatched_at IS NULL AND last_error IS NOT NULL
 """)
 
 
 def outbox_backlog(settings: Settings | None = None) -> tuple[int, float | None]:
     """(pending rows, age in seconds of the oldest pending row or None), for /metrics.
 
-    Reads the partial index ``ix_outbox_pending`` only, so it stays cheap however large the
+    Reads the partial index ``ix_outbox_pending`` only (pending rows and the few rejected ones,
+    which are not counted: see outbox_rejected), so it stays cheap however large the
     dispatched history is. A growing age with relays running means they cannot keep up (or
     every relay is down): the alert to set.
     """
@@ -227,8 +236,18 @@ def outbox_backlog(settings: Settings | None = None) -> tuple[int, float | None]
     return int(row.pending), oldest
 
 
+def outbox_rejected(settings: Settings | None = None) -> int:
+    """Rows the relay refused (unknown actor) and nobody has dealt with yet, for /metrics: any
+    at all needs an operator (deploy the actor and clear last_error, or delete the row)."""
+    db = get_database(settings)
+    with db.sessions() as session:
+        return int(session.execute(_REJECTED).scalar_one())
+
+
 def prune_dispatched(uow: UnitOfWork, *, older_than_hours: int) -> int:
-    """Delete dispatched rows older than the window, in bounded batches (short locks)."""
+    """Delete dispatched rows older than the window, in bounded batches (short locks). Rows
+    with an error are kept: they are the operators' to resolve (rows rejected before
+    rejections stopped being marked dispatched have both)."""
     total = 0
     while True:
         deleted = uow.execute(
@@ -236,6 +255,7 @@ def prune_dispatched(uow: UnitOfWork, *, older_than_hours: int) -> int:
                 DELETE FROM outbox WHERE id IN (
                     SELECT id FROM outbox
                     WHERE dispatched_at < now() - make_interval(hours => :hours)
+                      AND last_error IS NULL
                     ORDER BY id LIMIT 5000)
             """),
             {"hours": older_than_hours},

@@ -30,6 +30,10 @@ _REOPEN_FAILED = """
     SELECT status FROM old
 """
 _STATUS = "SELECT status FROM webhook_events WHERE id = %(id)s"
+_QUEUE_EVENT = """
+    INSERT INTO outbox (actor, queue_name, args)
+    VALUES ('process_event', 'payments', jsonb_build_array(%(id)s::text))
+"""
 _MARK_APPLIED = """
     UPDATE webhook_events SET status = %(status)s, attempts = attempts + 1, last_error = NULL,
         processed_at = now()
@@ -89,3 +93,15 @@ def replay(event_id: str) -> str:
         after = uow.sql(_STATUS, {"id": event_id}).fetchone()
     assert after is not None  # it was stored a moment ago; events are never deleted by replay
     return str(after.status)
+
+
+def queue_replay(uow: UnitOfWork, event_id: str) -> str:
+    """Reopen a failed event and queue it for a worker through the outbox, in the caller's
+    transaction (the message exists exactly if the reopening commits); returns the status the
+    event had. A processed or ignored event is left alone and nothing is queued."""
+    row = uow.sql(_REOPEN_FAILED, {"id": event_id}).fetchone()
+    if row is None:
+        raise EventNotFound(f"webhook event {event_id} is not stored")
+    if row.status not in ("processed", "ignored"):
+        uow.sql(_QUEUE_EVENT, {"id": event_id})
+    return str(row.status)

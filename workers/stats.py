@@ -10,6 +10,11 @@ Counts are buffered in memory and flushed at most once a second per process (and
 minute changes or the worker stops): one Redis round trip per message would cost more than a
 no-op message itself.
 
+Worker processes (only they: dramatiq's own broker heartbeats are written by any process that
+enqueues, the web server included) are in the sorted set ``tidemill:workers``: member
+``hostname:pid``, score the time of its last heartbeat, written at boot and by the flusher
+thread every few seconds, and pruned of members silent for more than a minute.
+
 The dead-letter set keeps the message as it was last enqueued, whose ``traceback`` option is
 the previous attempt's (or absent after a single attempt), so the final error is stored here by
 the id the message has in the dead-letter set, in one hash per queue and day of death:
@@ -20,6 +25,8 @@ and the hashes never grow without bound, however steadily messages die.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -28,7 +35,7 @@ from typing import Any
 from dramatiq.common import q_name
 from dramatiq.middleware import Middleware
 
-from core.log import get_logger, mask_email
+from core.log import get_logger, mask_personal
 
 log = get_logger("workers.stats")
 
@@ -39,6 +46,10 @@ STATS_TTL_S = 2 * 3600
 DEAD_ERRORS_TTL_S = 8 * 24 * 3600
 FLUSH_INTERVAL_S = 1.0
 ERROR_MAX_CHARS = 500
+WORKERS_KEY = "tidemill:workers"
+WORKER_HEARTBEAT_S = 5.0
+# a worker silent this long is gone (killed, host lost): pruned, and not counted as live
+WORKER_MAX_AGE_S = 60.0
 
 
 def stats_key(minute: int) -> str:
@@ -65,11 +76,35 @@ def dead_errors_keys(queue: str, died_ms: float) -> tuple[str, str]:
 
 def describe_error(exc: BaseException) -> str:
     """``Type: message``, e-mails masked and cut short: it is shown on the dashboard."""
-    return mask_email(f"{type(exc).__name__}: {exc}")[:ERROR_MAX_CHARS]
+    return mask_personal(f"{type(exc).__name__}: {exc}")[:ERROR_MAX_CHARS]
 
 
 def _redis_of(broker: Any) -> Any:
     return getattr(broker, "client", None)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def write_worker_heartbeat(client: Any, member: str, *, now: float | None = None) -> None:
+    """Mark `member` alive now and prune the workers silent for over WORKER_MAX_AGE_S."""
+    now = time.time() if now is None else now
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(WORKERS_KEY, {member: now})
+    pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - WORKER_MAX_AGE_S)
+    pipe.expire(WORKERS_KEY, int(WORKER_MAX_AGE_S) * 2)  # every worker gone: the key goes too
+    pipe.execute()
+
+
+def live_workers(client: Any, *, now: float | None = None) -> list[tuple[str, float]]:
+    """(hostname:pid, seconds since its heartbeat) of the workers heard within the max age."""
+    now = time.time() if now is None else now
+    rows = client.zrangebyscore(WORKERS_KEY, now - WORKER_MAX_AGE_S, "+inf", withscores=True)
+    return [
+        (m.decode() if isinstance(m, bytes) else str(m), max(now - float(sc), 0.0))
+        for m, sc in rows
+    ]
 
 
 class Stats(Middleware):
@@ -81,6 +116,9 @@ class Stats(Middleware):
         self._pending: Counter[tuple[int, str]] = Counter()
         self._last_flush = time.monotonic()
         self._flusher: threading.Thread | None = None
+        # workers booted in this process and not yet shut down (tests run several in turn)
+        self._workers = 0
+        self._last_heartbeat = 0.0
 
     def _count(self, broker: Any, field: str, queue: str) -> None:
         minute = int(time.time() // 60)
@@ -102,6 +140,8 @@ class Stats(Middleware):
                 time.sleep(self.flush_interval_s)
                 if time.monotonic() - self._last_flush >= self.flush_interval_s:
                     self.flush(broker)
+                if time.monotonic() - self._last_heartbeat >= WORKER_HEARTBEAT_S:
+                    self.heartbeat(broker)
 
         self._flusher = threading.Thread(target=run, name="tidemill-stats-flush", daemon=True)
         self._flusher.start()
@@ -142,8 +182,35 @@ class Stats(Middleware):
                 log.warning("dead_error_record_failed", error=type(err).__name__)
         self._count(broker, "dead", message.queue_name)
 
+    def heartbeat(self, broker: Any) -> None:
+        """Only while a worker runs in this process: enqueue-only processes never appear."""
+        self._last_heartbeat = time.monotonic()
+        client = _redis_of(broker)
+        if self._workers <= 0 or client is None:
+            return
+        try:
+            write_worker_heartbeat(client, worker_id())
+        except Exception as exc:  # a nicety like the counts: never fail the worker over it
+            log.warning("worker_heartbeat_failed", error=type(exc).__name__)
+
+    def before_worker_boot(self, broker: Any, worker: Any) -> None:
+        with self._lock:
+            self._workers += 1
+            if self._flusher is None:
+                self._start_flusher(broker)
+        self.heartbeat(broker)
+
     def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
         self.flush(broker)
+        with self._lock:
+            self._workers -= 1
+            last = self._workers <= 0
+        client = _redis_of(broker)
+        if last and client is not None:
+            try:
+                client.zrem(WORKERS_KEY, worker_id())
+            except Exception as exc:
+                log.warning("worker_heartbeat_failed", error=type(exc).__name__)
 
 
 def install(broker: Any) -> Stats:

@@ -26,6 +26,10 @@ from db.redis import get_redis
 from web.auth import hash_password
 from workers.base import PermanentError, actor
 from workers.broker import broker
+
+# imported now for its actor: declares the payments queue (the dashboard's webhook replay
+# queues messages there) before any test starts a worker; see DASH_QUEUE_2 below
+from workers.payments import process_event  # noqa: F401
 from workers.stats import install
 
 # The per-minute counts and dead-letter errors come from this middleware; the lead adds it to

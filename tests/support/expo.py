@@ -5,6 +5,7 @@ a token in ``dead_at_send`` gets an error ticket (DeviceNotRegistered), as Expo 
 uninstalled app; others an ok ticket with an id. POST /--/api/v2/push/getReceipts with
 ``{"ids": […]}`` -> ``{"data": {id: receipt}}``; tickets of tokens in ``dead_at_receipt`` get
 an error receipt. More than 100 messages in one request answers Expo's request-level error.
+Send requests whose 1-based number is in ``fail_requests`` answer HTTP 500 (nothing recorded).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class ExpoServer:
     url: str = ""
     dead_at_send: set[str] = field(default_factory=set)
     dead_at_receipt: set[str] = field(default_factory=set)
+    fail_requests: set[int] = field(default_factory=set)  # send request numbers answering 500
+    send_attempts: int = 0
     sent: list[dict[str, Any]] = field(default_factory=list)  # every message received
     requests: list[int] = field(default_factory=list)  # messages per send request
     tickets: dict[str, str] = field(default_factory=dict)  # ticket id -> token
@@ -53,6 +56,12 @@ class _Handler(BaseHTTPRequestHandler):
                     400,
                     {"errors": [{"code": "PUSH_TOO_MANY_NOTIFICATIONS", "message": "max 100"}]},
                 )
+                return
+            with expo.lock:
+                expo.send_attempts += 1
+                failing = expo.send_attempts in expo.fail_requests
+            if failing:
+                self._answer(500, {"errors": [{"code": "INTERNAL_SERVER_ERROR", "message": "x"}]})
                 return
             data = []
             with expo.lock:

@@ -79,12 +79,15 @@ def tick_rows(sql: Any, schedule: str) -> list[tuple[datetime, str, int, str]]:
     ]
 
 
-def outbox_ticks(sql: Any, actor: str) -> list[str]:
-    """The ``tick`` argument of every message enqueued for ``actor``, in insertion order."""
+def outbox_ticks(sql: Any, actor: str, queue: str | None = None) -> list[str]:
+    """The ``tick`` argument of every message enqueued for ``actor`` (on ``queue``, if given),
+    in insertion order."""
     return [
         r[0]
         for r in sql.execute(
-            "SELECT kwargs->>'tick' FROM outbox WHERE actor = %s ORDER BY id", (actor,)
+            "SELECT kwargs->>'tick' FROM outbox WHERE actor = %s "
+            "AND (%s::text IS NULL OR queue_name = %s) ORDER BY id",
+            (actor, queue, queue),
         ).fetchall()
     ]
 

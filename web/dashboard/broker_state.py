@@ -32,9 +32,10 @@ from typing import Any
 import redis
 from dramatiq.common import q_name
 
-from core.log import get_logger, mask_email
+from core.log import get_logger, mask_personal
 from core.settings import Settings
 from workers.stats import DEAD_ERRORS_PREFIX, STATS_PREFIX, dead_errors_keys, stats_key
+from workers.stats import live_workers as stats_live_workers
 
 log = get_logger("web.dashboard")
 
@@ -58,6 +59,17 @@ QUEUE_SCAN_TTL_S = 30.0
 
 class BrokerUnavailable(RuntimeError):
     """The broker is not Redis (RabbitMQ keeps no dead-letter set we can read) or is down."""
+
+
+class RetryFailed(RuntimeError):
+    """The broker failed partway through a retry. `moved` letters are back on their queues;
+    `remaining` (queue, id) pairs were not moved and are still dead letters."""
+
+    def __init__(self, *, moved: int, remaining: list[tuple[str, str]], error: BaseException):
+        super().__init__(f"moved {moved}, then {type(error).__name__}: {error}")
+        self.moved = moved
+        self.remaining = remaining
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -87,7 +99,7 @@ class DeadLetter:
 @dataclass(frozen=True)
 class DeadFilter:
     """Which dead letters: a queue, an exact actor name, and text found in the actor, message
-    id, error or arguments (case-insensitive)."""
+    id, error or arguments (case-insensitive, in the masked text a viewer sees)."""
 
     queue: str | None = None
     actor: str | None = None
@@ -110,7 +122,9 @@ class DeadFilter:
             return False
         if self.text:
             needle = self.text.lower()
-            haystacks = (letter.actor, letter.message_id, letter.error, letter.raw)
+            # the masked text, as shown: searching must not reveal what the mask hides
+            # (a viewer probing "alice.smith@" would learn the masked address is hers)
+            haystacks = (letter.actor, letter.message_id, letter.error, mask_personal(letter.raw))
             if not any(needle in h.lower() for h in haystacks):
                 return False
         return True
@@ -217,18 +231,15 @@ def queue_stats(client: redis.Redis, queues: Iterable[str]) -> list[QueueStats]:
 
 
 @dataclass(frozen=True)
-class BrokerProcess:
-    id: str
+class WorkerProcess:
+    id: str  # hostname:pid
     last_seen_s: float
 
 
-def live_processes(client: redis.Redis, *, heartbeat_timeout_ms: int) -> list[BrokerProcess]:
-    """Broker processes (workers, and enqueue-only ones) that talked to Redis recently."""
-    now_ms = time.time() * 1000
-    rows: list[Any] = client.zrangebyscore(
-        _key("__heartbeats__"), now_ms - heartbeat_timeout_ms, "+inf", withscores=True
-    )
-    return [BrokerProcess(str(r[0]), round((now_ms - float(r[1])) / 1000, 1)) for r in rows]
+def live_workers(client: redis.Redis, *, now: float | None = None) -> list[WorkerProcess]:
+    """Worker processes whose heartbeat (workers/stats.py) is under a minute old. Not dramatiq's
+    broker heartbeats: every process that enqueues writes those, the web server included."""
+    return [WorkerProcess(m, round(age, 1)) for m, age in stats_live_workers(client, now=now)]
 
 
 def per_minute(
@@ -274,8 +285,8 @@ def _decode(queue: str, rid: str, raw: str | None, error: str | None, score: flo
         redis_id=rid,
         message_id=str(message.get("message_id", "")),
         actor=str(message.get("actor_name", "?")),
-        args=mask_email(json.dumps(shown, default=str))[:400],
-        error=mask_email(error or "")[:500],
+        args=mask_personal(json.dumps(shown, default=str))[:400],
+        error=mask_personal(error or "")[:500],
         dead_at=datetime.fromtimestamp(score / 1000, UTC),
         retries=int(options.get("retries", 0) or 0),
         score=score,
@@ -581,11 +592,15 @@ def retry(client: redis.Redis, items: list[tuple[str, str]], *, broker: Any) -> 
     The message keeps its id (duplicates stay recognisable) but starts a fresh retry budget and
     a fresh timestamp, or the age limit would drop a letter that waited longer than it. A letter
     is never lost: an unreadable one goes back to the dead set; if the broker fails, the letter
-    being moved and every claimed one after it go back before the error is raised.
+    being moved and every claimed one after it go back, and RetryFailed says how many moved and
+    which were not tried.
     """
     moved = 0
     for start in range(0, len(items), CHUNK):
-        claimed = _claim(client, items[start : start + CHUNK])
+        try:
+            claimed = _claim(client, items[start : start + CHUNK])
+        except Exception as exc:  # the claim is one transaction: this chunk was not taken
+            raise RetryFailed(moved=moved, remaining=items[start:], error=exc) from exc
         for i, (queue, rid, data, error, score) in enumerate(claimed):
             try:
                 message = _revived(data, queue)
@@ -595,10 +610,11 @@ def retry(client: redis.Redis, items: list[tuple[str, str]], *, broker: Any) -> 
                 continue
             try:
                 broker.enqueue(message)
-            except Exception:
+            except Exception as exc:
                 for rest in claimed[i:]:
                     _restore(client, *rest)
-                raise
+                remaining = [(q, r) for q, r, *_ in claimed[i:]] + items[start + CHUNK :]
+                raise RetryFailed(moved=moved, remaining=remaining, error=exc) from exc
             moved += 1
     return moved
 
@@ -610,10 +626,11 @@ __all__ = [
     "DeadLetter",
     "DeadPage",
     "QueueStats",
+    "RetryFailed",
     "broker_redis",
     "dead_page",
     "delete",
-    "live_processes",
+    "live_workers",
     "per_minute",
     "queue_names",
     "queue_stats",

@@ -43,22 +43,10 @@ def _rows(conn: Connection, sql: str, params: dict[str, Any] | None = None) -> l
 
 
 def outbox_backlog(settings: Settings) -> tuple[int, float | None]:
-    """Pending outbox rows and the age of the oldest (the outbox issue's function when it is
-    there, the same query otherwise)."""
-    try:
-        from workers.outbox import outbox_backlog as provided
-    except ImportError:
-        pass
-    else:
-        return provided(settings)
-    with _conn(settings) as conn:
-        row = conn.execute(
-            text(
-                "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at)) "
-                "FROM outbox WHERE dispatched_at IS NULL"
-            )
-        ).one()
-    return int(row[0]), float(row[1]) if row[1] is not None else None
+    """Pending outbox rows and the age of the oldest (rows the relay refused are not pending)."""
+    from workers.outbox import outbox_backlog as pending
+
+    return pending(settings)
 
 
 def webhook_window(settings: Settings, *, seconds: int, cache_s: int = 0) -> dict[str, int]:

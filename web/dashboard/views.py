@@ -20,7 +20,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from core.log import get_logger, mask_email
+from core.log import get_logger, mask_personal
 from core.settings import Settings
 from db.engine import ServiceUnreachable
 from db.redis import get_redis
@@ -36,8 +36,15 @@ TEMPLATES = Environment(
     loader=FileSystemLoader(WEB / "templates"),
     autoescape=select_autoescape(["html"]),
 )
-# a store that is down answers 503 with its name, not a bare 500
-STORE_ERRORS = (redis.RedisError, sqlalchemy.exc.DBAPIError, ServiceUnreachable)
+# a store that is down answers 503 with its name, not a bare 500; OSError covers the builtin
+# ConnectionError/TimeoutError a broker client raises outside redis-py's own errors
+STORE_ERRORS = (
+    redis.RedisError,
+    sqlalchemy.exc.DBAPIError,
+    ServiceUnreachable,
+    broker_state.RetryFailed,
+    OSError,
+)
 MAX_FORM_BYTES = 64 * 1024
 SELECTION_TTL_S = 900
 REFRESH_S = 10
@@ -53,8 +60,8 @@ FLASH = {
     "resumed": "Schedule resumed.",
     "triggered": "Schedule triggered (manual tick queued).",
     "unknown_schedule": "No such schedule.",
-    "replayed": "Event replayed: status is now {status}.",
-    "replay_failed": "Replay failed again; see the event's last error.",
+    "replay_queued": "Replay queued: a payments worker will process the event shortly.",
+    "already_applied": "Nothing to replay: the event is already {status}.",
     "unknown_event": "No such webhook event.",
 }
 
@@ -142,9 +149,13 @@ class Dashboard:
         done = request.query_params.get("done")
         flash = None
         if done in FLASH:
+            # the query string is anyone's to write: only a number and a known status get into
+            # the message, never free text (a crafted link must not put words in our mouth)
+            n = request.query_params.get("n", "0")
+            status = request.query_params.get("status", "")
             flash = FLASH[done].format(
-                n=request.query_params.get("n", "0"),
-                status=request.query_params.get("status", "?"),
+                n=int(n) if n.isascii() and n.isdigit() and len(n) < 10 else 0,
+                status=status if status in store.WEBHOOK_STATUSES else "?",
             )
         html = TEMPLATES.get_template(template).render(
             session=session,
@@ -205,8 +216,22 @@ class Dashboard:
     def unavailable(
         self, request: Request, session: auth.Session | None, exc: Exception
     ) -> HTMLResponse:
-        """Redis or Postgres is down: a 503 page that says which, instead of a bare 500."""
-        store = "Redis" if isinstance(exc, redis.RedisError) else "Postgres"
+        """Redis, Postgres or the broker is down: a 503 page that says which, not a bare 500."""
+        if isinstance(exc, broker_state.RetryFailed):
+            return self.refuse(
+                request,
+                session,
+                f"the broker failed after {exc.moved} letter(s) were retried "
+                f"({type(exc.error).__name__}); the other {len(exc.remaining)} are still "
+                "dead letters",
+                503,
+            )
+        if isinstance(exc, redis.RedisError):
+            store = "Redis"
+        elif isinstance(exc, OSError):
+            store = "The broker"
+        else:
+            store = "Postgres"
         return self.refuse(
             request, session, f"{store} is unreachable right now ({type(exc).__name__})", 503
         )
@@ -332,7 +357,8 @@ class Dashboard:
             )
 
         limiter = self.limiter()
-        if await run_in_threadpool(limiter.blocked, user, address):
+        # counted before the password check, so concurrent guesses cannot all slip past
+        if not await run_in_threadpool(limiter.attempt, user, address):
             log.warning("dashboard_login_rate_limited", user=user)
             return again("Too many failed sign-ins; wait a few minutes.", 429)
         account = self.accounts.get(user)
@@ -340,7 +366,6 @@ class Dashboard:
             auth.verify_password, password, account.password_hash if account else auth.dummy_hash()
         )
         if account is None or not ok:
-            await run_in_threadpool(limiter.failed, user, address)
             await run_in_threadpool(
                 auth.audit,
                 self.settings,
@@ -398,14 +423,12 @@ class Dashboard:
     def overview_data(self) -> dict[str, Any]:
         broker_error = None
         queues: list[broker_state.QueueStats] = []
-        processes: list[broker_state.BrokerProcess] = []
+        processes: list[broker_state.WorkerProcess] = []
         series: list[tuple[int, int, int]] = []
         try:
             client = broker_state.broker_redis(self.settings)
             queues = broker_state.queue_stats(client, broker_state.queue_names(client))
-            processes = broker_state.live_processes(
-                client, heartbeat_timeout_ms=self.settings.heartbeat_timeout_ms
-            )
+            processes = broker_state.live_workers(client)
             series = broker_state.per_minute(client, minutes=60)
         except broker_state.BrokerUnavailable as exc:
             broker_error = str(exc)
@@ -511,15 +534,31 @@ class Dashboard:
             return self.refuse(request, session, "queue and id are required", 400)
 
         def run() -> int:
-            client = broker_state.broker_redis(self.settings)
-            if op == "retry":
-                from workers.broker import broker
+            n, error = 0, None
+            try:
+                client = broker_state.broker_redis(self.settings)
+                if op == "retry":
+                    from workers.broker import broker
 
-                n = broker_state.retry(client, [(queue, rid)], broker=broker)
-            else:
-                n = broker_state.delete(client, [(queue, rid)])
-            self.audit(session, f"dead_letter.{op}", "dead_letter", f"{queue}/{rid}", count=n)
-            return n
+                    n = broker_state.retry(client, [(queue, rid)], broker=broker)
+                else:
+                    n = broker_state.delete(client, [(queue, rid)])
+                return n
+            except broker_state.RetryFailed as exc:
+                n, error = exc.moved, exc.error
+                raise
+            except Exception as exc:
+                error = exc
+                raise
+            finally:  # audited whether or not it worked
+                self.audit(
+                    session,
+                    f"dead_letter.{op}",
+                    "dead_letter",
+                    f"{queue}/{rid}",
+                    count=n,
+                    **_error_detail(error),
+                )
 
         n = await run_in_threadpool(run)
         code = ("retried" if op == "retry" else "deleted") if n else "gone"
@@ -544,7 +583,7 @@ class Dashboard:
             # the filter is kept in the audit trail: e-mails typed into it are masked first
             meta = {
                 "op": op,
-                "filter": mask_email(flt.describe()),
+                "filter": mask_personal(flt.describe()),
                 "user": session.user,
                 "count": len(items),
             }
@@ -568,8 +607,19 @@ class Dashboard:
             op=op,
             count=count,
             per_queue=per_queue,
-            flt=flt,
+            filter_text=flt.describe(),
+            error=None,
         )
+
+    def _keep_selection(self, key: str, remaining: list[tuple[str, str]]) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(key)
+        for start in range(0, len(remaining), 1000):
+            pipe.rpush(key, *[json.dumps(i) for i in remaining[start : start + 1000]])
+        pipe.hset(f"{key}:meta", "count", str(len(remaining)))
+        pipe.expire(key, SELECTION_TTL_S)
+        pipe.expire(f"{key}:meta", SELECTION_TTL_S)
+        pipe.execute()
 
     async def dead_bulk(
         self, request: Request, session: auth.Session, form: dict[str, str]
@@ -588,27 +638,65 @@ class Dashboard:
             if meta["user"] != session.user:
                 return None
             raw = self.redis.lrange(key, 0, -1)
-            self.redis.delete(key, f"{key}:meta")  # a selection is used once
             items = [(str(q), str(i)) for q, i in (json.loads(r) for r in raw)]
-            client = broker_state.broker_redis(self.settings)
-            if meta["op"] == "retry":
-                from workers.broker import broker
+            n, error = 0, None
+            try:
+                client = broker_state.broker_redis(self.settings)
+                if meta["op"] == "retry":
+                    from workers.broker import broker
 
-                n = broker_state.retry(client, items, broker=broker)
-            else:
-                n = broker_state.delete(client, items)
-            self.audit(
-                session,
-                f"dead_letters.bulk_{meta['op']}",
-                "dead_letter",
-                None,
-                filter=meta["filter"],
-                selected=len(items),
-                done=n,
-            )
+                    n = broker_state.retry(client, items, broker=broker)
+                else:
+                    n = broker_state.delete(client, items)
+            except broker_state.RetryFailed as exc:
+                n, error = exc.moved, exc.error
+                # keep only what was not moved, so confirming again finishes the job
+                self._keep_selection(key, exc.remaining)
+                raise
+            except Exception as exc:
+                error = exc  # the selection is kept whole: letters already gone are skipped
+                raise
+            finally:  # audited whether or not it worked, with what was actually done
+                self.audit(
+                    session,
+                    f"dead_letters.bulk_{meta['op']}",
+                    "dead_letter",
+                    None,
+                    filter=meta["filter"],
+                    selected=len(items),
+                    done=n,
+                    **_error_detail(error),
+                )
+            self.redis.delete(key, f"{key}:meta")  # used once, and only once it worked
             return meta["op"], n, len(items)
 
-        result = await run_in_threadpool(run)
+        try:
+            result = await run_in_threadpool(run)
+        except broker_state.RetryFailed as exc:
+            per_queue: dict[str, int] = {}
+            for q, _ in exc.remaining:
+                per_queue[q] = per_queue.get(q, 0) + 1
+            meta = self.redis.hgetall(f"{key}:meta")
+            filter_text = meta.get(b"filter", meta.get("filter", b""))
+            if isinstance(filter_text, bytes):
+                filter_text = filter_text.decode()
+            log.warning("dashboard_bulk_retry_failed", moved=exc.moved, left=len(exc.remaining))
+            return self.render(
+                request,
+                "dashboard/confirm.html",
+                session=session,
+                token=token,
+                op="retry",
+                count=len(exc.remaining),
+                per_queue=per_queue,
+                filter_text=filter_text,
+                error=(
+                    f"The broker failed ({type(exc.error).__name__}) after {exc.moved} "
+                    f"letter(s) were retried. The other {len(exc.remaining)} are still dead "
+                    "letters and still selected: confirm again to retry them."
+                ),
+                status_code=503,
+            )
         if result is None:
             return RedirectResponse("/dashboard/queues?done=bulk_expired", status_code=303)
         op, n, _selected = result
@@ -761,28 +849,27 @@ class Dashboard:
         event_id = request.path_params["event_id"]
 
         def run() -> tuple[str, str | None]:
-            from workers.payments import EventNotFound, replay
+            # The web process never processes: the event is reopened and handed to a payments
+            # worker through the outbox, in one transaction (the relay sends it after commit).
+            from db.engine import unit_of_work
+            from workers.payments import EventNotFound, queue_replay
 
             try:
-                status = replay(event_id)
+                with unit_of_work(self.settings) as uow:
+                    was = queue_replay(uow, event_id)
             except EventNotFound:
                 return "unknown_event", None
-            except Exception as exc:
-                self.audit(
-                    session,
-                    "webhook.replay",
-                    "webhook_event",
-                    event_id,
-                    outcome="error",
-                    error=type(exc).__name__,
-                )
-                return "replay_failed", None
-            self.audit(session, "webhook.replay", "webhook_event", event_id, outcome=status)
-            return "replayed", status
+            if was in ("processed", "ignored"):
+                self.audit(session, "webhook.replay", "webhook_event", event_id, outcome=was)
+                return "already_applied", was
+            self.audit(
+                session, "webhook.replay", "webhook_event", event_id, outcome="queued", was=was
+            )
+            return "replay_queued", None
 
         code, status = await run_in_threadpool(run)
         return RedirectResponse(
-            _with_flash("/dashboard/webhooks", done=code, status=status or ""), status_code=303
+            _with_flash("/dashboard/webhooks", done=code, status=status), status_code=303
         )
 
     # --- audit ---------------------------------------------------------------------------------
@@ -853,6 +940,13 @@ _RUN_SHOWN = {
     "progress",
     "duration_s",
 }
+
+
+def _error_detail(error: BaseException | None) -> dict[str, str]:
+    """The audit field for a failed action: the error's type and (masked) text."""
+    if error is None:
+        return {}
+    return {"error": mask_personal(f"{type(error).__name__}: {error}")[:500]}
 
 
 def _with_flash(url: str, **params: Any) -> str:
