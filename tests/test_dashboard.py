@@ -4,6 +4,7 @@ letters made by dramatiq's own broker commands or by a real worker."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -849,12 +850,14 @@ def test_pages_split_letters_that_died_in_the_same_millisecond(
 ) -> None:
     from web.dashboard import broker_state
 
-    # Given 30 letters in two queues, all scored the same millisecond
+    # Given 30 letters in two queues, all scored the same millisecond (a recent one: dramatiq's
+    # maintenance, which may run on any broker command, drops dead letters older than 7 days)
+    same_ms = int(time.time() * 1000)
     made = set()
     for i in range(30):
         queue = DASH_QUEUE if i % 2 else DASH_QUEUE_2
         rid = dead_letter("flaky_until_released", f"t{i}", queue=queue).options["redis_message_id"]
-        redis_client.zadd(f"dramatiq:{queue}.XQ", {rid: 1_700_000_000_000})
+        redis_client.zadd(f"dramatiq:{queue}.XQ", {rid: same_ms})
         made.add((queue, rid))
     client = broker_state.broker_redis(dash_settings)
     queues = [DASH_QUEUE, DASH_QUEUE_2]
