@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,35 +17,14 @@ from typing import Any
 import httpx
 import pytest
 import stripe
-import uvicorn
 
-from core.log import configure_logging
-from core.proc import free_port, wait_until
+from core.proc import free_port
 from core.settings import Settings, get_settings
-from web.app import create_app
+from tests.support.web import serve
 from web.webhooks import MAX_BODY_BYTES, PATH
 
 EMAIL = "alice.smith@example.com"
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
-
-
-@contextmanager
-def serve(settings: Settings) -> Iterator[str]:
-    """create_app(settings) on a real uvicorn server in a background thread."""
-    configure_logging(env=settings.env, level=settings.log_level)  # no-op once configured
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    try:
-        assert wait_until(lambda: server.started, timeout=30, alive=thread.is_alive)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @contextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,14 +14,12 @@ from typing import Any
 import dramatiq
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import text
 
-from core.log import configure_logging
-from core.proc import free_port, wait_until
 from core.settings import Settings, get_settings, reset_settings_cache
 from db.engine import UnitOfWork
 from db.redis import get_redis
+from tests.support.web import serve
 from web.auth import hash_password
 from workers.base import PermanentError, actor
 from workers.broker import broker
@@ -119,29 +116,6 @@ def dashboard_env(**extra: str) -> Iterator[Settings]:
             else:
                 os.environ[k] = v
         reset_settings_cache()
-
-
-@contextmanager
-def serve(settings: Settings) -> Iterator[str]:
-    """create_app(settings) on a real uvicorn server in a background thread."""
-    # imported here: a worker process importing this module for its actor must not import
-    # prometheus_client before dramatiq's middleware has pointed it at the multiprocess dir
-    from web.app import create_app
-
-    configure_logging(env=settings.env, level=settings.log_level)
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-dashboard", daemon=True)
-    thread.start()
-    try:
-        assert wait_until(lambda: server.started, timeout=30, alive=thread.is_alive)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture
