@@ -5,7 +5,7 @@ from __future__ import annotations
 import getpass
 import sys
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -65,18 +65,23 @@ def list_command() -> None:
     print(f"{len(rows)} schedule(s)")
 
 
-@app.command("trigger")
-@friendly_errors
-def trigger_command(name: NameArg, by: ByOpt = None) -> None:
-    """Fire NAME now (recorded as a manual tick; works while paused)."""
-    from schedules.control import UnknownSchedule, trigger
+def _control(action: str, name: str, by: str | None) -> Any:
+    """Run schedules.control.<action> for NAME; an unknown name is one error line, exit 2."""
+    from schedules import control
 
     settings = cli_settings()
     require_services(settings, broker=False)
     try:
-        tick = trigger(name, by=_by(by), settings=settings)
-    except UnknownSchedule as exc:
+        return getattr(control, action)(name, by=_by(by), settings=settings)
+    except control.UnknownSchedule as exc:
         fail(str(exc))
+
+
+@app.command("trigger")
+@friendly_errors
+def trigger_command(name: NameArg, by: ByOpt = None) -> None:
+    """Fire NAME now (recorded as a manual tick; works while paused)."""
+    tick = _control("trigger", name, by)
     print(f"{name}: manual tick {tick.isoformat()} enqueued")
 
 
@@ -84,14 +89,7 @@ def trigger_command(name: NameArg, by: ByOpt = None) -> None:
 @friendly_errors
 def pause_command(name: NameArg, by: ByOpt = None) -> None:
     """Stop NAME firing on every scheduler replica (persisted; ticks while paused are skipped)."""
-    from schedules.control import UnknownSchedule, pause
-
-    settings = cli_settings()
-    require_services(settings, broker=False)
-    try:
-        changed = pause(name, by=_by(by), settings=settings)
-    except UnknownSchedule as exc:
-        fail(str(exc))
+    changed = _control("pause", name, by)
     print(f"{name}: paused" if changed else f"{name}: already paused")
 
 
@@ -99,12 +97,5 @@ def pause_command(name: NameArg, by: ByOpt = None) -> None:
 @friendly_errors
 def resume_command(name: NameArg, by: ByOpt = None) -> None:
     """Let NAME fire again from its next tick (missed ticks while paused are not caught up)."""
-    from schedules.control import UnknownSchedule, resume
-
-    settings = cli_settings()
-    require_services(settings, broker=False)
-    try:
-        changed = resume(name, by=_by(by), settings=settings)
-    except UnknownSchedule as exc:
-        fail(str(exc))
+    changed = _control("resume", name, by)
     print(f"{name}: resumed" if changed else f"{name}: was not paused")
