@@ -32,19 +32,18 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import psutil
 import psycopg
 import redis
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 
+from bench.rss import PeakRss
 from core.log import configure_logging
 from core.proc import free_port, spawn, stop_process, tail, wait_until
 from db.embedded import EmbeddedPostgres, EmbeddedValkey
@@ -187,31 +186,6 @@ def count(url: str) -> int:
         return int(row[0]) if row else 0
 
 
-class RssSampler:
-    """Peak RSS of the process tree's largest member (the dramatiq worker child)."""
-
-    def __init__(self, pid: int) -> None:
-        self.root = psutil.Process(pid)
-        self.peak = 0
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-                self.peak = max(self.peak, *(p.memory_info().rss for p in procs))
-            except psutil.Error:
-                pass
-            self.stopping.wait(0.05)
-
-    def stop(self) -> int:
-        self.stopping.set()
-        self.thread.join(timeout=5)
-        return self.peak
-
-
 def run_fanout(root: Path, url: str, redis_url: str, moment: str) -> tuple[float, int]:
     """Seconds the worker spent on the message, and the worker's peak RSS in bytes."""
     env = dict(
@@ -237,7 +211,7 @@ def run_fanout(root: Path, url: str, redis_url: str, moment: str) -> tuple[float
             alive=lambda: proc.poll() is None,
         ):
             raise BenchError("worker did not start:\n" + tail(log_path))
-        sampler = RssSampler(proc.pid)
+        sampler = PeakRss(proc.pid, tree=True)
         broker = RedisBroker(url=redis_url)
         broker.declare_queue(QUEUE)
         message: Message[Any] = Message(

@@ -36,15 +36,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
 
+from bench.rss import PeakRss
 from core.log import configure_logging
 from core.proc import free_port
 from db.embedded import EmbeddedPostgres
@@ -99,27 +98,6 @@ def fill_messages(conn: Any, conv: Any, user: Any, n: int, start: datetime) -> N
     )
 
 
-class PeakRss:
-    """Samples a process's RSS until it exits."""
-
-    def __init__(self, pid: int) -> None:
-        self.peak = 0
-        self._proc = psutil.Process(pid)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self.peak = max(self.peak, self._proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.02)
-
-    def join(self) -> None:
-        self._thread.join(timeout=5)
-
-
 def run_pipeline_process(name: str, env: dict[str, str]) -> tuple[str, float]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "core.cli", "pipeline", "run", name],
@@ -131,7 +109,7 @@ def run_pipeline_process(name: str, env: dict[str, str]) -> tuple[str, float]:
     )
     rss = PeakRss(proc.pid)
     out, err = proc.communicate()
-    rss.join()
+    rss.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"pipeline {name} failed ({proc.returncode}): {err.strip()[-500:]}")
     return out, rss.peak / (1024 * 1024)

@@ -56,10 +56,10 @@ def cli_settings(*, adopt_running: bool = True) -> Settings:
     return settings
 
 
-def require_services(settings: Settings, *, broker: bool = True) -> None:
+def require_services(settings: Settings, *, broker: bool = True, redis: bool = True) -> None:
     from db.health import require_services as check
 
-    check(settings, broker=broker)
+    check(settings, broker=broker, redis=redis)
 
 
 def stop_event() -> threading.Event:

@@ -22,17 +22,6 @@ def _by(by: str | None) -> str:
     return by or f"cli:{getpass.getuser()}"
 
 
-def _require_postgres(settings: Any) -> None:
-    """Pipelines and archives need Postgres only (GDPR erase needs Redis too)."""
-    from db.engine import ServiceUnreachable, check_postgres
-
-    if settings.database_url is None:
-        raise ServiceUnreachable(
-            "DATABASE_URL is not set (or run `tidemill up` for embedded servers)"
-        )
-    check_postgres(settings.database_url)
-
-
 def _console() -> Any:
     from rich.console import Console
 
@@ -58,7 +47,7 @@ def list_command(
         fail(str(exc))
     problems: dict[str, str] = {}
     if check:
-        _require_postgres(settings)
+        require_services(settings, broker=False, redis=False)
         from pipelines.engine import connect
 
         with connect(settings) as conn:
@@ -114,7 +103,7 @@ def run_command(
     from pipelines.policies import PolicyError, UnknownPipeline, get_policy
 
     settings = cli_settings()
-    _require_postgres(settings)
+    require_services(settings, broker=False, redis=False)
     try:
         policy = get_policy(name, settings)
     except (UnknownPipeline, PolicyError) as exc:
@@ -178,7 +167,7 @@ def history_command(
     from pipelines.engine import history
 
     settings = cli_settings()
-    _require_postgres(settings)
+    require_services(settings, broker=False, redis=False)
     rows = history(settings=settings, pipeline=pipeline, limit=limit)
     table = Table()
     for column in ("id", "pipeline", "started", "took", "status", "rows", "objects", "bytes"):
@@ -219,7 +208,7 @@ def archive_list(
     from pipelines.engine import connect
 
     settings = cli_settings()
-    _require_postgres(settings)
+    require_services(settings, broker=False, redis=False)
     with connect(settings) as conn:
         rows = conn.execute(
             "SELECT key, table_name, rows, size_bytes, sha256, run_id FROM archive_objects "
@@ -264,7 +253,7 @@ def archive_restore(
     from pipelines.engine import connect
 
     settings = cli_settings()
-    _require_postgres(settings)
+    require_services(settings, broker=False, redis=False)
     wanted = list(keys or [])
     from_manifest: dict[str, str] = {}
     if run is not None:
@@ -346,7 +335,7 @@ def gdpr_export(
     from pipelines.gdpr import UserNotFound, export
 
     settings = cli_settings()
-    _require_postgres(settings)
+    require_services(settings, broker=False, redis=False)
     try:
         result = export(user_id, settings=settings, by=_by(by))
     except UserNotFound as exc:

@@ -276,6 +276,39 @@ def catalogued(
         raise
 
 
+def record_complete(
+    database_url: str,
+    backup_id: int | None,
+    result: BackupResult,
+    *,
+    kind: str,
+    key: str,
+    columns: dict[str, Any] | None = None,
+    **log_fields: Any,
+) -> None:
+    """Mark the catalogue row complete (size, checksum, manifest, data time) and log it."""
+    record_finish(
+        database_url,
+        backup_id,
+        status="complete",
+        finished_at=datetime.now(UTC),
+        manifest_key=result.manifest_key,
+        size_bytes=result.size,
+        sha256=result.sha256,
+        data_at=parse_time(result.manifest["data_at"]),
+        **(columns or {}),
+    )
+    log.info(
+        "backup_complete",
+        kind=kind,
+        key=key,
+        backup_id=backup_id,
+        size_bytes=result.size,
+        duration_s=round(result.duration_s, 3),
+        **log_fields,
+    )
+
+
 def catalogue_rows(database_url: str) -> dict[str, dict[str, Any]]:
     """Catalogue rows by object key (for `backup list`); empty when the table is absent."""
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
@@ -460,25 +493,14 @@ def run_full_backup(
             reason=reason,
             storage_class=storage_class,
         )
-    record_finish(
+    record_complete(
         database_url,
         backup_id,
-        status="complete",
-        finished_at=datetime.now(UTC),
-        manifest_key=result.manifest_key,
-        size_bytes=result.size,
-        sha256=result.sha256,
-        data_at=parse_time(result.manifest["data_at"]),
-        storage_class=storage_class,
-    )
-    log.info(
-        "backup_complete",
+        result,
         kind="full",
         key=key,
-        backup_id=backup_id,
-        size_bytes=result.size,
+        columns={"storage_class": storage_class},
         raw_bytes=result.manifest["raw_bytes"],
-        duration_s=round(result.duration_s, 3),
     )
     return result
 

@@ -53,7 +53,7 @@ from pipelines.backup import (
     child_error,
     new_folder,
     pump,
-    record_finish,
+    record_complete,
     tool_version,
     write_manifest,
     zstd_threads,
@@ -345,24 +345,13 @@ def run_base_backup(
             backup_id=backup_id,
             reason=reason,
         )
-    record_finish(
+    record_complete(
         database_url,
         backup_id,
-        status="complete",
-        finished_at=datetime.now(UTC),
-        manifest_key=result.manifest_key,
-        size_bytes=result.size,
-        sha256=result.sha256,
-        data_at=datetime.fromisoformat(result.manifest["data_at"]),
-        wal_start=result.manifest["wal_start"],
-    )
-    log.info(
-        "backup_complete",
+        result,
         kind=kind,
         key=key,
-        backup_id=backup_id,
-        size_bytes=result.size,
-        duration_s=round(result.duration_s, 3),
+        columns={"wal_start": result.manifest["wal_start"]},
     )
     return result
 
