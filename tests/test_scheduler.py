@@ -226,7 +226,10 @@ def test_no_catch_up_while_paused_and_none_for_ticks_due_during_the_pause(db, sq
     # Resumed "now" (the database clock): the paused hours are not misfires
     control.resume("hourly", by="ops", settings=settings)
     resumed_at = sql.execute("SELECT changed_at FROM schedule_state").fetchone()[0]
-    assert catch_up([sched], now=resumed_at + timedelta(minutes=1), settings=settings) == []
+    # a minute later, but never past the next hourly tick (the resume used the real clock)
+    next_tick = resumed_at.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    later = min(resumed_at + timedelta(minutes=1), next_tick - timedelta(microseconds=1))
+    assert catch_up([sched], now=later, settings=settings) == []
     assert len(tick_rows(sql, "hourly")) == 1
 
 
