@@ -120,10 +120,12 @@ class Supervisor:
     def _banner(self) -> None:
         s = self.settings
         base = f"http://{s.web_host}:{s.web_port}"
-        pg_note = (
-            f"embedded, data in {s.data_dir / 'postgres'}" if s.embedded_postgres else "external"
-        )
-        rd_note = f"embedded, data in {s.data_dir / 'valkey'}" if s.embedded_redis else "external"
+        # `start_servers` filled the URLs in, so the settings alone no longer tell which
+        # servers are embedded: the servers this supervisor started do.
+        started = {type(server) for server in self.servers}
+        pg_embedded, rd_embedded = EmbeddedPostgres in started, EmbeddedValkey in started
+        pg_note = f"embedded, data in {s.data_dir / 'postgres'}" if pg_embedded else "external"
+        rd_note = f"embedded, data in {s.data_dir / 'valkey'}" if rd_embedded else "external"
         lines = [
             "",
             "tidemill is up (Ctrl-C stops everything)",

@@ -144,6 +144,10 @@ def test_up_runs_everything_embedded_and_stops_with_no_orphans(tmp_path, stop_si
     output = (tmp_path / "up.log").read_text()
     assert f"http://127.0.0.1:{web}/dashboard" in output
     assert "TIDEMILL_WORKER_PROCESSES" in output
+    # the banner says which servers it started itself
+    assert f"(embedded, data in {tmp_path / 'data' / 'postgres'})" in output
+    assert f"(embedded, data in {tmp_path / 'data' / 'valkey'})" in output
+    assert "(external)" not in output
     # data lives under the data dir and is kept for the next start
     assert (tmp_path / "data" / "postgres" / "PG_VERSION").exists()
 
