@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from core.cli_app import app as apps_app
 from core.cli_backup import app as backup_app
 from core.cli_backup import restore_command, wal_app
 from core.cli_common import (
@@ -39,6 +40,7 @@ app.add_typer(backup_app, name="backup")
 app.add_typer(wal_app, name="wal")
 app.command("restore")(restore_command)
 app.add_typer(dashboard_app, name="dashboard")
+app.add_typer(apps_app, name="app")
 
 
 @app.command()
