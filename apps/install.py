@@ -237,22 +237,16 @@ def _table_ddl(conn: psycopg.Connection[Any], app_tables: set[str]) -> list[str]
     from db.models import Base
 
     dialect = postgresql.dialect()
-    wanted = list(TIDEMILL_TABLES) + [t for t in SHARED_TABLES if t not in app_tables]
+    tables = [Base.metadata.tables[f"{SCHEMA}.{t}"] for t in TIDEMILL_TABLES]  # in FK order
     target = MetaData()
-    copies = []
-    for t in Base.metadata.sorted_tables:
-        if t.name in wanted:
-            copies.append(t.to_metadata(target, schema=SCHEMA))
+    for name in SHARED_TABLES:
+        if name not in app_tables:
+            tables.append(Base.metadata.tables[name].to_metadata(target, schema=SCHEMA))
     statements = []
-    for t in target.sorted_tables:
+    for t in tables:
         keep = [fk for fk in t.foreign_key_constraints if fk.referred_table.schema == SCHEMA]
-        statements.append(
-            str(
-                CreateTable(t, include_foreign_key_constraints=keep, if_not_exists=True).compile(
-                    dialect=dialect
-                )
-            )
-        )
+        create = CreateTable(t, include_foreign_key_constraints=keep, if_not_exists=True)
+        statements.append(str(create.compile(dialect=dialect)))
         for idx in t.indexes:
             statements.append(str(CreateIndex(idx, if_not_exists=True).compile(dialect=dialect)))
     return statements
