@@ -190,18 +190,22 @@ def test_bilten_end_to_end(
             )
             assert forged.status_code == 400
             pump(sql, inproc_worker)
-        status, txn = sql.execute(
+        row = sql.execute(
             "SELECT status::text, transaction_id FROM payments WHERE id = %s", (payment,)
         ).fetchone()
-        assert (status, txn) == ("completed", "pi_evt_bilten_ok")
+        assert row == ("completed", "pi_evt_bilten_ok")
         mails = smtp_server.to("ben@bilten.test")
         assert len(mails) == 1, [m["Subject"] for m in mails]
         assert (
             mails[0]["Subject"] == "Your Bilten tickets: BLT-0001 (Late Set), BLT-0002 (Late Set)"
         )
-        body = mails[0].get_body(("plain",)).get_content()
+        plain = mails[0].get_body(("plain",))
+        assert plain is not None
+        body = plain.get_content()
         assert "Hello Ben Buyer" in body and "50.00 USD" in body
-        events = dict(sql.execute("SELECT id, status FROM tidemill.webhook_events").fetchall())
+        events: dict[str, str] = dict(
+            sql.execute("SELECT id, status FROM tidemill.webhook_events").fetchall()
+        )
         assert events == {"evt_bilten_ok": "processed", "evt_bilten_late": "processed"}
 
         # --- backups: a daily compressed dump, kept 30 days ---

@@ -73,7 +73,8 @@ def pump(sql: Any, worker: Any, *, timeout: float = 60) -> None:
             broker.join(queue, timeout=int(timeout * 1000))
         worker.join()
         pending = sql.execute(
-            "SELECT count(*) FROM tidemill.outbox WHERE dispatched_at IS NULL AND last_error IS NULL"
+            "SELECT count(*) FROM tidemill.outbox "
+            "WHERE dispatched_at IS NULL AND last_error IS NULL"
         ).fetchone()[0]
         if pending == 0:
             return
