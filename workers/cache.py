@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.log import get_logger
-from db.cache_keys import UnknownCachedTable, keys_for
+from db.cache_keys import CACHE_MAP, UnknownCachedTable, keys_for
 from db.engine import UnitOfWork
 from db.redis import get_redis
 from workers.base import actor
@@ -45,7 +45,7 @@ def invalidate(
     """
     from apps import active_profile  # the served app's key map (issue 14)
 
-    cache_map = active_profile().cache_map()
+    cache_map = {**CACHE_MAP, **active_profile().cache_map()}
     wanted: set[str] = set()
     tables: set[str] = set()
     unknown: set[str] = set()
