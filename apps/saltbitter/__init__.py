@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from apps.profile import Backups, Erase, Profile, Rule, Users
+from apps.saltbitter import gdpr
 from apps.saltbitter.stripe import apply_stripe_event
 from pipelines.backup_plan import PlannedBackup
 
@@ -46,6 +47,7 @@ PROFILE = Profile(
     ),
     erase=Erase(root="users", log="compliance_logs"),
     stripe=apply_stripe_event,
+    tasks={"gdpr_export": gdpr.export, "gdpr_delete": gdpr.delete},
     requires={
         "users": ("subscription_tier",),
         "profiles": ("user_id", "name"),
