@@ -25,7 +25,9 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 def check(url: str) -> None:
     """Raise if the models and the migrations disagree (alembic check)."""
-    command.check(alembic_config(url))
+    cfg = alembic_config(url)
+    cfg.attributes["tidemill_compare"] = True  # env.py: reflect with search_path public only
+    command.check(cfg)
 
 
 def current(url: str) -> str | None:

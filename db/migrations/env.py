@@ -74,8 +74,13 @@ def _prepare(connection: object) -> None:
     if moved:
         run(f"ALTER TABLE public.alembic_version SET SCHEMA {SCHEMA}")
     # Migrations create the app's tables unqualified (public) and name tidemill's tables
-    # unqualified too: public first, tidemill for what has moved.
-    run(f"SET search_path TO public, {SCHEMA}")
+    # unqualified too: public first, tidemill for what has moved. The drift check reflects the
+    # default schema as "every table visible on the search_path" (SQLAlchemy's PostgreSQL
+    # inspector), so it runs with public alone and compares tidemill's schema by name.
+    if config.attributes.get("tidemill_compare"):
+        run("SET search_path TO public")
+    else:
+        run(f"SET search_path TO public, {SCHEMA}")
 
 
 def run_migrations_offline() -> None:
