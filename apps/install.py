@@ -263,7 +263,7 @@ def attach(profile: Profile, url: str) -> list[str]:
         upgrade(url)
         done.append("migrations applied (tidemill's migrations own this app's tables)")
     with psycopg.connect(libpq_url(url), autocommit=False) as conn:
-        conn.execute("SELECT pg_advisory_xact_lock(72731014)")  # one attach at a time
+        conn.execute("SELECT pg_advisory_lock(72731014)")  # one attach at a time
         report = check(profile, conn)
         if not report.ok:
             raise AttachRefused(report)
@@ -273,10 +273,19 @@ def attach(profile: Profile, url: str) -> list[str]:
         for stmt in _table_ddl(conn, app_tables):
             conn.execute(stmt)
         done.append(f"schema {SCHEMA}: {len(TIDEMILL_TABLES)} tables")
+        # sessions opened from here on (the backup below, the workers) find tidemill's tables
+        conn.execute(role_search_path_sql(profile.schema))
+        done.append("search_path of this role in this database: app schema, tidemill, public")
         conn.execute(OUTBOX_WAKEUP)
         conn.execute(CACHE_FUNCTION)
         conn.execute(ENQUEUE_FUNCTION)
         done.append("functions: outbox wake-up, cache outbox, tidemill.enqueue")
+        if profile.backups is not None and profile.backups.before_migrations:
+            # Pomi: a backup before every change to the app's schema. tidemill's own schema
+            # exists now (the backup is recorded in its catalogue); nothing of the app's has
+            # changed yet. No backup, no triggers: the error ends the attach here.
+            conn.commit()
+            done.append(_backup_before(url, profile))
         for rule in profile.rules:
             conn.execute(rule_ddl(rule))
             done.append(f"trigger {rule.name} on {rule.table} ({rule.on}) -> {rule.actor}")
@@ -292,8 +301,6 @@ def attach(profile: Profile, url: str) -> list[str]:
                 )
             conn.execute(trigger_ddl(cached.table, cached))
             done.append(f"cache triggers on {cached.table}: {', '.join(cached.keys)}")
-        conn.execute(role_search_path_sql(profile.schema))
-        done.append("search_path of this role in this database: app schema, tidemill, public")
         conn.execute(
             pgsql.SQL("COMMENT ON SCHEMA {} IS {}").format(
                 pgsql.Identifier(SCHEMA), pgsql.Literal(f"tidemill app={profile.name}")
@@ -310,7 +317,19 @@ def attach(profile: Profile, url: str) -> list[str]:
         )
         done.append(f"schedules: {len(names)} ({', '.join(names)})")
         conn.commit()
+        conn.execute("SELECT pg_advisory_unlock(72731014)")
     return done
+
+
+def _backup_before(url: str, profile: Profile) -> str:
+    import os
+
+    from core.settings import Settings
+    from pipelines.backup import run_full_backup
+
+    settings = Settings.from_env({**os.environ, "DATABASE_URL": url, "TIDEMILL_APP": profile.name})
+    result = run_full_backup(settings, reason=f"before tidemill app attach {profile.name}")
+    return f"backup before changing the app's schema: {result.folder}"
 
 
 def attached_app(conn: psycopg.Connection[Any]) -> str | None:

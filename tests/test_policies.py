@@ -65,7 +65,7 @@ def test_default_policies_match_the_database(sql) -> None:
             {
                 "email-verifications-expire",
                 "auth-tokens-expire",
-                "deleted-users-erase",
+                "deleted-users-purge",
                 "deleted-listings-purge",
                 "deleted-events-purge",
                 "deleted-businesses-purge",
