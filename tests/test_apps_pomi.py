@@ -99,7 +99,8 @@ def test_pomi_end_to_end(pomi: tuple[str, str], inproc_worker: Any, redis_client
         )
         sql.execute(
             "INSERT INTO auth_tokens (user_id, token, expires_at) VALUES "
-            "(%s, 'tok-old', now() - interval '2 days'), (%s, 'tok-new', now() + interval '1 hour')",
+            "(%s, 'tok-old', now() - interval '2 days'), "
+            "(%s, 'tok-new', now() + interval '1 hour')",
             (uid, uid),
         )
         # --- soft deletes: rows deleted more than 30 days ago are purged ---
@@ -148,7 +149,7 @@ def test_pomi_end_to_end(pomi: tuple[str, str], inproc_worker: Any, redis_client
         assert [r[0] for r in sql.execute("SELECT title FROM events")] == ["Buna"]
         # the purge's DELETE went through the users trigger: the purged user's keys are gone
         assert redis_client.exists(f"user:{gone}", "user:username:gone") == 0
-        runs = dict(
+        runs: dict[str, str] = dict(
             sql.execute(
                 "SELECT pipeline, status FROM tidemill.pipeline_runs ORDER BY id"
             ).fetchall()
