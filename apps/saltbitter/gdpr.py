@@ -77,7 +77,8 @@ def export(uow: UnitOfWork, key: str) -> None:
         from workers.base import PermanentError
 
         raise PermanentError(f"export request {req.id} names no user")
-    doc = uow.sql(_EXPORT, {"uid": req.user_id}).fetchone()[0]
+    found = uow.sql(_EXPORT, {"uid": req.user_id}).fetchone()
+    doc = found[0] if found is not None else None
     data = json.dumps(doc, indent=1, default=str, sort_keys=True).encode()
     # a random object name: the log that names it must not identify the user once erased
     object_key = f"gdpr/exports/saltbitter/{uuid.uuid4()}.json"
