@@ -108,3 +108,31 @@ def test_app_list_marks_the_served_app(servers: Servers) -> None:
     lines = out.stdout.splitlines()
     assert len(lines) == len(NAMES)
     assert [line.split()[1] for line in lines if line.startswith("*")] == ["pomi"]
+
+
+@pytest.mark.slow
+def test_lovendo_attach_runs_tidemills_migrations_and_detach_keeps_its_rows(
+    servers: Servers,
+) -> None:
+    """Lovendo is a profile like the others: attach on an empty database migrates it (its
+    tables are tidemill's migrations'), twice is a no-op, detach leaves its rows."""
+    with psycopg.connect(servers.admin_url, autocommit=True) as conn:
+        conn.execute('DROP DATABASE IF EXISTS "app_lovendo" WITH (FORCE)')
+        conn.execute('CREATE DATABASE "app_lovendo"')
+    url = servers.pg.url("app_lovendo")
+    env = servers.env(DATABASE_URL=url, TIDEMILL_APP="lovendo")
+    for _ in range(2):
+        out = run_cli("app", "attach", "lovendo", env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert check(get_profile("lovendo"), conn).problems == []
+        conn.execute("INSERT INTO users (email, full_name) VALUES ('l@lovendo.test', 'L')")
+        pending = conn.execute("SELECT actor FROM tidemill.outbox ORDER BY id").fetchall()
+        assert ("send_welcome_email",) in pending
+    out = run_cli("app", "detach", "lovendo", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM users").fetchone() == (1,)
+        assert conn.execute("SELECT to_regnamespace('tidemill')").fetchone() == (None,)
+        # no trigger is left to write into a schema that is gone
+        conn.execute("INSERT INTO users (email, full_name) VALUES ('m@lovendo.test', 'M')")
