@@ -174,6 +174,12 @@ def migrate(
     from db.migrate import current, upgrade
 
     settings = cli_settings()
+    from apps import get_profile
+
+    if not get_profile(settings.app).migrated:
+        # tidemill's migrations create Lovendo's tables: another app's database gets tidemill
+        # through `tidemill app attach` (issue 14).
+        fail(f"TIDEMILL_APP={settings.app}: use `tidemill app attach {settings.app}`, not migrate")
     require_services(settings, broker=False)
     assert settings.database_url
     if settings.backup_before_migrate and current(settings.database_url) is not None:

@@ -136,3 +136,9 @@ def test_lovendo_attach_runs_tidemills_migrations_and_detach_keeps_its_rows(
         assert conn.execute("SELECT to_regnamespace('tidemill')").fetchone() == (None,)
         # no trigger is left to write into a schema that is gone
         conn.execute("INSERT INTO users (email, full_name) VALUES ('m@lovendo.test', 'M')")
+
+
+def test_migrate_refuses_an_app_that_tidemills_migrations_do_not_own(servers: Servers) -> None:
+    out = run_cli("migrate", env=servers.env(TIDEMILL_APP="bilten"))
+    assert out.returncode == 2
+    assert "use `tidemill app attach bilten`" in out.stderr
