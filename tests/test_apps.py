@@ -142,3 +142,43 @@ def test_migrate_refuses_an_app_that_tidemills_migrations_do_not_own(servers: Se
     out = run_cli("migrate", env=servers.env(TIDEMILL_APP="bilten"))
     assert out.returncode == 2
     assert "use `tidemill app attach bilten`" in out.stderr
+
+
+@pytest.mark.slow
+def test_two_attaches_at_once_end_in_one_installation(servers: Servers) -> None:
+    """Two deploys attaching at the same moment: both succeed, one set of triggers results."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    url = servers.pg.url("seed_bilten_race")
+    create_app_database(servers.admin_url, url, "seed_bilten_race", "bilten")
+    env = servers.env(DATABASE_URL=url)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "core.cli", "app", "attach", "bilten"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out + err
+    with psycopg.connect(url) as conn:
+        triggers = conn.execute(
+            "SELECT c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "WHERE NOT t.tgisinternal ORDER BY 1, 2"
+        ).fetchall()
+    assert triggers == [
+        ("events", "events_cache_delete"),
+        ("events", "events_cache_insert"),
+        ("events", "events_cache_update"),
+        ("events", "tidemill_bilten_event_created"),
+        ("outbox", "outbox_wakeup"),
+        ("payments", "tidemill_bilten_payment_completed"),
+    ]

@@ -15,6 +15,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.support import actors  # noqa: F401  (declares write_row, the job the app enqueues)
 from workers.broker import broker
@@ -147,3 +149,40 @@ def test_tidemill_sessions_resolve_their_tables_through_the_role_search_path(db:
         )
     assert path.split(", ")[:2] == ["public", "tidemill"]
     assert where == "tidemill"
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(args=_json, actor=st.text(max_size=40), queue=st.text(max_size=20))
+def test_enqueue_stores_exactly_what_it_accepts_or_refuses_cleanly(
+    sql: Any, args: Any, actor: str, queue: str
+) -> None:
+    """Whatever an app passes: either the row holds exactly those arguments, or the call fails
+    with invalid_parameter_value and leaves nothing."""
+    before = one(sql, "SELECT count(*) FROM outbox")
+    try:
+        with sql.transaction():
+            oid = sql.execute(
+                "SELECT tidemill.enqueue(%s, %s::jsonb, %s)",
+                (actor.replace("\x00", ""), json.dumps(args), queue.replace("\x00", "")),
+            ).fetchone()[0]
+    except (psycopg.errors.InvalidParameterValue, psycopg.errors.UntranslatableCharacter):
+        # (jsonb itself refuses \u0000 before enqueue sees it)
+        assert one(sql, "SELECT count(*) FROM outbox") == before
+        return
+    row = sql.execute("SELECT actor, queue_name, args, kwargs FROM outbox WHERE id = %s", (oid,))
+    stored = row.fetchone()
+    assert stored is not None
+    assert stored[0] == actor and stored[1] == queue
+    if isinstance(args, dict):
+        assert (stored[2], stored[3]) == ([], args)
+    else:
+        assert isinstance(args, list) and (stored[2], stored[3]) == (args, {})
