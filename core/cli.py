@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from core.cli_app import app as apps_app
 from core.cli_backup import app as backup_app
 from core.cli_backup import restore_command, wal_app
 from core.cli_common import (
@@ -39,6 +40,7 @@ app.add_typer(backup_app, name="backup")
 app.add_typer(wal_app, name="wal")
 app.command("restore")(restore_command)
 app.add_typer(dashboard_app, name="dashboard")
+app.add_typer(apps_app, name="app")
 
 
 @app.command()
@@ -172,6 +174,12 @@ def migrate(
     from db.migrate import current, upgrade
 
     settings = cli_settings()
+    from apps import get_profile
+
+    if not get_profile(settings.app).migrated:
+        # tidemill's migrations create Lovendo's tables: another app's database gets tidemill
+        # through `tidemill app attach` (issue 14).
+        fail(f"TIDEMILL_APP={settings.app}: use `tidemill app attach {settings.app}`, not migrate")
     require_services(settings, broker=False)
     assert settings.database_url
     if settings.backup_before_migrate and current(settings.database_url) is not None:

@@ -122,6 +122,14 @@ FIELDS: tuple[Field, ...] = (
         _choice("development", "production", "test"),
     ),
     Field(
+        "TIDEMILL_APP",
+        "app",
+        "lovendo",
+        "the app profile tidemill serves (apps/<name>/): lovendo, bilten, perfect_match, "
+        "saltbitter or pomi",
+        _choice("lovendo", "bilten", "perfect_match", "saltbitter", "pomi"),
+    ),
+    Field(
         "TIDEMILL_DATA_DIR",
         "data_dir",
         ".data",
@@ -538,6 +546,7 @@ class Settings:
     stripe_webhook_secrets: tuple[str, ...]
     stripe_webhook_tolerance_s: int
     log_level: str
+    app: str  # issue 14: the app profile (apps/<name>/)
     # ---- issue #4 settings: Settings attributes ----
     push_url: str | None
     push_access_token: str | None

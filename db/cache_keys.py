@@ -70,17 +70,58 @@ CACHE_MAP: dict[str, CachedTable] = {
 }
 
 
+# issue 14: each app's own map (the profile in apps/<name>/ names its entry). A table name
+# means a different thing in each app (Bilten's and Pomi's `events`), so the cache actor looks
+# keys up in the served app's map first, then in CACHE_MAP above (workers/cache.py).
+APP_CACHE: dict[str, tuple[CachedTable, ...]] = {
+    # the tables migration 0004 installed triggers on
+    "lovendo": (CACHE_MAP["moments"], CACHE_MAP["users"]),
+    # Bilten: getEventMetrics() caches event:{id}:metrics for 300 s; the event itself under
+    # event:{id} ("Frequently accessed events").
+    "bilten": (
+        CachedTable("events", ("event:{id}", "event:{id}:metrics"), ttl_s=300, app="bilten"),
+    ),
+    # Perfect Match: "match:{matchId}" and "matches:recent:{userId}" (seed 002, Redis).
+    "perfect_match": (
+        CachedTable(
+            "matches",
+            ("match:{match_id}", "matches:recent:{user_id_1}", "matches:recent:{user_id_2}"),
+            ttl_s=3600,
+            app="perfect_match",
+        ),
+    ),
+    # SaltBitter's seed names no cache keys.
+    "saltbitter": (),
+    # Pomi: the key map of seed 004 ("Redis Cache Keys").
+    "pomi": (
+        CachedTable(
+            "users",
+            ("user:{id}", "user:email:{email}", "user:username:{username}"),
+            ttl_s=3600,
+            app="pomi",
+        ),
+        CachedTable("events", ("event:{id}", "events:upcoming"), ttl_s=300, app="pomi"),
+        CachedTable("event_rsvps", ("event:rsvps:{event_id}",), ttl_s=300, app="pomi"),
+    ),
+}
+
+
 class UnknownCachedTable(LookupError):
     """A change names a table the map does not know (a trigger installed without a map entry)."""
 
 
-def keys_for(table: str, rows: Iterable[Mapping[str, Any]]) -> set[str]:
-    """Every key the given rows (old and new versions) of `table` feed.
+def keys_for(
+    table: str,
+    rows: Iterable[Mapping[str, Any]],
+    cache_map: Mapping[str, CachedTable] | None = None,
+) -> set[str]:
+    """Every key the given rows (old and new versions) of `table` feed, by `cache_map` (an
+    app's map; default: Lovendo's ``CACHE_MAP``).
 
     A template whose column is NULL in a row yields no key for that row (a user without a
     username has no ``user:username:`` key).
     """
-    entry = CACHE_MAP.get(table)
+    entry = (CACHE_MAP if cache_map is None else cache_map).get(table)
     if entry is None:
         raise UnknownCachedTable(f"no cache keys declared for table {table!r}")
     keys: set[str] = set()
@@ -101,23 +142,24 @@ def _columns(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def trigger_ddl(table: str) -> str:
+def trigger_ddl(table: str, entry: CachedTable | None = None) -> str:
     """The three statement-level triggers that feed `table`'s changes to the outbox (the
-    function ``tidemill_cache_outbox`` comes with migration 0004). Transition tables need
+    function ``tidemill.tidemill_cache_outbox`` comes with migration 0004, moved by 0014, or
+    with `tidemill app attach`). Transition tables need
     single-event triggers, hence one per event."""
-    entry = CACHE_MAP[table]
+    entry = entry or CACHE_MAP[table]
     args = ", ".join("'" + c.replace("'", "''") + "'" for c in entry.columns)
     ident = '"' + table.replace('"', '""') + '"'
     return f"""
 CREATE TRIGGER {table}_cache_insert AFTER INSERT ON {ident}
 REFERENCING NEW TABLE AS new_rows
-FOR EACH STATEMENT EXECUTE FUNCTION tidemill_cache_outbox({args});
+FOR EACH STATEMENT EXECUTE FUNCTION tidemill.tidemill_cache_outbox({args});
 CREATE TRIGGER {table}_cache_update AFTER UPDATE ON {ident}
 REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-FOR EACH STATEMENT EXECUTE FUNCTION tidemill_cache_outbox({args});
+FOR EACH STATEMENT EXECUTE FUNCTION tidemill.tidemill_cache_outbox({args});
 CREATE TRIGGER {table}_cache_delete AFTER DELETE ON {ident}
 REFERENCING OLD TABLE AS old_rows
-FOR EACH STATEMENT EXECUTE FUNCTION tidemill_cache_outbox({args});
+FOR EACH STATEMENT EXECUTE FUNCTION tidemill.tidemill_cache_outbox({args});
 """
 
 

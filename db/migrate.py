@@ -25,7 +25,9 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 def check(url: str) -> None:
     """Raise if the models and the migrations disagree (alembic check)."""
-    command.check(alembic_config(url))
+    cfg = alembic_config(url)
+    cfg.attributes["tidemill_compare"] = True  # env.py: reflect with search_path public only
+    command.check(cfg)
 
 
 def current(url: str) -> str | None:
@@ -33,7 +35,15 @@ def current(url: str) -> str | None:
     from sqlalchemy import create_engine, pool
 
     from db.engine import sqlalchemy_url
+    from db.schema import SCHEMA
 
     engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        for schema in (SCHEMA, "public"):  # public: a database not yet at 0014
+            exists = conn.exec_driver_sql(
+                f"SELECT to_regclass('{schema}.alembic_version') IS NOT NULL"
+            ).scalar()
+            if exists:
+                ctx = MigrationContext.configure(conn, opts={"version_table_schema": schema})
+                return ctx.get_current_revision()
+        return None

@@ -33,6 +33,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, INET, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from db.schema import qualify_models
+
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -714,3 +716,7 @@ class BackupDrill(Base):
 # webhook events and pipeline runs whatever their status, so an index leads with the time.
 Index("ix_webhook_events_received_at_id", WebhookEvent.received_at, WebhookEvent.id)
 Index("ix_pipeline_runs_started_at_id", PipelineRun.started_at, PipelineRun.id)
+
+
+# issue 14: tidemill's own tables live in the tidemill schema (db/schema.py).
+qualify_models(Base.metadata)

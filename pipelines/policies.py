@@ -248,7 +248,12 @@ def load_policy_file(path: Path | str) -> list[Policy]:
 
 def load_policies(settings: Settings | None = None) -> list[Policy]:
     settings = settings or get_settings()
-    return load_policy_file(settings.policy_file or DEFAULT_FILE)
+    if settings.policy_file:
+        return load_policy_file(settings.policy_file)
+    from apps import get_profile  # issue 14: the served app's policies
+
+    path = get_profile(settings.app).policy_file
+    return load_policy_file(str(path)) if path is not None else []
 
 
 def get_policy(name: str, settings: Settings | None = None) -> Policy:
@@ -276,9 +281,13 @@ def check_against_database(policies: Iterable[Policy], conn: Any) -> None:
     for p in policies:
         cols = {
             r[0]: r[1]
+            # Resolved through the search_path: an app table, or one of tidemill's own
+            # (Bilten's backups, the apps' audit_logs) in the tidemill schema (issue 14).
             for r in conn.execute(
-                "SELECT column_name, data_type FROM information_schema.columns "
-                "WHERE table_schema = 'public' AND table_name = %s",
+                "SELECT c.column_name, c.data_type FROM information_schema.columns c "
+                "JOIN pg_class k ON k.relname = c.table_name "
+                "JOIN pg_namespace n ON n.oid = k.relnamespace AND n.nspname = c.table_schema "
+                "WHERE k.oid = to_regclass(quote_ident(%s))",
                 (p.table,),
             ).fetchall()
         }

@@ -44,7 +44,7 @@ def next_bounds(
 ) -> tuple[Key, Key] | None:
     """First and last key of the next batch, or None when no row is left."""
     a, k = sql.Identifier(policy.age_column), sql.Identifier(policy.key_column)
-    t = sql.Identifier("public", policy.table)
+    t = sql.Identifier(policy.table)  # via the search_path: the app's schema, then tidemill's
     params = {"cutoff": cutoff, "after_a": None, "after_k": None, "off": 0}
     if after is not None:
         params["after_a"], params["after_k"] = after
@@ -124,7 +124,7 @@ def scan_state(conn: Any, policy: Policy, cutoff: datetime, *, exact: bool = Tru
     count of millions of expiring rows would cost a good part of deleting them, and the
     figure only feeds the progress bar; the run records the rows it actually removed.
     """
-    t = sql.Identifier("public", policy.table)
+    t = sql.Identifier(policy.table)  # via the search_path: the app's schema, then tidemill's
     where = _where(policy, after=False)
     if exact:
         row = conn.execute(
@@ -191,7 +191,7 @@ def run(ctx: Any) -> PurgePlan:
 
 
 def delete_batches(ctx: Any, policy: Policy, cutoff: datetime) -> None:
-    t = sql.Identifier("public", policy.table)
+    t = sql.Identifier(policy.table)  # via the search_path: the app's schema, then tidemill's
     delete = sql.SQL("DELETE FROM {t} WHERE {w}").format(t=t, w=range_where(policy))
     after: Key | None = None
     while True:

@@ -198,9 +198,10 @@ def _from_policies(settings: Settings) -> list[Schedule]:
     ]
 
 
-def _from_backup_plan() -> list[Schedule]:
-    from pipelines.backup_plan import BACKUP_PLAN
+def _from_backup_plan(settings: Settings) -> list[Schedule]:
+    from apps import get_profile  # issue 14: the served app's backup plan
 
+    backups = get_profile(settings.app).backups
     return [
         Schedule(
             name=b.name,
@@ -213,7 +214,7 @@ def _from_backup_plan() -> list[Schedule]:
             misfire_grace_s=b.misfire_grace_s,
             source="backup-plan",
         )
-        for b in BACKUP_PLAN
+        for b in (backups.plan if backups is not None else ())
     ]
 
 
@@ -278,7 +279,7 @@ def load_schedules(settings: Settings | None = None) -> list[Schedule]:
     except SettingsError:
         log.error("schedule_invalid", source="extra")
         raise
-    composed = [*SCHEDULES, *_from_policies(settings), *_from_backup_plan(), *extra]
+    composed = [*SCHEDULES, *_from_policies(settings), *_from_backup_plan(settings), *extra]
     seen: dict[str, Schedule] = {}
     for sched in composed:
         try:

@@ -99,10 +99,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def _recreate_test_database() -> None:
+    from db.schema import search_path
+
     assert _servers is not None
     with psycopg.connect(_servers.admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{TEST_DB}" TEMPLATE "{TEMPLATE_DB}"')
+        # A per-database role setting is not copied from the template: tidemill's search_path
+        # (migration 0014, db/schema.py) is pinned again for the clone.
+        conn.execute(
+            f'ALTER ROLE CURRENT_USER IN DATABASE "{TEST_DB}" SET search_path = {search_path()}'
+        )
 
 
 @pytest.fixture(scope="session")

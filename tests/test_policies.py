@@ -55,7 +55,6 @@ def test_default_policies_match_the_database(sql) -> None:
         (
             "saltbitter",
             {
-                "deleted-accounts-erase",
                 "application-logs-purge",
                 "compliance-logs-archive",
                 "refresh-tokens-expire",
@@ -66,12 +65,13 @@ def test_default_policies_match_the_database(sql) -> None:
             {
                 "email-verifications-expire",
                 "auth-tokens-expire",
-                "deleted-users-erase",
+                "deleted-users-purge",
                 "deleted-listings-purge",
                 "deleted-events-purge",
+                "deleted-businesses-purge",
             },
         ),
-        ("perfect_match", {"messages-archive", "activity-logs-purge", "deleted-users-erase"}),
+        ("perfect_match", {"messages-archive", "activity-logs-purge"}),
         ("bilten", {"backups-expire"}),
     ],
 )

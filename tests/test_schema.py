@@ -6,6 +6,7 @@ import psycopg
 
 from db import migrate
 from db.models import Base
+from db.schema import TIDEMILL_TABLES
 
 SEED_TABLES = {
     # Lovendo
@@ -30,13 +31,9 @@ SEED_TABLES = {
     # Pomi
     "email_verifications",
     "auth_tokens",
-    # tidemill's own
-    "webhook_events",
-    "outbox",
-    "pipeline_runs",
-    "schedule_ticks",
-    "email_deliveries",
 }
+# tidemill's own, in the tidemill schema since migration 0014
+TIDEMILL_OWN = {"webhook_events", "outbox", "pipeline_runs", "schedule_ticks", "email_deliveries"}
 
 
 def test_upgrade_head_on_empty_database_then_check_reports_no_drift(servers) -> None:
@@ -54,6 +51,12 @@ def test_upgrade_head_on_empty_database_then_check_reports_no_drift(servers) -> 
                 "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
             ).fetchall()
         }
+        own = {
+            r[0]
+            for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'tidemill'"
+            ).fetchall()
+        }
         user_columns = {
             r[0]
             for r in conn.execute(
@@ -68,6 +71,9 @@ def test_upgrade_head_on_empty_database_then_check_reports_no_drift(servers) -> 
             )
         }
     assert tables >= SEED_TABLES, SEED_TABLES - tables
+    assert own >= TIDEMILL_OWN | set(TIDEMILL_TABLES), TIDEMILL_OWN - own
+    assert not own & SEED_TABLES and not tables & set(TIDEMILL_TABLES)
+    assert "alembic_version" in own  # Alembic's version table is tidemill's too
     assert {
         "push_token",
         "notification_preferences",
@@ -76,7 +82,7 @@ def test_upgrade_head_on_empty_database_then_check_reports_no_drift(servers) -> 
         "deleted_at",
     } <= user_columns
     assert {"stripe_subscription_id", "stripe_customer_id", "cancel_at_period_end"} <= sub_columns
-    assert set(Base.metadata.tables) <= tables
+    assert {t.name for t in Base.metadata.tables.values()} <= tables | own
 
 
 def test_check_detects_drift(servers) -> None:

@@ -1,5 +1,5 @@
 """Every actor family; the worker processes and the relay import this one module."""
 
-from workers import backups, cache, emails, lifecycle, notifications, outbox, payments
+from workers import apps, backups, cache, emails, lifecycle, notifications, outbox, payments
 
-__all__ = ["backups", "cache", "emails", "lifecycle", "notifications", "outbox", "payments"]
+__all__ = ["apps", "backups", "cache", "emails", "lifecycle", "notifications", "outbox", "payments"]

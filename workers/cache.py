@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.log import get_logger
-from db.cache_keys import UnknownCachedTable, keys_for
+from db.cache_keys import CACHE_MAP, UnknownCachedTable, keys_for
 from db.engine import UnitOfWork
 from db.redis import get_redis
 from workers.base import actor
@@ -43,6 +43,9 @@ def invalidate(
     skipped, after the other changes' keys are deleted: waiting will not add a map entry, and
     failing the merged message would leave every other change in it stale.
     """
+    from apps import active_profile  # the served app's key map (issue 14)
+
+    cache_map = {**CACHE_MAP, **active_profile().cache_map()}
     wanted: set[str] = set()
     tables: set[str] = set()
     unknown: set[str] = set()
@@ -52,7 +55,7 @@ def invalidate(
         if name is None:
             continue
         try:
-            wanted |= keys_for(name, change.get("rows") or ())
+            wanted |= keys_for(name, change.get("rows") or (), cache_map)
         except UnknownCachedTable:
             unknown.add(name)
             continue

@@ -60,30 +60,42 @@ def clean_name(raw: str | None) -> str:
 
 
 @cache
-def _environment(autoescape: bool) -> jinja2.Environment:
+def _environment(autoescape: bool, templates: Path = TEMPLATES) -> jinja2.Environment:
+    # An app's own templates (apps/<app>/templates) first, tidemill's shared ones after.
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
+        loader=jinja2.FileSystemLoader([templates, TEMPLATES]),
         autoescape=autoescape,  # HTML bodies escape user-controlled names; text bodies must not
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
     )
 
 
-def template_language(kind: str, language: str | None) -> str:
+def template_language(kind: str, language: str | None, templates: Path = TEMPLATES) -> str:
     """The user's language if there are templates for it ('tr-TR', 'tr_TR' -> 'tr'), else en."""
     if language:
         base = language.strip().replace("_", "-").split("-")[0].lower()
-        if base and base.isalpha() and (TEMPLATES / kind / base).is_dir():
-            return base
+        if base and base.isalpha():
+            for root in (templates, TEMPLATES):
+                if (root / kind / base).is_dir():
+                    return base
     return DEFAULT_LANGUAGE
 
 
-def render(kind: str, recipient: Recipient, *, settings: Settings | None = None) -> EmailMessage:
-    """A multipart/alternative message (text + HTML) in the recipient's language."""
+def render(
+    kind: str,
+    recipient: Recipient,
+    *,
+    settings: Settings | None = None,
+    templates: Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> EmailMessage:
+    """A multipart/alternative message (text + HTML) in the recipient's language; `templates`
+    is the app's own template folder (looked up before tidemill's), `extra` more variables."""
     settings = settings or get_settings()
-    lang = template_language(kind, recipient.language)
-    context = {"name": clean_name(recipient.name), "email": recipient.email}
-    text_env, html_env = _environment(False), _environment(True)
+    root = templates or TEMPLATES
+    lang = template_language(kind, recipient.language, root)
+    context = {**(extra or {}), "name": clean_name(recipient.name), "email": recipient.email}
+    text_env, html_env = _environment(False, root), _environment(True, root)
     subject = text_env.get_template(f"{kind}/{lang}/subject.txt").render(context).strip()
     message = EmailMessage()
     message["Subject"] = subject
@@ -112,10 +124,7 @@ def deliver_welcome(
     except ValueError:
         log.error("welcome_email_bad_user_id", user_id=str(user_id)[:64])
         raise PermanentError(f"not a user id: {str(user_id)[:64]!r}") from None
-    user = uow.sql(
-        "SELECT id, email, full_name, username, language, deleted_at FROM users WHERE id = %(id)s",
-        {"id": uid},
-    ).fetchone()
+    user = uow.sql(_user_query(), {"id": uid}).fetchone()
     if user is None:
         # erased before we got here (or never committed): nobody to welcome
         log.info("welcome_email_skipped", user_id=str(uid), reason="missing_user")
@@ -135,20 +144,19 @@ def deliver_welcome(
     if status != "claimed":
         log.info("welcome_email_duplicate", user_id=str(uid), status=status)
         return "duplicate"
-    if user.deleted_at is not None or not (user.email or "").strip():
-        reason = "deleted" if user.deleted_at is not None else "no_email"
+    if user.deleted or not (user.email or "").strip():
+        reason = "deleted" if user.deleted else "no_email"
         _record(uow, uid, "skipped", error=reason)
         log.info("welcome_email_skipped", user_id=str(uid), reason=reason)
         return "skipped"
     recipient = Recipient(
         user_id=uid,
         email=user.email.strip(),
-        name=clean_name(user.full_name)
-        or clean_name(user.username)
+        name=next((clean_name(n) for n in user.names if clean_name(n)), "")
         or user.email.strip().split("@")[0],
         language=user.language,
     )
-    message = render(WELCOME, recipient, settings=settings)
+    message = render(WELCOME, recipient, settings=settings, templates=_app_templates())
     transport = transport or open_mail(settings=settings)
     try:
         provider_id = transport.send(message)
@@ -171,6 +179,27 @@ def deliver_welcome(
     return "sent"
 
 
+def _user_query() -> str:
+    """The served app's user row (apps/<app>/ ``Users``): id, email, the candidate display
+    names in order, language, soft-deleted."""
+    from apps import active_profile
+
+    u = active_profile().users
+    names = ", ".join(u.names) or "NULL::text"
+    return (
+        f"SELECT {u.id} AS id, {u.email} AS email, ARRAY[{names}]::text[] AS names, "
+        f"{u.language or 'NULL::text'} AS language, "
+        f"coalesce({u.deleted or 'false'}, false) AS deleted "
+        f"FROM {u.table} WHERE {u.id} = %(id)s"
+    )
+
+
+def _app_templates() -> Path:
+    from apps import active_profile
+
+    return active_profile().templates
+
+
 def _record(
     uow: UnitOfWork,
     uid: uuid.UUID,
@@ -178,13 +207,88 @@ def _record(
     *,
     provider_id: str | None = None,
     error: str | None = None,
+    kind: str = WELCOME,
 ) -> None:
     uow.sql(
         "UPDATE email_deliveries SET status = %(status)s, provider_message_id = %(pid)s, "
         "error = %(error)s, sent_at = CASE WHEN %(status)s = 'sent' THEN now() END "
         "WHERE kind = %(kind)s AND user_id = %(id)s",
-        {"status": status, "pid": provider_id, "error": error, "kind": WELCOME, "id": uid},
+        {"status": status, "pid": provider_id, "error": error, "kind": kind, "id": uid},
     )
+
+
+def deliver_app_mail(
+    uow: UnitOfWork,
+    kind: str,
+    key: str,
+    *,
+    transport: MailTransport | None = None,
+    settings: Settings | None = None,
+) -> dict[str, int]:
+    """Send the served app's mail `kind` (apps/<app>/ ``Mail``) about `key` to each recipient
+    its SQL names, once per (kind:key, recipient): the same claim-send-record as the welcome
+    mail. Returns outcome counts."""
+    from apps import active_profile
+
+    profile = active_profile(settings)
+    try:
+        mail = profile.mail(kind)
+    except LookupError as exc:
+        raise PermanentError(str(exc)) from None
+    delivery = f"{kind}:{key}"[:200]
+    outcomes: dict[str, int] = {}
+    try:
+        recipients = uow.sql(mail.recipients, {"key": key}).fetchall()
+    except Exception as exc:
+        import psycopg
+
+        if isinstance(exc, psycopg.errors.DataError):
+            raise PermanentError(f"{kind}: bad key {key[:64]!r}") from None
+        raise
+    for row in recipients:
+        fields = row._asdict()
+        uid = uuid.UUID(str(fields.pop("user_id")))
+        address = (fields.pop("email") or "").strip()
+        name, language = fields.pop("name"), fields.pop("language")
+        uow.sql(
+            "INSERT INTO email_deliveries (kind, user_id) VALUES (%(kind)s, %(id)s) "
+            "ON CONFLICT (kind, user_id) DO NOTHING",
+            {"kind": delivery, "id": uid},
+        )
+        claim: Any = uow.sql(
+            "SELECT status FROM email_deliveries WHERE kind = %(kind)s AND user_id = %(id)s "
+            "FOR UPDATE",
+            {"kind": delivery, "id": uid},
+        ).fetchone()
+        if claim[0] != "claimed":
+            outcomes["duplicate"] = outcomes.get("duplicate", 0) + 1
+            continue
+        if not address:
+            _record(uow, uid, "skipped", error="no_email", kind=delivery)
+            outcomes["skipped"] = outcomes.get("skipped", 0) + 1
+            continue
+        recipient = Recipient(uid, address, clean_name(name) or address.split("@")[0], language)
+        message = render(
+            kind, recipient, settings=settings, templates=profile.templates, extra=fields
+        )
+        transport = transport or open_mail(settings=settings)
+        try:
+            provider_id = transport.send(message)
+        except PermanentMailError as exc:
+            _record(uow, uid, "failed", error=str(exc)[:500], kind=delivery)
+            outcomes["failed"] = outcomes.get("failed", 0) + 1
+            continue
+        _record(uow, uid, "sent", provider_id=provider_id, kind=delivery)
+        outcomes["sent"] = outcomes.get("sent", 0) + 1
+    log.info("app_mail_done", app=profile.name, kind=kind, **outcomes)
+    return outcomes
+
+
+@actor(queue_name="emails", max_retries=12)
+def send_app_mail(uow: UnitOfWork, kind: str, key: str) -> None:
+    """An app's mail (ticket confirmation, event notice, ...), enqueued by the profile's
+    triggers or by ``tidemill.enqueue('send_app_mail', '["kind", "key"]', 'emails')``."""
+    deliver_app_mail(uow, kind, key)
 
 
 @actor(queue_name="emails", max_retries=12)

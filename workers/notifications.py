@@ -281,3 +281,34 @@ def check_push_receipts(uow: UnitOfWork, tickets: dict[str, list[str]]) -> None:
     except PushError as exc:
         log.warning("push_receipts_unavailable", tickets=len(tickets), error=str(exc)[:200])
         raise dramatiq.Retry(delay=60_000) from None
+
+
+# ---- issue 14: the other apps' fan-out rules, declared in their profiles (apps/<app>/) ----
+
+
+def deliver_app_fan_out(uow: UnitOfWork, name: str, key: str) -> int:
+    """Run the served app's fan-out `name` for `key` (one set-based INSERT … SELECT in the
+    message's transaction); returns the rows it inserted. The SQL is idempotent itself, so a
+    retried or duplicated message inserts nothing more."""
+    import psycopg
+
+    from apps import active_profile
+
+    profile = active_profile()
+    try:
+        rule = profile.fan_out(name)
+    except LookupError as exc:
+        raise PermanentError(str(exc)) from None
+    try:
+        inserted = uow.sql(rule.sql, {"key": key}).rowcount
+    except psycopg.errors.DataError:
+        raise PermanentError(f"fan-out {name}: bad key {str(key)[:64]!r}") from None
+    log.info("app_fan_out_done", app=profile.name, fan_out=name, inserted=inserted)
+    return int(inserted)
+
+
+@actor(queue_name="notifications", max_retries=10)
+def app_fan_out(uow: UnitOfWork, name: str, key: str) -> None:
+    """An app's fan-out rule (Perfect Match: new match, new message), enqueued by the profile's
+    triggers or by ``tidemill.enqueue('app_fan_out', '["name", "key"]', 'notifications')``."""
+    deliver_app_fan_out(uow, name, key)

@@ -509,6 +509,11 @@ HANDLERS: dict[str, Callable[[UnitOfWork, Event], None]] = {
 
 def apply_event(uow: UnitOfWork, event: Event) -> str:
     """Apply one event; 'processed', or 'ignored' for a type we do not act on."""
+    from apps import active_profile  # issue 14: an app with effects of its own decides
+
+    app_effect = active_profile().stripe
+    if app_effect is not None:
+        return app_effect(uow, event) or "ignored"
     handler = HANDLERS.get(event["type"])
     if handler is None:
         return "ignored"
