@@ -148,7 +148,12 @@ class JobRecord(Middleware):
         ids = outbox_ids(message)
         if not ids:
             return
-        error = _last_line(message.options.get("traceback")) or "failed"
+        exception = getattr(message, "_exception", None)  # the worker stuffs it on failure
+        error = (
+            f"{type(exception).__name__}: {exception}"[:500]
+            if exception is not None
+            else _last_line(message.options.get("traceback")) or "failed"
+        )
         try:
             with unit_of_work() as uow:
                 uow.sql(
