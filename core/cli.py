@@ -105,12 +105,21 @@ def worker(
 
 @app.command()
 @friendly_errors
-def relay() -> None:
+def relay(
+    modules: Annotated[
+        list[str] | None, typer.Argument(help="extra modules declaring actors")
+    ] = None,
+) -> None:
     """Run the outbox relay (outbox rows -> dramatiq messages, LISTEN + poll, SKIP LOCKED) and
     the rescuer (jobs dispatched but not done within their deadline are sent again)."""
+    import importlib
+
     settings = cli_settings()
     require_services(settings)
     import workers.actors  # noqa: F401  (the relay must know every actor)
+
+    for module in modules or []:
+        importlib.import_module(module)
     from workers.broker import broker
     from workers.outbox import Relay
     from workers.rescuer import start_rescuer_thread
