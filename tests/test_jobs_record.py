@@ -206,3 +206,15 @@ class _Row:
 
 
 _ = actors  # the actors above are declared by importing tests.support.actors
+
+
+def test_the_dashboard_overview_counts_jobs_not_done_and_the_oldest(db, sql) -> None:
+    from web.dashboard.store import jobs_in_flight
+
+    assert jobs_in_flight(get_settings()) == (0, None)
+    sql.execute(
+        "INSERT INTO outbox (actor, queue_name, dispatched_at, redeliver_at) "
+        "VALUES ('a', 'q1', now() - interval '40 seconds', now()), ('a', 'q2', now(), now())"
+    )
+    count, oldest = jobs_in_flight(get_settings())
+    assert count == 2 and oldest is not None and 39 <= oldest < 600
