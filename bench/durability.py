@@ -40,13 +40,16 @@ from typing import Any
 import psycopg
 import redis
 
-from bench.durability_actor import ACTOR, QUEUE
 from core.log import configure_logging
 from core.proc import free_port, spawn, stop_process, tail
 from db.embedded import EmbeddedPostgres, EmbeddedValkey
 from db.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
+# The bench actor (bench/durability_actor.py, imported only by the worker and relay processes:
+# importing it builds tidemill's broker from the environment).
+QUEUE = "bench_durable"
+ACTOR = "bench_durable_effect"
 DEFAULT_JOBS = 10_000
 QUICK_JOBS = 2_000
 DEADLINE_S = 10.0

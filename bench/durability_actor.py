@@ -6,11 +6,9 @@ Worker: ``python -m core.cli worker bench.durability_actor --queue bench_durable
 
 from __future__ import annotations
 
+from bench.durability import ACTOR, QUEUE
 from db.engine import UnitOfWork
 from workers.base import actor
-
-QUEUE = "bench_durable"
-ACTOR = "bench_durable_effect"
 
 
 @actor(queue_name=QUEUE, actor_name=ACTOR)

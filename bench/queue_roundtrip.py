@@ -7,6 +7,8 @@ variant, three times, alternating:
 
 - enqueue N messages while no worker runs (not timed);
 - start the worker subprocess (1 process, 8 threads):
+  (tidemill's messages each stand for an outbox row, as relayed jobs do, so its worker marks
+  each row done in the message's commit: the durable-jobs cost is in the figure);
   bare     ``python -m dramatiq bench.noop_bare``: RedisBroker, dramatiq's default middleware;
   tidemill ``python -m core.cli worker bench.noop_tidemill``: tidemill's broker and middleware,
            TIDEMILL_ENV=production, LOG_LEVEL=warning, as deployed;
@@ -45,6 +47,7 @@ from types import FrameType
 from typing import Any
 
 import psutil
+import psycopg
 import redis
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
@@ -90,6 +93,9 @@ class Variant:
     redis_url: str
     argv: list[str]
     env: dict[str, str]
+    # tidemill's messages stand for outbox rows, as every relayed job does: the worker marks
+    # each row done in the message's commit (the durable-jobs cost is measured, not skipped)
+    outbox_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,7 @@ def make_variants(
             valkey.url(TIDEMILL_REDIS_DB),
             [python, "-m", "core.cli", "worker", "bench.noop_tidemill", *pool],
             tidemill_env,
+            outbox_url=pg.url(),
         ),
     ]
 
@@ -179,15 +186,28 @@ def enqueue(variant: Variant, n: int) -> None:
     client = redis.Redis.from_url(variant.redis_url)
     client.flushdb()  # the bench's own server: no leftovers from the previous run
     broker = RedisBroker(client=client, middleware=[])
+    outbox_ids: list[int | None] = [None] * n
+    if variant.outbox_url:
+        with psycopg.connect(variant.outbox_url, autocommit=True) as conn:
+            conn.execute("TRUNCATE outbox")
+            outbox_ids = [
+                int(row[0])
+                for row in conn.execute(
+                    "INSERT INTO outbox (actor, queue_name, dispatched_at, redeliver_at) "
+                    "SELECT %s, %s, now(), now() + interval '1 hour' "
+                    "FROM generate_series(1, %s) RETURNING id",
+                    (variant.actor, variant.queue, n),
+                ).fetchall()
+            ]
     try:
-        for _ in range(n):
+        for outbox_id in outbox_ids:
             broker.enqueue(
                 Message(
                     queue_name=variant.queue,
                     actor_name=variant.actor,
                     args=(),
                     kwargs={},
-                    options={},
+                    options={} if outbox_id is None else {"outbox_id": outbox_id},
                 )
             )
         count = int(client.hlen(f"{NAMESPACE}:{variant.queue}.msgs"))
@@ -314,6 +334,16 @@ def measure_drain(
     return Drain(messages=start_count, elapsed_s=now - started, cpu_s=cpu_used)
 
 
+def check_all_done(variant: Variant, n: int) -> None:
+    """Every message that stands for an outbox row marked it done."""
+    if not variant.outbox_url:
+        return
+    with psycopg.connect(variant.outbox_url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(done_at) FROM outbox").fetchone()
+    if row is None or row[0] != n:
+        raise BenchError(f"{variant.name}: {row and row[0]} of {n} outbox rows marked done")
+
+
 def check_no_failures(client: redis.Redis, variant: Variant, log: Path) -> None:
     """A failed message is acked too (and re-enqueued delayed, or dead-lettered): not a success."""
     delayed = int(client.hlen(f"{NAMESPACE}:{variant.queue}.DQ.msgs"))
@@ -335,6 +365,7 @@ def run_once(variant: Variant, n: int, logdir: Path, index: int) -> Run:
         drain = measure_drain(client, variant, n, proc, log)
         rss = worker_rss_mb(proc)
         check_no_failures(client, variant, log)
+        check_all_done(variant, n)
     finally:
         stop_worker(proc)
         client.close()
