@@ -12,6 +12,7 @@ is declared.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,6 +97,57 @@ def mark_done(uow: UnitOfWork, ids: Sequence[int]) -> bool:
     return bool(marked)
 
 
+class DoneMarker:
+    """Marks done, in batches, the jobs whose actor wrote nothing to Postgres (a cache delete).
+
+    Such a job has no Postgres effect to share a commit with, and opening a transaction per
+    message just to mark it would cost more than the work (the queue round-trip bench measures
+    it). The ids are flushed every ``interval_s`` in one UPDATE. A worker killed before a flush
+    leaves those rows not done: the rescuer sends them again, and the actor, which has no
+    Postgres effect by definition, simply runs again (a cache delete is idempotent).
+    """
+
+    def __init__(self, *, interval_s: float = 0.05, max_pending: int = 100_000) -> None:
+        self.interval_s = interval_s
+        self.max_pending = max_pending
+        self._pending: list[int] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            if len(self._pending) < self.max_pending:  # beyond: left to the rescuer
+                self._pending.extend(ids)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="done-marker", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> int:
+        with self._lock:
+            ids, self._pending = self._pending, []
+        if not ids:
+            return 0
+        try:
+            with unit_of_work() as uow:
+                uow.sql(_MARK_DONE, {"ids": ids, "scrub": sorted(COALESCED_ACTORS)})
+        except Exception as exc:  # Postgres away: keep them for the next flush
+            log.warning("job_done_flush_failed", jobs=len(ids), error=type(exc).__name__)
+            with self._lock:
+                self._pending[:0] = ids[: self.max_pending]
+            return 0
+        return len(ids)
+
+
+done_marker = DoneMarker()
+
+
 def _last_line(text: str | None) -> str | None:
     if not text:
         return None
@@ -123,6 +175,9 @@ class JobRecord(Middleware):
     @property
     def actor_options(self) -> set[str]:
         return {"redeliver_after_s"}
+
+    def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        done_marker.flush()
 
     def after_enqueue(self, broker: Any, message: Any, delay: int | None) -> None:
         if delay is None:
