@@ -355,7 +355,7 @@ def measure_drain(
 
 def check_all_done(variant: Variant, n: int) -> None:
     """Every message that stands for an outbox row marked it done. (A no-op actor writes
-    nothing to Postgres, so its rows are marked in batches every 50 ms: give them a moment.)"""
+    nothing to Postgres, so its rows are marked in batches every 250 ms: give them a moment.)"""
     if not variant.outbox_url:
         return
     done = 0
