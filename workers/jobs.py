@@ -104,8 +104,9 @@ class DoneMarker:
     Such a job has no Postgres effect to share a commit with, and opening a transaction per
     message just to mark it would cost more than the work (the queue round-trip bench measures
     it). The ids are flushed every ``interval_s`` (250 ms) in one UPDATE. A worker killed
-    before a flush leaves those rows not done: the rescuer sends them again, and the actor, which has no
-    Postgres effect by definition, simply runs again (a cache delete is idempotent).
+    before a flush leaves those rows not done: the rescuer sends them again, and the actor,
+    which has no Postgres effect by definition, simply runs again (a cache delete is
+    idempotent).
     """
 
     def __init__(self, *, interval_s: float = 0.25, max_pending: int = 100_000) -> None:
