@@ -14,8 +14,10 @@ a doubled row, and nothing but the done-marking prevents it.
     ``doubled`` = effect rows beyond one per job. The redelivery deadline is
     ``TIDEMILL_REDELIVER_AFTER_S`` = 10 s here, so recovered_s is that plus the time to work
     through what was re-sent.
-(b) Cost. N jobs from outbox insert to all done, with the rescuer polling every second vs
-    off (a poll interval longer than the run), alternating, median of the runs:
+(b) Cost of the done-marking: a job's transaction (an effect insert, commit) with and without
+    the done-marking UPDATE, in this process (``job_txn_us``, ``job_txn_with_done_mark_us``).
+(c) Cost of the rescuer. N jobs from outbox insert to all done, with the rescuer polling
+    every second vs off (a poll interval longer than the run), alternating, median of the runs:
     ``rescue_overhead`` = 1 - rate(on) / rate(off).
 
 Prints a table, then as its last line one JSON object with the figures. Never asserts.
@@ -224,6 +226,39 @@ def throughput_run(
     return n / elapsed
 
 
+def done_mark_cost(pg_url: str, n: int, *, reps: int = 3) -> tuple[float, float]:
+    """(us per job transaction without, with the done-marking UPDATE): the effect insert and
+    commit alone vs the same plus ``workers.jobs``' UPDATE, alternating, medians."""
+    from workers.jobs import _MARK_DONE, COALESCED_ACTORS
+
+    scrub = sorted(COALESCED_ACTORS)
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("TRUNCATE outbox, bench_effects")
+        ids = [
+            int(r[0])
+            for r in conn.execute(
+                "INSERT INTO outbox (actor, queue_name, dispatched_at, redeliver_at) "
+                "SELECT %s, %s, now(), now() FROM generate_series(1, %s) RETURNING id",
+                (ACTOR, QUEUE, n * reps),
+            ).fetchall()
+        ]
+        conn.commit()
+        plain: list[float] = []
+        marked: list[float] = []
+        for rep in range(reps):
+            for mark in (False, True):
+                chunk = ids[rep * n : (rep + 1) * n]
+                started = time.perf_counter()
+                for job in chunk:
+                    conn.execute("INSERT INTO bench_effects (job) VALUES (%s)", (job,))
+                    if mark:
+                        conn.execute(_MARK_DONE, {"ids": [job], "scrub": scrub})
+                    conn.commit()
+                took = (time.perf_counter() - started) / len(chunk) * 1e6
+                (marked if mark else plain).append(took)
+    return statistics.median(plain), statistics.median(marked)
+
+
 def terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
@@ -251,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         redis_url = valkey.start()
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute("CREATE TABLE bench_effects (job bigint NOT NULL)")  # no unique key
+        plain_us, marked_us = done_mark_cost(pg_url, min(n, 2_000))
+        print(
+            f"a job's transaction (effect insert + commit): {plain_us:,.0f} us; with the "
+            f"done-marking UPDATE: {marked_us:,.0f} us (+{marked_us / plain_us - 1:.0%})",
+            flush=True,
+        )
         wipe = wipe_run(pg_url, redis_url, root, n)
         print(
             f"wipe: {n:,} jobs, FLUSHALL once all were dispatched ({wipe['done_before_wipe']:,} "
@@ -291,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         "jobs_per_s_rescuer_off": round(off, 1),
         "jobs_per_s_rescuer_on": round(on, 1),
         "rescue_overhead": round(overhead, 4),
+        "job_txn_us": round(plain_us, 1),
+        "job_txn_with_done_mark_us": round(marked_us, 1),
     }
     print(json.dumps({"bench": "durability", "figures": figures}), flush=True)
     return 0
