@@ -17,7 +17,8 @@ a doubled row, and nothing but the done-marking prevents it.
 (b) Cost of the done-marking: a job's transaction (an effect insert, commit) with and without
     the done-marking UPDATE, in this process (``job_txn_us``, ``job_txn_with_done_mark_us``).
 (c) Cost of the rescuer. N jobs from outbox insert to all done (deadline 600 s, so nothing
-    is overdue), with the rescuer polling every second vs off (a poll interval longer than the run), alternating, median of the runs:
+    is overdue), with the rescuer polling every second vs off (a poll interval longer than
+    the run), alternating, median of the runs:
     ``rescue_overhead`` = 1 - rate(on) / rate(off).
 
 Prints a table, then as its last line one JSON object with the figures. Never asserts.
