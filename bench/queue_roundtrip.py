@@ -7,6 +7,8 @@ variant, three times, alternating:
 
 - enqueue N messages while no worker runs (not timed);
 - start the worker subprocess (1 process, 8 threads):
+  (tidemill's messages each stand for an outbox row, as relayed jobs do, so its worker marks
+  each row done in the message's commit: the durable-jobs cost is in the figure);
   bare     ``python -m dramatiq bench.noop_bare``: RedisBroker, dramatiq's default middleware;
   tidemill ``python -m core.cli worker bench.noop_tidemill``: tidemill's broker and middleware,
            TIDEMILL_ENV=production, LOG_LEVEL=warning, as deployed;
@@ -45,6 +47,7 @@ from types import FrameType
 from typing import Any
 
 import psutil
+import psycopg
 import redis
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
@@ -90,6 +93,9 @@ class Variant:
     redis_url: str
     argv: list[str]
     env: dict[str, str]
+    # tidemill's messages stand for outbox rows, as every relayed job does: the worker marks
+    # each row done in the message's commit (the durable-jobs cost is measured, not skipped)
+    outbox_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,12 @@ def base_env() -> dict[str, str]:
 
 
 def make_variants(
-    pg: EmbeddedPostgres, valkey: EmbeddedValkey, root: Path, prefetch: int | None
+    pg: EmbeddedPostgres,
+    valkey: EmbeddedValkey,
+    root: Path,
+    prefetch: int | None,
+    *,
+    without_outbox: bool = False,
 ) -> list[Variant]:
     python = sys.executable
     pool = ["--processes", str(PROCESSES), "--threads", str(THREADS)]
@@ -154,7 +165,7 @@ def make_variants(
             "LOG_LEVEL": "warning",
         }
     )
-    return [
+    variants = [
         Variant(
             "bare dramatiq",
             BARE_QUEUE,
@@ -170,8 +181,23 @@ def make_variants(
             valkey.url(TIDEMILL_REDIS_DB),
             [python, "-m", "core.cli", "worker", "bench.noop_tidemill", *pool],
             tidemill_env,
+            outbox_url=pg.url(),
         ),
     ]
+    if without_outbox:
+        # the same stack with messages that stand for no outbox row: the done-marking's cost
+        # is the difference between the two tidemill lines
+        variants.append(
+            Variant(
+                "tidemill, no outbox row",
+                TIDEMILL_QUEUE,
+                TIDEMILL_ACTOR,
+                valkey.url(TIDEMILL_REDIS_DB),
+                [python, "-m", "core.cli", "worker", "bench.noop_tidemill", *pool],
+                tidemill_env,
+            )
+        )
+    return variants
 
 
 def enqueue(variant: Variant, n: int) -> None:
@@ -179,15 +205,28 @@ def enqueue(variant: Variant, n: int) -> None:
     client = redis.Redis.from_url(variant.redis_url)
     client.flushdb()  # the bench's own server: no leftovers from the previous run
     broker = RedisBroker(client=client, middleware=[])
+    outbox_ids: list[int | None] = [None] * n
+    if variant.outbox_url:
+        with psycopg.connect(variant.outbox_url, autocommit=True) as conn:
+            conn.execute("TRUNCATE outbox")
+            outbox_ids = [
+                int(row[0])
+                for row in conn.execute(
+                    "INSERT INTO outbox (actor, queue_name, dispatched_at, redeliver_at) "
+                    "SELECT %s, %s, now(), now() + interval '1 hour' "
+                    "FROM generate_series(1, %s) RETURNING id",
+                    (variant.actor, variant.queue, n),
+                ).fetchall()
+            ]
     try:
-        for _ in range(n):
+        for outbox_id in outbox_ids:
             broker.enqueue(
                 Message(
                     queue_name=variant.queue,
                     actor_name=variant.actor,
                     args=(),
                     kwargs={},
-                    options={},
+                    options={} if outbox_id is None else {"outbox_id": outbox_id},
                 )
             )
         count = int(client.hlen(f"{NAMESPACE}:{variant.queue}.msgs"))
@@ -314,6 +353,22 @@ def measure_drain(
     return Drain(messages=start_count, elapsed_s=now - started, cpu_s=cpu_used)
 
 
+def check_all_done(variant: Variant, n: int) -> None:
+    """Every message that stands for an outbox row marked it done. (A no-op actor writes
+    nothing to Postgres, so its rows are marked in batches every 250 ms: give them a moment.)"""
+    if not variant.outbox_url:
+        return
+    done = 0
+    with psycopg.connect(variant.outbox_url, autocommit=True) as conn:
+        for _ in range(100):
+            row = conn.execute("SELECT count(done_at) FROM outbox").fetchone()
+            done = int(row[0]) if row else 0
+            if done == n:
+                return
+            time.sleep(0.05)
+    raise BenchError(f"{variant.name}: {done} of {n} outbox rows marked done")
+
+
 def check_no_failures(client: redis.Redis, variant: Variant, log: Path) -> None:
     """A failed message is acked too (and re-enqueued delayed, or dead-lettered): not a success."""
     delayed = int(client.hlen(f"{NAMESPACE}:{variant.queue}.DQ.msgs"))
@@ -335,6 +390,7 @@ def run_once(variant: Variant, n: int, logdir: Path, index: int) -> Run:
         drain = measure_drain(client, variant, n, proc, log)
         rss = worker_rss_mb(proc)
         check_no_failures(client, variant, log)
+        check_all_done(variant, n)
     finally:
         stop_worker(proc)
         client.close()
@@ -409,9 +465,15 @@ def report(
 
 
 def measure(
-    pg: EmbeddedPostgres, valkey: EmbeddedValkey, root: Path, n: int, prefetch: int | None
+    pg: EmbeddedPostgres,
+    valkey: EmbeddedValkey,
+    root: Path,
+    n: int,
+    prefetch: int | None,
+    *,
+    without_outbox: bool = False,
 ) -> dict[str, Any]:
-    variants = make_variants(pg, valkey, root, prefetch)
+    variants = make_variants(pg, valkey, root, prefetch, without_outbox=without_outbox)
     results = Results({v.name: [] for v in variants})
     for index in range(RUNS):
         for variant in variants:  # alternating, so drift hits both alike
@@ -449,6 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help=f"messages a worker prefetches (default: dramatiq's, 2 x threads = {2 * THREADS})",
     )
+    parser.add_argument(
+        "--without-outbox",
+        action="store_true",
+        help="also run tidemill with messages that stand for no outbox row (no done-marking)",
+    )
     args = parser.parse_args(argv)
     n = args.messages or (QUICK_MESSAGES if args.quick else DEFAULT_MESSAGES)
     if n < 100:
@@ -470,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         passes = [args.prefetch] if args.prefetch else [None, CPU_BOUND_PREFETCH]
         summary: dict[str, Any] = {}
         for prefetch in passes:
-            figures = measure(pg, valkey, root, n, prefetch)
+            figures = measure(pg, valkey, root, n, prefetch, without_outbox=args.without_outbox)
             if not summary:
                 summary = figures
             else:

@@ -107,19 +107,33 @@ def worker(
 
 @app.command()
 @friendly_errors
-def relay() -> None:
-    """Run the outbox relay: outbox rows -> dramatiq messages (LISTEN + poll, SKIP LOCKED)."""
+def relay(
+    modules: Annotated[
+        list[str] | None, typer.Argument(help="extra modules declaring actors")
+    ] = None,
+) -> None:
+    """Run the outbox relay (outbox rows -> dramatiq messages, LISTEN + poll, SKIP LOCKED) and
+    the rescuer (jobs dispatched but not done within their deadline are sent again)."""
+    import importlib
+
     settings = cli_settings()
     require_services(settings)
     import workers.actors  # noqa: F401  (the relay must know every actor)
+
+    for module in modules or []:
+        importlib.import_module(module)
     from workers.broker import broker
     from workers.outbox import Relay
+    from workers.rescuer import start_rescuer_thread
 
     relay = Relay(settings, broker)
+    # Every relay replica runs a rescuer; an advisory lock lets one pass run at a time.
+    rescuer = start_rescuer_thread(settings, broker)
     stop = stop_event()
 
     def stop_on_signal() -> None:
         stop.wait()
+        rescuer.stop()
         relay.stop()
 
     threading.Thread(target=stop_on_signal, daemon=True).start()

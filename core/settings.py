@@ -264,6 +264,23 @@ FIELDS: tuple[Field, ...] = (
         "outbox rows claimed per relay transaction",
         _pos_int,
     ),
+    # ---- issue #12 settings: FIELDS ----
+    Field(
+        "TIDEMILL_REDELIVER_AFTER_S",
+        "redeliver_after_s",
+        "",
+        "a job dispatched but not done this long is re-sent by the rescuer, same message id "
+        "(default: the time limit plus 60 s; an actor with a longer time limit gets its own "
+        "limit plus 60 s)",
+        _float,
+    ),
+    Field(
+        "TIDEMILL_RESCUER_POLL_S",
+        "rescuer_poll_s",
+        "5",
+        "how often the rescuer looks for jobs past their redelivery deadline",
+        _float,
+    ),
     Field(
         "TIDEMILL_SHUTDOWN_GRACE_S",
         "shutdown_grace_s",
@@ -542,6 +559,9 @@ class Settings:
     redis_maintenance_chance: int
     relay_poll_s: float
     relay_batch: int
+    # ---- issue #12 settings: Settings attributes ----
+    redeliver_after_s: float | None
+    rescuer_poll_s: float
     shutdown_grace_s: float
     stripe_webhook_secrets: tuple[str, ...]
     stripe_webhook_tolerance_s: int

@@ -22,7 +22,8 @@ from db.health import require_services
 log = get_logger("tidemill.up")
 
 # Start order; shutdown goes in reverse: stop taking HTTP traffic first, workers after the
-# relay has stopped feeding them, servers last.
+# relay has stopped feeding them, servers last. The relay process also runs the rescuer
+# (workers.rescuer): jobs dispatched but not done within their deadline are sent again.
 PROCESSES = ("worker", "relay", "scheduler", "web")
 
 
@@ -134,7 +135,7 @@ class Supervisor:
             f"  metrics    {base}/metrics",
             f"  postgres   {redact_url(s.database_url or '')}  ({pg_note})",
             f"  redis      {redact_url(s.redis_url or '')}  ({rd_note})",
-            f"  processes  relay, scheduler, web, worker x{s.worker_processes} "
+            f"  processes  relay (+ rescuer), scheduler, web, worker x{s.worker_processes} "
             f"({s.worker_threads} threads each)",
             "",
             "settings:",

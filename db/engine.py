@@ -121,6 +121,11 @@ class UnitOfWork:
         self.committed = False
 
     @property
+    def opened(self) -> bool:
+        """Whether anything has used the session yet (a message that never touched Postgres)."""
+        return self._session is not None
+
+    @property
     def session(self) -> Session:
         if self._session is None:
             self._session = self._sessions()

@@ -487,6 +487,14 @@ class Outbox(Base):
     __tablename__ = "outbox"
     __table_args__ = (
         Index("ix_outbox_pending", "id", postgresql_where=text("dispatched_at IS NULL")),
+        Index(
+            "ix_outbox_in_flight",
+            "redeliver_at",
+            postgresql_where=text(
+                "dispatched_at IS NOT NULL AND done_at IS NULL AND dead_at IS NULL"
+            ),
+        ),
+        Index("ix_outbox_dead", "id", postgresql_where=text("dead_at IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -498,6 +506,21 @@ class Outbox(Base):
     dispatched_at: Mapped[datetime | None]
     message_id: Mapped[str | None]
     last_error: Mapped[str | None]
+    # issue #12: the row is the job's record until the actor's own commit sets done_at
+    done_at: Mapped[datetime | None]
+    dead_at: Mapped[datetime | None]
+    redeliver_at: Mapped[datetime | None]
+    retries: Mapped[int] = mapped_column(Integer, server_default="0")
+    rescues: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class JobCounter(Base):
+    """Counters that outlive pruned outbox rows and restarts (``rescued``)."""
+
+    __tablename__ = "job_counters"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class PipelineRun(Base):

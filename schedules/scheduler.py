@@ -14,10 +14,12 @@ catch-up, so every tick is either fired or counted by its schedule's policy, onc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
@@ -27,7 +29,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from core.log import get_logger
 from core.settings import Settings, get_settings
 from db.engine import UnitOfWork, unit_of_work
-from schedules.leader import Fence, LeaderLock
+from schedules.leader import Fence, LeaderLock, LockSessionUnit, NotLeader
 from schedules.misfire import MisfirePlan, baseline, latest_tick, plan_misfire
 from schedules.schedule import Schedule, check_actors, load_schedules
 
@@ -66,11 +68,23 @@ def identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _fenced(uow: UnitOfWork, fence: Fence | None) -> bool:
-    return fence is None or uow.sql(Fence.sql, fence.params()).fetchone() is not None
+Unit = UnitOfWork | LockSessionUnit
 
 
-def _state_for_fire(uow: UnitOfWork, name: str) -> tuple[bool, datetime | None]:
+@contextlib.contextmanager
+def _transaction(settings: Settings | None, fence: Fence | None) -> Iterator[Unit]:
+    """With a fence: a transaction on the leader lock's own session (commits only while the
+    lock is held; ``NotLeader`` otherwise). Without: an ordinary unit of work (manual ticks
+    from the CLI and the dashboard, tests)."""
+    if fence is None:
+        with unit_of_work(settings) as uow:
+            yield uow
+    else:
+        with fence.transaction() as unit:
+            yield unit
+
+
+def _state_for_fire(uow: Unit, name: str) -> tuple[bool, datetime | None]:
     """(paused, caught_up_to). FOR SHARE: a pause or a catch-up (FOR UPDATE) committing
     concurrently either lands before this fire, and is seen, or waits for it."""
     row = uow.sql(
@@ -81,7 +95,7 @@ def _state_for_fire(uow: UnitOfWork, name: str) -> tuple[bool, datetime | None]:
 
 
 def _insert_tick(
-    uow: UnitOfWork,
+    uow: Unit,
     schedule: Schedule,
     tick: datetime,
     *,
@@ -133,22 +147,25 @@ def fire(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    with unit_of_work(settings) as uow:
-        paused, caught_up_to = (
-            (False, None) if kind == "manual" else _state_for_fire(uow, schedule.name)
-        )
-        if not _fenced(uow, fence):
-            outcome = FireOutcome.NOT_LEADER
-        elif paused:
-            outcome = FireOutcome.PAUSED
-        elif kind == "scheduled" and caught_up_to is not None and tick <= caught_up_to:
-            outcome = FireOutcome.CAUGHT_UP
-        elif _insert_tick(
-            uow, schedule, tick, kind=kind, fired_by=fired_by or identity(), covers=covers
-        ):
-            outcome = FireOutcome.FIRED
-        else:
-            outcome = FireOutcome.DUPLICATE
+    try:
+        with _transaction(settings, fence) as uow:
+            paused, caught_up_to = (
+                (False, None) if kind == "manual" else _state_for_fire(uow, schedule.name)
+            )
+            if paused:
+                outcome = FireOutcome.PAUSED
+            elif kind == "scheduled" and caught_up_to is not None and tick <= caught_up_to:
+                outcome = FireOutcome.CAUGHT_UP
+            elif _insert_tick(
+                uow, schedule, tick, kind=kind, fired_by=fired_by or identity(), covers=covers
+            ):
+                outcome = FireOutcome.FIRED
+            else:
+                outcome = FireOutcome.DUPLICATE
+    except NotLeader:
+        # The lock's session is gone (or was given up) before or during the commit: nothing
+        # of this fire committed, and the replica has stepped down.
+        outcome = FireOutcome.NOT_LEADER
     event = {
         FireOutcome.FIRED: "tick_fired",
         FireOutcome.DUPLICATE: "tick_already_fired",
@@ -190,43 +207,14 @@ def catch_up_one(
     """Plan and apply one schedule's misfire policy at ``now``; None when nothing was missed
     (or it is paused, or the fence failed). Plan, catch-up tick and counters share one
     transaction, so a crash or a lost lock leaves either all of it or none."""
-    with unit_of_work(settings) as uow:
-        # Serialise with pauses and with any other replica applying the same plan.
-        uow.sql(
-            "INSERT INTO schedule_state (name) VALUES (%(n)s) ON CONFLICT (name) DO NOTHING",
-            {"n": schedule.name},
-        )
-        uow.sql("SELECT 1 FROM schedule_state WHERE name = %(n)s FOR UPDATE", {"n": schedule.name})
-        if not _fenced(uow, fence):
-            log.info("catch_up_fenced", schedule=schedule.name)
-            return None
-        state = uow.sql(_STATE, {"n": schedule.name}).fetchone()
-        assert state is not None  # the LEFT JOIN always yields one row
-        if state.paused:
-            return None
-        since = baseline(
-            last_tick=state.last_tick,
-            caught_up_to=state.caught_up_to,
-            resumed_at=state.changed_at,
-        )
-        plan = plan_misfire(schedule, since=since, now=now)
-        if not plan.is_misfire:
-            uow.rollback()  # nothing to record: drop the state row insert, if it was new
-            return None
-        fired = False
-        if plan.fire_tick is not None:
-            fired = _insert_tick(
-                uow,
-                schedule,
-                plan.fire_tick,
-                kind="catch-up",
-                fired_by=fired_by or identity(),
-                covers=plan.covers,
-            )
-        uow.sql(
-            _RECORD_MISFIRE,
-            {"n": schedule.name, "now": now, "missed": plan.missed, "skipped": plan.skipped},
-        )
+    try:
+        with _transaction(settings, fence) as uow:
+            plan, fired = _catch_up_in(uow, schedule, now=now, fired_by=fired_by)
+    except NotLeader:
+        log.info("catch_up_fenced", schedule=schedule.name)
+        return None
+    if plan is None:
+        return None
     log.warning(
         "schedule_misfire",
         schedule=schedule.name,
@@ -240,6 +228,47 @@ def catch_up_one(
         truncated=plan.truncated,
     )
     return plan
+
+
+def _catch_up_in(
+    uow: Unit, schedule: Schedule, *, now: datetime, fired_by: str | None
+) -> tuple[MisfirePlan | None, bool]:
+    """Plan and apply one schedule's misfire policy inside ``uow``: (plan or None, whether
+    a catch-up tick was inserted)."""
+    # Serialise with pauses and with any other replica applying the same plan.
+    uow.sql(
+        "INSERT INTO schedule_state (name) VALUES (%(n)s) ON CONFLICT (name) DO NOTHING",
+        {"n": schedule.name},
+    )
+    uow.sql("SELECT 1 FROM schedule_state WHERE name = %(n)s FOR UPDATE", {"n": schedule.name})
+    state = uow.sql(_STATE, {"n": schedule.name}).fetchone()
+    assert state is not None  # the LEFT JOIN always yields one row
+    if state.paused:
+        return None, False
+    since = baseline(
+        last_tick=state.last_tick,
+        caught_up_to=state.caught_up_to,
+        resumed_at=state.changed_at,
+    )
+    plan = plan_misfire(schedule, since=since, now=now)
+    if not plan.is_misfire:
+        uow.rollback()  # nothing to record: drop the state row insert, if it was new
+        return None, False
+    fired = False
+    if plan.fire_tick is not None:
+        fired = _insert_tick(
+            uow,
+            schedule,
+            plan.fire_tick,
+            kind="catch-up",
+            fired_by=fired_by or identity(),
+            covers=plan.covers,
+        )
+    uow.sql(
+        _RECORD_MISFIRE,
+        {"n": schedule.name, "now": now, "missed": plan.missed, "skipped": plan.skipped},
+    )
+    return plan, fired
 
 
 def catch_up(

@@ -293,3 +293,25 @@ def test_a_failing_source_is_reported_and_the_others_still_scraped(db: str) -> N
     assert m[("tidemill_scrape_errors", (("part", "outbox"),))] == 0
     assert ("tidemill_outbox_backlog", ()) in m
     assert not any(name == "tidemill_queue_messages" for name, _ in m)
+
+
+def test_jobs_in_flight_oldest_age_rescued_and_dead(dash_url: str, sql: Any) -> None:
+    # Given jobs dispatched but not done on two queues, one done, one dead, and past rescues
+    sql.execute(
+        "INSERT INTO outbox (actor, queue_name, dispatched_at, redeliver_at, done_at, dead_at) "
+        "VALUES ('a', 'emails', now() - interval '90 seconds', now(), NULL, NULL), "
+        "('a', 'emails', now() - interval '5 seconds', now(), NULL, NULL), "
+        "('b', 'payments', now() - interval '20 seconds', now(), NULL, NULL), "
+        "('b', 'payments', now() - interval '1 hour', now(), now(), NULL), "
+        "('c', 'payments', now() - interval '1 hour', now(), NULL, now())"
+    )
+    sql.execute("INSERT INTO job_counters (name, value) VALUES ('rescued', 7)")
+    m = scrape(dash_url)
+    # Then /metrics reads them from Postgres, per queue
+    assert m[("tidemill_jobs_in_flight", (("queue", "emails"),))] == 2
+    assert m[("tidemill_jobs_in_flight", (("queue", "payments"),))] == 1
+    assert 89 <= m[("tidemill_jobs_in_flight_oldest_seconds", (("queue", "emails"),))] < 600
+    assert 19 <= m[("tidemill_jobs_in_flight_oldest_seconds", (("queue", "payments"),))] < 600
+    assert m[("tidemill_jobs_rescued_total", ())] == 7
+    assert m[("tidemill_jobs_dead", ())] == 1
+    assert m[("tidemill_scrape_errors", (("part", "jobs"),))] == 0

@@ -52,6 +52,7 @@ class StoreCollector:
         parts: list[tuple[str, Callable[[], Iterator[Metric]]]] = [
             ("broker", self._broker),
             ("outbox", self._outbox),
+            ("jobs", self._jobs),
             ("pipelines", self._pipelines),
             ("backups", self._backups),
             ("webhooks", self._webhooks),
@@ -105,6 +106,41 @@ class StoreCollector:
             "tidemill_outbox_rejected",
             "Outbox rows the relay refused (unknown actor); each needs an operator",
             value=outbox_rejected(self.settings),
+        )
+
+    def _jobs(self) -> Iterator[Metric]:
+        """Jobs dispatched but not done (Postgres's record, not the broker's), the rescuer's
+        re-sends, dead jobs. A growing oldest age with workers up means jobs are being lost
+        and rescued, or failing slowly: the alert to set is oldest age > the deadline."""
+        from prometheus_client.core import CounterMetricFamily
+
+        from workers.rescuer import dead_jobs, in_flight, rescued_total
+
+        jobs = _gauge(
+            "tidemill_jobs_in_flight",
+            "Jobs dispatched but not done yet (the outbox row is their record)",
+            ["queue"],
+        )
+        oldest = _gauge(
+            "tidemill_jobs_in_flight_oldest_seconds",
+            "Time since the oldest job in flight was dispatched",
+            ["queue"],
+        )
+        for queue, n, age in in_flight(self.settings):
+            jobs.add_metric([queue], n)
+            oldest.add_metric([queue], age)
+        yield jobs
+        yield oldest
+        rescued = CounterMetricFamily(
+            "tidemill_jobs_rescued",
+            "Jobs the rescuer re-sent because they were not done within their deadline",
+        )
+        rescued.add_metric([], rescued_total(self.settings))
+        yield rescued
+        yield _gauge(
+            "tidemill_jobs_dead",
+            "Jobs whose retries are exhausted (marked dead in Postgres)",
+            value=dead_jobs(self.settings),
         )
 
     def _pipelines(self) -> Iterator[Metric]:

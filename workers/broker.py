@@ -24,6 +24,7 @@ from dramatiq.middleware import (
 
 from core.log import configure_logging
 from core.settings import Settings, SettingsError, get_settings, redact_url
+from workers.jobs import JobRecord
 from workers.middleware import FreezeImports, LogContext, UnitOfWorkMiddleware
 from workers.stats import Stats
 
@@ -85,6 +86,9 @@ def middleware(settings: Settings, *, metrics: bool = True) -> list[Middleware]:
         CurrentMessage(),
         Callbacks(),
         Pipelines(),
+        # Above Retries: its after_nack sees the final verdict; its after_enqueue sees the
+        # delay Retries chose.
+        JobRecord(settings),
         Retries(
             max_retries=settings.max_retries,
             min_backoff=settings.min_backoff_ms,

@@ -3,7 +3,11 @@
 The table is the truth; NOTIFY only shortens the wait. Rows are claimed with
 ``FOR UPDATE SKIP LOCKED`` so several relays can run side by side, enqueued, then marked in the
 same transaction. A relay killed between enqueue and commit re-sends that batch once on
-restart; the message id is derived from the outbox id, so the duplicate is recognisable.
+restart; the message id is derived from the outbox id, so the duplicate is recognisable, and
+the first delivery's done-marking makes the second roll back (``workers.base.actor``).
+
+Dispatched is not done: the row stays the job's record, with a redelivery deadline, until the
+actor's commit marks it done; ``workers.rescuer`` re-sends what misses its deadline.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import sqlalchemy.exc
 from sqlalchemy import text
 
 from core.log import get_logger
-from core.settings import Settings
+from core.settings import Settings, get_settings
 from db.engine import KEEPALIVES, UnitOfWork, get_database, libpq_url
 from workers.base import actor
+from workers.jobs import COALESCED_ACTORS, redeliver_after_s
 
 log = get_logger(__name__)
 
@@ -45,23 +50,25 @@ class RelayStats:
 # sight, and carries last_error, which keeps it from being claimed again. Clearing its
 # last_error (say, after deploying the actor) makes the relay send it.
 _CLAIM = text("""
-    SELECT id, actor, queue_name, args, kwargs FROM outbox
+    SELECT id, actor, queue_name, args, kwargs, retries FROM outbox
     WHERE dispatched_at IS NULL AND last_error IS NULL
     ORDER BY id
     LIMIT :batch
     FOR UPDATE SKIP LOCKED
 """)
-# A dispatched cache row's payload (key columns: e-mail addresses, usernames) is no longer
-# needed, the message carries it; it is emptied rather than kept until the prune, so personal
-# data does not linger in the outbox after, say, a GDPR erase.
+# A cache row's payload (key columns: e-mail addresses, usernames) is kept until the job is
+# done, so the rescuer can rebuild a lost message; the done-marking empties it
+# (workers.jobs.mark_done), so personal data does not linger in the outbox after, say, a GDPR
+# erase. redeliver_at: the deadline after which the rescuer re-sends the job.
 _MARK = text("""
     UPDATE outbox SET dispatched_at = CASE WHEN data.error IS NULL THEN now() END,
            message_id = data.message_id, last_error = data.error,
-           kwargs = CASE WHEN outbox.actor = ANY(CAST(:scrub AS text[])) AND data.error IS NULL
-                         THEN '{}'::jsonb ELSE outbox.kwargs END
+           redeliver_at = CASE WHEN data.error IS NULL
+                               THEN now() + make_interval(secs => data.after) END
     FROM (SELECT unnest(CAST(:ids AS bigint[])) AS id,
                  unnest(CAST(:mids AS text[])) AS message_id,
-                 unnest(CAST(:errors AS text[])) AS error) AS data
+                 unnest(CAST(:errors AS text[])) AS error,
+                 unnest(CAST(:afters AS float8[])) AS after) AS data
     WHERE outbox.id = data.id
 """)
 
@@ -69,8 +76,31 @@ _MARK = text("""
 # Actors whose outbox rows the relay merges, per batch, into one message carrying every row's
 # kwargs as ``changes=[…]``: idempotent and order-free (a cache delete), and frequent (one row
 # per committed change), so one message per row would make the worker the bottleneck at a
-# thousand commits a second. The merged message's id derives from its first row's id.
-COALESCED_ACTORS = frozenset({"invalidate"})
+# thousand commits a second. The merged message's id derives from its first row's id, and it
+# carries every row's id (``outbox_ids``), so its commit marks them all done.
+__all__ = ["COALESCED_ACTORS"]
+
+
+def build_message(actor: dramatiq.Actor[Any, Any], rows: list[Any]) -> dramatiq.Message[Any]:
+    """The message for one job (one row) or one merged group (several rows of a coalesced
+    actor), with the id derived from the first row: the relay and the rescuer send the same."""
+    first = rows[0]
+    options: dict[str, Any] = {}
+    if first.retries:
+        options["retries"] = first.retries  # a re-sent job keeps its retry budget spent
+    if first.actor in COALESCED_ACTORS and not first.args:
+        if len(rows) > 1:
+            options["outbox_ids"] = [row.id for row in rows]
+        message = actor.message_with_options(
+            kwargs={"changes": [row.kwargs or {} for row in rows]}, outbox_id=first.id, **options
+        )
+    else:
+        message = actor.message_with_options(
+            args=tuple(first.args or ()), kwargs=first.kwargs or {}, outbox_id=first.id, **options
+        )
+    return message.copy(
+        message_id=message_id_for(first.id), queue_name=first.queue_name or actor.queue_name
+    )
 
 
 def relay_batch(
@@ -78,12 +108,14 @@ def relay_batch(
 ) -> RelayStats:
     """Claim up to `batch` pending rows, enqueue them, mark them; one transaction."""
     stats = RelayStats()
+    settings = settings or get_settings()
     db = get_database(settings)
     with db.sessions() as session, session.begin():
         rows = session.execute(_CLAIM, {"batch": batch}).all()
         if not rows:
             return stats
         marks: dict[int, tuple[str | None, str | None]] = {}
+        afters: dict[int, float] = {}
         merged: dict[tuple[str, str | None], list[Any]] = {}
         for row in rows:
             if row.actor in COALESCED_ACTORS and not row.args:
@@ -103,33 +135,24 @@ def relay_batch(
                 continue
             if row.actor in COALESCED_ACTORS and not row.args:
                 continue  # the whole group is known only after the loop
-            message = actor.message_with_options(
-                args=tuple(row.args or ()),
-                kwargs=row.kwargs or {},
-                outbox_id=row.id,
-            )
-            message = message.copy(
-                message_id=message_id_for(row.id), queue_name=row.queue_name or actor.queue_name
-            )
+            message = build_message(actor, [row])
             broker.enqueue(message)
             marks[row.id] = (message.message_id, None)
+            afters[row.id] = redeliver_after_s(actor, settings)
             stats.sent += 1
-        for (actor_name, queue_name), group in merged.items():
+        for group in merged.values():
             if group[0].id in marks:  # rejected: unknown actor
                 for row in group[1:]:
                     marks[row.id] = marks[group[0].id]
                     stats.rejected += 1
                 continue
-            actor = broker.get_actor(actor_name)
-            message = actor.message_with_options(
-                kwargs={"changes": [row.kwargs or {} for row in group]}, outbox_id=group[0].id
-            )
-            message = message.copy(
-                message_id=message_id_for(group[0].id), queue_name=queue_name or actor.queue_name
-            )
+            actor = broker.get_actor(group[0].actor)
+            message = build_message(actor, group)
             broker.enqueue(message)
+            after = redeliver_after_s(actor, settings)
             for row in group:
                 marks[row.id] = (message.message_id, None)
+                afters[row.id] = after
             stats.sent += len(group)
         ids = list(marks)
         session.execute(
@@ -138,7 +161,7 @@ def relay_batch(
                 "ids": ids,
                 "mids": [marks[i][0] for i in ids],
                 "errors": [marks[i][1] for i in ids],
-                "scrub": sorted(COALESCED_ACTORS),
+                "afters": [afters.get(i, 0.0) for i in ids],
             },
         )
     if stats.sent or stats.rejected:
@@ -245,17 +268,17 @@ def outbox_rejected(settings: Settings | None = None) -> int:
 
 
 def prune_dispatched(uow: UnitOfWork, *, older_than_hours: int) -> int:
-    """Delete dispatched rows older than the window, in bounded batches (short locks). Rows
-    with an error are kept: they are the operators' to resolve (rows rejected before
-    rejections stopped being marked dispatched have both)."""
+    """Delete done rows older than the window, in bounded batches (short locks). A row not
+    done is never pruned (it is its job's only record); dead rows and rows with an error are
+    kept: they are the operators' to resolve."""
     total = 0
     while True:
         deleted = uow.execute(
             text("""
                 DELETE FROM outbox WHERE id IN (
                     SELECT id FROM outbox
-                    WHERE dispatched_at < now() - make_interval(hours => :hours)
-                      AND last_error IS NULL
+                    WHERE done_at < now() - make_interval(hours => :hours)
+                      AND last_error IS NULL AND dead_at IS NULL
                     ORDER BY id LIMIT 5000)
             """),
             {"hours": older_than_hours},

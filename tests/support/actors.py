@@ -49,6 +49,10 @@ def always_permanent(uow: UnitOfWork, key: str) -> None:
 def hold_then_write(uow: UnitOfWork, key: str) -> None:
     """Counts the attempt, then waits for a release key before writing (a test kills the
     worker while it waits)."""
+    _hold_then_write(uow, key)
+
+
+def _hold_then_write(uow: UnitOfWork, key: str) -> None:
     r = get_redis()
     r.incr(f"attempts:{key}")
     r.set(f"started:{key}", "1")
@@ -58,3 +62,22 @@ def hold_then_write(uow: UnitOfWork, key: str) -> None:
             raise TimeoutError("never released")
         time.sleep(0.05)
     _record(uow, key)
+
+
+@actor(queue_name="tests")
+def retry_later_then_write(uow: UnitOfWork, key: str, delay_ms: int) -> None:
+    """The first attempt asks to be retried after `delay_ms` (a retry held back on purpose, like
+    AwaitingPayment); a later attempt writes its row."""
+    import dramatiq
+    from dramatiq.middleware import CurrentMessage
+
+    message = CurrentMessage.get_current_message()
+    if message is None or not message.options.get("retries", 0):
+        raise dramatiq.Retry(delay=delay_ms)
+    _record(uow, key)
+
+
+@actor(queue_name="tests")
+def hold_then_write_default_limit(uow: UnitOfWork, key: str) -> None:
+    """hold_then_write with the default time limit, so the default redelivery deadline applies."""
+    _hold_then_write(uow, key)

@@ -49,6 +49,14 @@ def outbox_backlog(settings: Settings) -> tuple[int, float | None]:
     return pending(settings)
 
 
+def jobs_in_flight(settings: Settings) -> tuple[int, float | None]:
+    """Jobs dispatched but not done (all queues) and the age of the oldest, from Postgres."""
+    from workers.rescuer import in_flight
+
+    rows = in_flight(settings)
+    return sum(n for _, n, _ in rows), max((age for *_, age in rows), default=None)
+
+
 def webhook_window(settings: Settings, *, seconds: int, cache_s: int = 0) -> dict[str, int]:
     """Events received in the last `seconds`, per status (an index range, not a table scan).
 

@@ -451,6 +451,7 @@ class Dashboard:
             "last_minutes": series[-5:],
             "outbox_backlog": backlog,
             "outbox_oldest_s": oldest,
+            "jobs_in_flight": store.jobs_in_flight(self.settings),
             "webhooks_hour": hour,
             "webhook_error_rate": (hour["failed"] / total) if total else None,
             "backup": store.backup_health(self.settings),
