@@ -35,10 +35,16 @@ def upgrade() -> None:
         sa.Column("currency", sa.Text(), nullable=False),
         sa.Column("amount", sa.Numeric(precision=20, scale=3), server_default="0", nullable=False),
         sa.Column(
-            "updated_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+            "updated_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
         ),
         sa.ForeignKeyConstraint(
-            ["user_id"], ["users.id"], name=op.f("fk_user_balances_user_id_users"), ondelete="CASCADE"
+            ["user_id"],
+            ["users.id"],
+            name=op.f("fk_user_balances_user_id_users"),
+            ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("user_id", "currency", name=op.f("pk_user_balances")),
     )
@@ -61,11 +67,17 @@ def downgrade() -> None:
     op.execute("UPDATE webhook_events SET status = 'received' WHERE status = 'waiting'")
     op.drop_constraint(op.f("ck_webhook_events_status"), "webhook_events", type_="check")
     op.create_check_constraint(
-        op.f("ck_webhook_events_status"), "webhook_events", "status IN ('received', 'processed', 'ignored', 'failed')"
+        op.f("ck_webhook_events_status"),
+        "webhook_events",
+        "status IN ('received', 'processed', 'ignored', 'failed')",
     )
     op.drop_table("user_balances")
     op.alter_column(
-        "users", "balance", type_=_OLD_MONEY_10, existing_nullable=False, existing_server_default="0"
+        "users",
+        "balance",
+        type_=_OLD_MONEY_10,
+        existing_nullable=False,
+        existing_server_default="0",
     )
     op.alter_column("transactions", "amount", type_=_OLD_MONEY_10, existing_nullable=False)
     op.alter_column("ledger_entries", "amount", type_=_OLD_MONEY_12, existing_nullable=False)
