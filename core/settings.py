@@ -278,6 +278,13 @@ FIELDS: tuple[Field, ...] = (
         "oldest signature timestamp accepted (replay protection)",
         _pos_int,
     ),
+    Field(
+        "TIDEMILL_WEB_BODY_TIMEOUT_S",
+        "web_body_timeout_s",
+        "10",
+        "longest a request body may take to arrive; a slower client gets 408",
+        _float,
+    ),
     # ---- issue #4 settings: FIELDS ----
     Field(
         "PUSH_URL",
@@ -537,6 +544,7 @@ class Settings:
     shutdown_grace_s: float
     stripe_webhook_secrets: tuple[str, ...]
     stripe_webhook_tolerance_s: int
+    web_body_timeout_s: float
     log_level: str
     # ---- issue #4 settings: Settings attributes ----
     push_url: str | None

@@ -166,8 +166,10 @@ def test_every_configured_secret_is_accepted_during_rotation(db, sql) -> None:
 
 def test_body_of_exactly_one_mib_is_accepted(client, sql) -> None:
     event = sample_event()
-    padding = MAX_BODY_BYTES - len(json.dumps({**event, "pad": ""}))
-    payload = json.dumps({**event, "pad": "x" * padding})
+    # strings are bounded (MAX_STRING), bodies by size: pad with many strings
+    chunks = ["x" * 16_000] * 64
+    padding = MAX_BODY_BYTES - len(json.dumps({**event, "pad": [*chunks, ""]}))
+    payload = json.dumps({**event, "pad": [*chunks, "x" * padding]})
     assert len(payload.encode()) == MAX_BODY_BYTES
     assert post_signed(client, payload).status_code == 200
     assert counts(sql) == (1, 1)
