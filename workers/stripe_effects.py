@@ -579,28 +579,47 @@ def snapshot(event: Event) -> Snapshot:
     )
 
 
+def _node(state: dict[str, Any]) -> str:
+    return json.dumps(state, sort_keys=True)
+
+
 def latest_snapshot(snapshots: Iterable[Snapshot]) -> Snapshot | None:
     """Stripe's latest subscription object among `snapshots`, without looking at event ids.
 
-    Order is (terminal, current_period_start, event.created). Events of the same second are
-    a chain: an update whose previous_attributes describe another snapshot's state comes
-    after it, so the latest is the one no other snapshot continues from. A state revisited
-    within one second cannot be told apart from the events alone; then the deterministic
-    tie-break (type, then the state itself) decides."""
+    Order is (terminal, current_period_start, event.created). The events of one such step
+    (typically one second) form a path through states: each update goes from the state its
+    previous_attributes describe to the state of its object (a created event comes from
+    nothing). The path ends at the state entered once more than it was left; a path that
+    returns to where it began ends there. Only when events are missing is that ambiguous,
+    and a fixed tie-break (type, then the state itself) decides."""
     snaps = list(snapshots)
     if not snaps:
         return None
-    top = max(s.order for s in snaps)
-    group = [s for s in snaps if s.order == top]
-
-    def continued(a: Snapshot) -> bool:
-        return any(b.before == a.state and b.state != a.state for b in group)
-
-    last = [s for s in group if not continued(s)] or group
-    return max(
-        last,
-        key=lambda s: (_TYPE_RANK.get(s.type, 1), json.dumps(s.state, sort_keys=True)),
-    )
+    current: Snapshot | None = None
+    for order in sorted({s.order for s in snaps}):
+        group = [s for s in snaps if s.order == order]
+        balance: dict[str, int] = {}
+        states: dict[str, Snapshot] = {}
+        for s in group:
+            node = _node(s.state)
+            states[node] = max((states.get(node, s), s), key=lambda x: _TYPE_RANK.get(x.type, 1))
+            balance[node] = balance.get(node, 0) + 1
+            if s.before is not None:
+                before = _node(s.before)
+                balance[before] = balance.get(before, 0) - 1
+        entry = _node(current.state) if current is not None else None
+        ends = [n for n in states if balance[n] > 0]
+        if len(ends) == 1:
+            end = ends[0]
+        elif not ends and entry in states:
+            end = entry  # the step came back to the state it started from
+        else:
+            end = max(
+                ends or states,
+                key=lambda n: (n != entry, balance.get(n, 0), _TYPE_RANK.get(states[n].type, 1), n),
+            )
+        current = states[end]
+    return current
 
 
 def _invoice_period(invoice: dict[str, Any]) -> tuple[int, int]:
@@ -615,7 +634,8 @@ def _invoice_period(invoice: dict[str, Any]) -> tuple[int, int]:
 def plan_subscription(events: list[Event]) -> dict[str, Any] | None:
     """The subscription's state after every event in `events`, in whatever order they came.
     Pure. None while no subscription object has been seen (only invoices)."""
-    snaps = [snapshot(e) for e in events if e["type"] in _TYPE_RANK]
+    unique = {str(e.get("id")): e for e in events}.values()  # a redelivery is one event
+    snaps = [snapshot(e) for e in unique if e["type"] in _TYPE_RANK]
     latest = latest_snapshot(snaps)
     if latest is None:
         return None
@@ -623,7 +643,7 @@ def plan_subscription(events: list[Event]) -> dict[str, Any] | None:
     # Invoices only tell what the subscription objects do not yet show: a payment newer than
     # the latest object settles its period, a failure newer than it for a later period makes
     # it past_due. An invoice no newer than the latest object is already reflected in it.
-    invoices = [e for e in events if e["type"] in ("invoice.paid", "invoice.payment_failed")]
+    invoices = [e for e in unique if e["type"] in ("invoice.paid", "invoice.payment_failed")]
     for inv in sorted(invoices, key=lambda e: (_int(e.get("created")), e["type"])):
         created = _int(inv.get("created"))
         start, end = _invoice_period(inv["data"]["object"])
