@@ -150,6 +150,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(name)
 
 
+class Unstorable(Exception):
+    """Valid JSON that Postgres' jsonb cannot hold or that no Stripe event looks like."""
+
+
 def _parse_float(text: str) -> float:
     # 1e200000 is valid JSON, but an infinity in Python and out of range for Postgres.
     try:
@@ -157,12 +161,8 @@ def _parse_float(text: str) -> float:
     except InvalidOperation:
         raise ValueError(text[:32]) from None
     if abs(exponent) > MAX_EXPONENT:
-        raise ValueError("number out of range")
+        raise Unstorable("number out of range")
     return float(text)
-
-
-class Unstorable(Exception):
-    """Valid JSON that Postgres' jsonb cannot hold or that no Stripe event looks like."""
 
 
 def _check_string(value: str) -> None:
@@ -203,14 +203,13 @@ def parse_event(payload: str) -> StripeEvent:
     stored as it is, or is not a Stripe event."""
     try:
         data = json.loads(payload, parse_constant=_reject_constant, parse_float=_parse_float)
+        check_storable(data)
     except RecursionError:
         raise Rejected(400, "body is not storable (nested too deeply)") from None
-    except ValueError:
-        raise Rejected(400, "body is not JSON") from None
-    try:
-        check_storable(data)
     except Unstorable as exc:
         raise Rejected(400, f"body is not storable ({exc})") from None
+    except ValueError:
+        raise Rejected(400, "body is not JSON") from None
 
     def invalid(field: str) -> Rejected:
         return Rejected(400, f"not a Stripe event ({field})")
