@@ -279,6 +279,21 @@ FIELDS: tuple[Field, ...] = (
         _pos_int,
     ),
     Field(
+        "STRIPE_API_KEY",
+        "stripe_api_key",
+        "",
+        "optional: when set, a subscription is re-read from Stripe's API after its events "
+        "(the object Stripe holds now wins); unset, the events alone decide",
+        _str,
+    ),
+    Field(
+        "STRIPE_API_BASE",
+        "stripe_api_base",
+        "https://api.stripe.com",
+        "Stripe API address (tests point it at a local server)",
+        _url("http", "https"),
+    ),
+    Field(
         "TIDEMILL_WEB_BODY_TIMEOUT_S",
         "web_body_timeout_s",
         "10",
@@ -544,6 +559,8 @@ class Settings:
     shutdown_grace_s: float
     stripe_webhook_secrets: tuple[str, ...]
     stripe_webhook_tolerance_s: int
+    stripe_api_key: str
+    stripe_api_base: str
     web_body_timeout_s: float
     log_level: str
     # ---- issue #4 settings: Settings attributes ----
@@ -646,7 +663,10 @@ class Settings:
                 shown = redact_url(shown)
             if field.attr == "stripe_webhook_secrets":
                 shown = ", ".join(secret[:10] + "…" for secret in value)
-            if field.attr in {"session_secret", "metrics_token", "push_access_token"} and shown:
+            if (
+                field.attr in {"session_secret", "metrics_token", "push_access_token"}
+                or field.attr == "stripe_api_key"
+            ) and shown:
                 shown = "(set)"
             if field.attr == "dashboard_users" and shown:  # name:role, never the hash
                 shown = ", ".join(":".join(e.split(":")[:2]) for e in shown.split(","))

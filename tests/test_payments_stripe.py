@@ -7,8 +7,10 @@ error (content fails now with its reason, a missing payment is a visible, bounde
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -543,3 +545,108 @@ def test_random_currency_amounts_round_trip_exactly(sql) -> None:
     apply(events)
     assert sql.execute("SELECT balance FROM users").fetchone()[0] == total
     assert_balance_is_sum_of_ledger(sql)
+
+
+# --- optional: the object re-read from Stripe's API (a local server answering like it) ---------
+
+
+@contextlib.contextmanager
+def stripe_api(answers: dict[str, Any], monkeypatch: Any) -> Iterator[list[str]]:
+    """A local HTTP server answering ``GET /v1/subscriptions/<id>`` as Stripe's API does
+    (an object, or an error status with Stripe's error body); tidemill pointed at it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from core.settings import reset_settings_cache
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(f"{self.path} {self.headers.get('Authorization', '')}")
+            answer = answers.get(self.path.rsplit("/", 1)[-1], 404)
+            status, body = (
+                (answer, {"error": {"type": "invalid_request_error", "message": "No such"}})
+                if isinstance(answer, int)
+                else (200, answer)
+            )
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("STRIPE_API_KEY", "sk_test_local")
+    monkeypatch.setenv("STRIPE_API_BASE", f"http://127.0.0.1:{server.server_port}")
+    reset_settings_cache()
+    try:
+        yield seen
+    finally:
+        server.shutdown()
+        monkeypatch.undo()
+        reset_settings_cache()
+
+
+def _sub_events(uid: str) -> list[dict[str, Any]]:
+    sub = se.subscription(
+        "sub_api", customer="cus_api", user_id=uid, tier="elite", status="incomplete",
+        period_start=T0, period_end=T0 + MONTH,
+    )  # fmt: skip
+    return [
+        se.event("customer.subscription.created", sub, created=T0),
+        se.event(
+            "customer.subscription.updated",
+            {**sub, "status": "active"},
+            created=T0,
+            previous_attributes={"status": "incomplete"},
+        ),
+    ]
+
+
+def test_with_an_api_key_the_object_read_from_stripe_wins(sql, monkeypatch) -> None:
+    uid = make_user(sql, customer="cus_api")
+    events = _sub_events(uid)
+    now = {
+        **events[1]["data"]["object"],
+        "status": "canceled",
+        "cancel_at_period_end": True,
+    }  # what Stripe holds now: the events of its cancellation are still on their way
+    with stripe_api({"sub_api": now}, monkeypatch) as seen:
+        apply(events)
+    assert seen and seen[0] == "/v1/subscriptions/sub_api Bearer sk_test_local"
+    assert sql.execute("SELECT status, cancel_at_period_end FROM subscriptions").fetchone() == (
+        "canceled",
+        True,
+    )
+    assert sql.execute("SELECT subscription_tier FROM users").fetchone()[0] == "free"
+
+
+def test_an_api_refusal_leaves_the_events_to_decide(sql, monkeypatch) -> None:
+    uid = make_user(sql, customer="cus_api")
+    with stripe_api({"sub_api": 404}, monkeypatch):
+        apply(_sub_events(uid))
+    assert sql.execute("SELECT status FROM subscriptions").fetchone()[0] == "active"
+
+
+def test_an_api_outage_is_retried_not_failed(sql, monkeypatch) -> None:
+    from core.stripe_api import StripeUnavailable
+    from workers.base import PermanentError
+
+    uid = make_user(sql, customer="cus_api")
+    events = _sub_events(uid)
+    se.store(events)
+    with stripe_api({"sub_api": 503}, monkeypatch), pytest.raises(StripeUnavailable) as caught:
+        replay(events[0]["id"])  # a direct run of an event a worker is still retrying
+    assert not isinstance(caught.value, PermanentError)
+    assert sql.execute(
+        "SELECT status, attempts FROM webhook_events WHERE id = %s", (events[0]["id"],)
+    ).fetchone() == ("received", 1)
+    apply(events)  # Stripe answers again (no key here: the events decide)
+    assert sql.execute("SELECT status FROM subscriptions").fetchone()[0] == "active"

@@ -33,6 +33,8 @@ import dramatiq
 
 from core.currency import UnknownCurrency, from_minor
 from core.log import get_logger
+from core.settings import get_settings
+from core.stripe_api import fetch_subscription
 from db.engine import UnitOfWork
 from workers.base import PermanentError
 
@@ -631,9 +633,17 @@ def _invoice_period(invoice: dict[str, Any]) -> tuple[int, int]:
     return _int(period.get("start")), _int(period.get("end"))
 
 
-def plan_subscription(events: list[Event]) -> dict[str, Any] | None:
-    """The subscription's state after every event in `events`, in whatever order they came.
-    Pure. None while no subscription object has been seen (only invoices)."""
+def plan_subscription(
+    events: list[Event], *, current: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The subscription's state after every event in `events`, in whatever order they came,
+    or `current`'s (the object read from Stripe's API after them) when given. Pure. None
+    while no subscription object has been seen (only invoices)."""
+    if current is not None:
+        latest_created = max((_int(e.get("created")) for e in events), default=0)
+        return dict(
+            subscription_state(current), metadata=_metadata(current), event_created=latest_created
+        )
     unique = {str(e.get("id")): e for e in events}.values()  # a redelivery is one event
     snaps = [snapshot(e) for e in unique if e["type"] in _TYPE_RANK]
     latest = latest_snapshot(snaps)
@@ -711,7 +721,7 @@ def subscription_event(uow: UnitOfWork, event: Event) -> None:
         r.payload
         for r in uow.sql(_SUBSCRIPTION_EVENTS, {"sub_id": sub_id, "event_id": event["id"]})
     ]
-    state = plan_subscription(payloads)
+    state = plan_subscription(payloads, current=fetch_subscription(get_settings(), sub_id))
     if state is None:
         return  # only invoices so far: the subscription row waits for its subscription event
     user_id = find_user(
