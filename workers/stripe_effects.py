@@ -180,6 +180,12 @@ _REFUNDED_SO_FAR = """
 """
 _SET_DISPUTE = "UPDATE transactions SET dispute_status = %(status)s WHERE id = %(id)s"
 # Refunds and disputes that waited for this payment go again now, not at their next backoff.
+# Looked for first: an outbox INSERT, even of no rows, fires the relay's wake-up NOTIFY, and
+# NOTIFY serialises commits.
+_ANY_WAITING = """
+    SELECT 1 FROM webhook_events
+    WHERE subject_id = %(subject)s AND status IN ('waiting', 'failed') LIMIT 1
+"""
 _WAKE_WAITING = """
     WITH woken AS (
         UPDATE webhook_events SET status = 'received'
@@ -336,7 +342,9 @@ def payment_succeeded(uow: UnitOfWork, event: Event) -> None:
             "Payment received",
             {"payment_intent": intent_id, "amount": str(amount), "currency": currency},
         )
-    uow.sql(_WAKE_WAITING, {"subject": payment_subject(intent_id)})
+    subject = {"subject": payment_subject(intent_id)}
+    if uow.sql(_ANY_WAITING, subject).fetchone():
+        uow.sql(_WAKE_WAITING, subject)
 
 
 def payment_failed(uow: UnitOfWork, event: Event) -> None:
