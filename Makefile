@@ -41,7 +41,7 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-BENCHES := queue_roundtrip webhooks fanout cache lifecycle backup scheduler dashboard
+BENCHES := queue_roundtrip webhooks logmask fanout cache lifecycle backup scheduler dashboard
 
 bench: $(STAMP)
 	@for b in $(BENCHES); do echo "== bench.$$b"; $(BIN)/python -m bench.$$b || exit 1; done

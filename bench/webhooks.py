@@ -595,6 +595,7 @@ class Processing:
     n: int
     expected_balances: dict[str, Decimal] = field(default_factory=dict)
     total_events: int = 0
+    side_effect_rows: int = 0  # outbox rows for other actors (the users cache trigger)
     bare: list[ProcessingRun] = field(default_factory=list)
     payments: list[ProcessingRun] = field(default_factory=list)
 
@@ -753,10 +754,19 @@ def verify_processing(bench: Bench, processing: Processing, ids: list[str]) -> N
                 f"{len(wrong)} users' balance differs from the amounts sent, "
                 f"e.g. {u}: {got}, expected {expected}"
             )
-        pending = sql.execute("SELECT count(*) FROM outbox WHERE dispatched_at IS NULL").fetchone()
+        # The bench relays process_event rows; applying a payment also changes the user, whose
+        # cache-invalidation trigger writes outbox rows for the cache actor. Those are the
+        # app-writes flow's (measured by bench.cache): counted, and cleared for the next run.
+        pending = sql.execute(
+            "SELECT count(*) FROM outbox WHERE dispatched_at IS NULL AND actor = 'process_event'"
+        ).fetchone()
         assert pending is not None
         if pending[0]:
-            problems.append(f"{pending[0]} outbox rows not relayed")
+            problems.append(f"{pending[0]} process_event outbox rows not relayed")
+        other = sql.execute(
+            "DELETE FROM outbox WHERE dispatched_at IS NULL AND actor <> 'process_event'"
+        ).rowcount
+        processing.side_effect_rows += other
     if problems:
         raise BenchError("processing check failed: " + "; ".join(problems))
 
@@ -898,6 +908,10 @@ def report(
         f"checks passed: {processing.total_events:,} events processed once each, "
         f"{processing.total_events:,} ledger entries, every balance = sum of its ledger "
         "entries = amounts sent"
+    )
+    print(
+        f"side effects: {processing.side_effect_rows:,} cache-invalidation outbox rows written "
+        "by the users trigger (the app-writes flow, measured by bench.cache; not relayed here)"
     )
     print(f"took {took_s:.0f} s")
     lat = receiver.latencies()

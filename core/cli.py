@@ -212,15 +212,19 @@ app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(stripe_app, name="stripe")
 
 
+WEBHOOK_STATUSES = ("received", "waiting", "processed", "ignored", "failed")
+DISPUTE_OUTCOMES = ("won", "lost", "warning_closed")
+
+
 @webhooks_app.command("list")
 @friendly_errors
 def webhooks_list(
-    status: Annotated[
-        str | None, typer.Option(help="received, processed, ignored or failed")
-    ] = None,
-    limit: Annotated[int, typer.Option(help="newest N events")] = 50,
+    status: Annotated[str | None, typer.Option(help=", ".join(WEBHOOK_STATUSES))] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="newest N events")] = 50,
 ) -> None:
     """Show stored events, newest first."""
+    if status is not None and status not in WEBHOOK_STATUSES:
+        fail(f"unknown status {status!r}; one of: {', '.join(WEBHOOK_STATUSES)}")
     from rich.console import Console
     from rich.table import Table
     from sqlalchemy import text
@@ -256,7 +260,8 @@ def webhooks_list(
 @webhooks_app.command("replay")
 @friendly_errors
 def webhooks_replay(event_id: Annotated[str, typer.Argument(help="evt_…")]) -> None:
-    """Apply a failed event again now (processed and ignored events are left alone)."""
+    """Apply an event again now. Processed and ignored events are left alone; an event still
+    being retried (received, waiting) keeps its status and its retries if this run fails."""
     settings = cli_settings()
     require_services(settings)
     from workers.payments import EventNotFound, replay
@@ -274,12 +279,16 @@ def webhooks_replay(event_id: Annotated[str, typer.Argument(help="evt_…")]) ->
 @friendly_errors
 def stripe_send(
     type_: Annotated[str, typer.Argument(metavar="TYPE", help="e.g. payment_intent.succeeded")],
-    amount: Annotated[int, typer.Option(help="minor units (2500 = 25.00)")] = 2500,
-    currency: Annotated[str, typer.Option()] = "try",
+    amount: Annotated[
+        int, typer.Option(min=0, max=10**12 - 1, help="minor units (2500 = 25.00)")
+    ] = 2500,
+    currency: Annotated[str, typer.Option(help="ISO 4217 code, e.g. try, usd, jpy, kwd")] = "try",
     user: Annotated[str | None, typer.Option(help="user id; default: a demo user")] = None,
     ref: Annotated[str | None, typer.Option(help="pi_… or sub_… to continue a story")] = None,
     refunded: Annotated[int | None, typer.Option(help="charge.refunded: cumulative refund")] = None,
-    outcome: Annotated[str, typer.Option(help="charge.dispute.closed: won or lost")] = "won",
+    outcome: Annotated[
+        str, typer.Option(help="charge.dispute.closed: won, lost or warning_closed (an inquiry)")
+    ] = "won",
     tier: Annotated[str, typer.Option(help="subscription tier")] = "premium",
     url: Annotated[str | None, typer.Option(help="receiver URL; default: this host's web")] = None,
     wait: Annotated[float, typer.Option(help="seconds to wait for the event to be applied")] = 10,
@@ -293,11 +302,18 @@ def stripe_send(
     import stripe
     from sqlalchemy import text
 
+    from core.currency import UnknownCurrency, exponent
     from core.stripe_samples import SAMPLE_TYPES, sample
     from db.engine import unit_of_work
 
     if type_ not in SAMPLE_TYPES:
         fail(f"unknown type {type_!r}; known: {', '.join(SAMPLE_TYPES)}")
+    if outcome not in DISPUTE_OUTCOMES:
+        fail(f"unknown outcome {outcome!r}; one of: {', '.join(DISPUTE_OUTCOMES)}")
+    try:
+        exponent(currency)
+    except UnknownCurrency as exc:
+        fail(str(exc))
     settings = cli_settings()
     require_services(settings, broker=False)
     with unit_of_work(settings) as uow:

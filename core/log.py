@@ -15,22 +15,69 @@ from typing import Any
 
 import structlog
 
-_EMAIL = re.compile(r"([A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]*@([A-Za-z0-9.\-]+\.[A-Za-z]{2,})")
 _configured = False
+
+# Masking runs on every log line, over text an attacker may control (a request path, a
+# header): it must cost linear time. No regular expression here scans a run of characters
+# more than once: the scan starts only at an '@' and looks at most 64 characters left
+# (an address's local part is at most 64) and 255 right (a domain is at most 255).
+_LOCAL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
+_MAX_LOCAL = 64
+_MAX_DOMAIN = 255
+# Labels cannot contain '.', so this pattern never backtracks across one.
+_DOMAIN = re.compile(r"[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,8}")
+# A log field longer than this is cut (with a note) before it is masked or rendered.
+MAX_FIELD_CHARS = 8 * 1024
+_MAX_NESTING = 8
+
+
+def _domain_at(text: str, start: int) -> int:
+    """End of the domain starting at `start` (a dotted name ending in a 2+ letter label), or
+    `start` if there is none."""
+    match = _DOMAIN.match(text, start, min(len(text), start + _MAX_DOMAIN))
+    if match is None:
+        return start
+    labels = match.group().split(".")
+    while len(labels) >= 2:
+        last = labels[-1]
+        if len(last) >= 2 and last.isascii() and last.isalpha():
+            return start + len(".".join(labels))
+        labels.pop()
+    return start
 
 
 def mask_email(text: str) -> str:
     """``alice@example.com`` -> ``a***@example.com``; other text is returned unchanged."""
-    return _EMAIL.sub(r"\1***@\2", text)
+    at = text.find("@")
+    if at < 0:
+        return text
+    out: list[str] = []
+    copied = 0  # text[:copied] is already in `out`
+    while at >= 0:
+        left = at
+        floor = max(copied, at - _MAX_LOCAL)
+        while left > floor and text[left - 1] in _LOCAL:
+            left -= 1
+        end = _domain_at(text, at + 1) if left < at else at + 1
+        if left < at and end > at + 1:
+            out.append(text[copied : left + 1])
+            out.append("***@")
+            out.append(text[at + 1 : end])
+            copied = end
+        at = text.find("@", max(end, at + 1))
+    out.append(text[copied:])
+    return "".join(out)
 
 
 # Expo push tokens address one person's device: ``ExponentPushToken[xxxx]`` (and the newer
-# ``ExpoPushToken[xxxx]``)
-_PUSH_TOKEN = re.compile(r"\b(Expo(?:nent)?PushToken)\[[^\]]*\]")
+# ``ExpoPushToken[xxxx]``). The bracket's content is bounded, so each match scans at most 256.
+_PUSH_TOKEN = re.compile(r"\b(Expo(?:nent)?PushToken)\[[^\]]{0,256}\]")
 
 
 def mask_push_token(text: str) -> str:
     """``ExponentPushToken[abc…]`` -> ``ExponentPushToken[***]``."""
+    if "PushToken[" not in text:
+        return text
     return _PUSH_TOKEN.sub(r"\1[***]", text)
 
 
@@ -39,13 +86,22 @@ def mask_personal(text: str) -> str:
     return mask_push_token(mask_email(text))
 
 
-def _mask_value(value: Any) -> Any:
+def bound(text: str) -> str:
+    """`text` cut to MAX_FIELD_CHARS, saying how much was cut."""
+    if len(text) <= MAX_FIELD_CHARS:
+        return text
+    return f"{text[:MAX_FIELD_CHARS]}…[{len(text) - MAX_FIELD_CHARS} more characters]"
+
+
+def _mask_value(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
-        return mask_email(value)
+        return mask_personal(bound(value))
+    if depth >= _MAX_NESTING:
+        return "…[nested too deeply]" if isinstance(value, dict | list | tuple) else value
     if isinstance(value, dict):
-        return {k: _mask_value(v) for k, v in value.items()}
+        return {k: _mask_value(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_mask_value(v) for v in value)
+        return type(value)(_mask_value(v, depth + 1) for v in value)
     return value
 
 

@@ -303,6 +303,28 @@ FIELDS: tuple[Field, ...] = (
         "oldest signature timestamp accepted (replay protection)",
         _pos_int,
     ),
+    Field(
+        "STRIPE_API_KEY",
+        "stripe_api_key",
+        "",
+        "optional: when set, a subscription is re-read from Stripe's API after its events "
+        "(the object Stripe holds now wins); unset, the events alone decide",
+        _str,
+    ),
+    Field(
+        "STRIPE_API_BASE",
+        "stripe_api_base",
+        "https://api.stripe.com",
+        "Stripe API address (tests point it at a local server)",
+        _url("http", "https"),
+    ),
+    Field(
+        "TIDEMILL_WEB_BODY_TIMEOUT_S",
+        "web_body_timeout_s",
+        "10",
+        "longest a request body may take to arrive; a slower client gets 408",
+        _float,
+    ),
     # ---- issue #4 settings: FIELDS ----
     Field(
         "PUSH_URL",
@@ -565,6 +587,9 @@ class Settings:
     shutdown_grace_s: float
     stripe_webhook_secrets: tuple[str, ...]
     stripe_webhook_tolerance_s: int
+    stripe_api_key: str
+    stripe_api_base: str
+    web_body_timeout_s: float
     log_level: str
     app: str  # issue 14: the app profile (apps/<name>/)
     # ---- issue #4 settings: Settings attributes ----
@@ -667,7 +692,10 @@ class Settings:
                 shown = redact_url(shown)
             if field.attr == "stripe_webhook_secrets":
                 shown = ", ".join(secret[:10] + "…" for secret in value)
-            if field.attr in {"session_secret", "metrics_token", "push_access_token"} and shown:
+            if (
+                field.attr in {"session_secret", "metrics_token", "push_access_token"}
+                or field.attr == "stripe_api_key"
+            ) and shown:
                 shown = "(set)"
             if field.attr == "dashboard_users" and shown:  # name:role, never the hash
                 shown = ", ".join(":".join(e.split(":")[:2]) for e in shown.split(","))

@@ -19,16 +19,26 @@ def new_id(prefix: str) -> str:
 
 
 def event(
-    type_: str, obj: dict[str, Any], *, created: int, event_id: str | None = None
+    type_: str,
+    obj: dict[str, Any],
+    *,
+    created: int,
+    event_id: str | None = None,
+    previous_attributes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    data: dict[str, Any] = {"object": obj}
+    if previous_attributes is not None:  # *.updated events: the changed fields' old values
+        data["previous_attributes"] = previous_attributes
     return {
         "id": event_id or new_id("evt"),
         "object": "event",
         "api_version": "2024-06-20",
         "created": created,
         "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None},
         "type": type_,
-        "data": {"object": obj},
+        "data": data,
     }
 
 
@@ -69,16 +79,49 @@ def charge(
     }
 
 
+def balance_transaction(dp: str, *, amount: int, currency: str, created: int) -> dict[str, Any]:
+    """A dispute's balance transaction: negative when funds were withdrawn, positive when
+    they were reinstated (Stripe lists zero, one or two on the dispute)."""
+    step = "withdrawal" if amount < 0 else "reversal"
+    return {
+        "id": f"txn_{dp[3:]}_{step}",
+        "object": "balance_transaction",
+        "amount": amount,
+        "currency": currency,
+        "created": created,
+        "fee": 1500 if amount < 0 else -1500,
+        "net": amount - 1500 if amount < 0 else amount + 1500,
+        "reporting_category": "dispute" if amount < 0 else "dispute_reversal",
+        "source": dp,
+        "status": "pending",
+        "type": "adjustment",
+    }
+
+
 def dispute(
-    dp: str, *, ch: str, pi: str, amount: int, status: str, currency: str = "usd"
+    dp: str,
+    *,
+    ch: str,
+    pi: str,
+    amount: int,
+    status: str,
+    currency: str = "usd",
+    balance_transactions: list[dict[str, Any]] | None = None,
+    created: int = 0,
 ) -> dict[str, Any]:
     return {
         "id": dp,
         "object": "dispute",
         "amount": amount,
+        "balance_transactions": balance_transactions or [],
         "charge": ch,
+        "created": created,
         "currency": currency,
+        "is_charge_refundable": status.startswith("warning_"),
+        "livemode": False,
+        "metadata": {},
         "payment_intent": pi,
+        "reason": "fraudulent",
         "status": status,
     }
 
@@ -124,6 +167,8 @@ SAMPLE_TYPES = (
     "payment_intent.payment_failed",
     "charge.refunded",
     "charge.dispute.created",
+    "charge.dispute.funds_withdrawn",
+    "charge.dispute.funds_reinstated",
     "charge.dispute.closed",
     "customer.subscription.created",
     "customer.subscription.updated",
@@ -181,16 +226,27 @@ def sample(
         )
     if type_.startswith("charge.dispute."):
         pi = ref or new_id("pi")
-        status = "needs_response" if type_.endswith("created") else outcome
+        inquiry = outcome.startswith("warning_")
+        status = {
+            "charge.dispute.created": "warning_needs_response" if inquiry else "needs_response",
+            "charge.dispute.funds_withdrawn": "needs_response",
+            "charge.dispute.funds_reinstated": "won",
+        }.get(type_, outcome)
+        moves = [] if inquiry else [-amount] + ([amount] if status == "won" else [])
+        dp = f"dp_{pi[3:]}"
         return event(
             type_,
             dispute(
-                f"dp_{pi[3:]}",
+                dp,
                 ch=f"ch_{pi[3:]}",
                 pi=pi,
                 amount=amount,
                 status=status,
                 currency=currency,
+                balance_transactions=[
+                    balance_transaction(dp, amount=m, currency=currency, created=now) for m in moves
+                ],
+                created=now,
             ),
             created=now,
         )

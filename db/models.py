@@ -110,7 +110,8 @@ class User(Base):
     privacy_settings: Mapped[dict[str, Any]] = mapped_column(
         server_default=text("""'{"showOnlineStatus": true, "showLastSeen": true}'::jsonb""")
     )
-    balance: Mapped[Decimal] = mapped_column(server_default="0")
+    # the sum of the user's ledger entries in `currency` (other currencies: user_balances)
+    balance: Mapped[Decimal] = mapped_column(Numeric(15, 3), server_default="0")
     currency: Mapped[str] = mapped_column(server_default="TRY")
     subscription_tier: Mapped[str] = mapped_column(server_default="free")  # SaltBitter
     stripe_customer_id: Mapped[str | None] = mapped_column(unique=True)
@@ -252,7 +253,7 @@ class Transaction(Base):
         ForeignKey("moments.id", ondelete="SET NULL"), index=True
     )
     type: Mapped[str]
-    amount: Mapped[Decimal]
+    amount: Mapped[Decimal] = mapped_column(Numeric(15, 3))  # three-decimal currencies
     currency: Mapped[str] = mapped_column(server_default="TRY")
     status: Mapped[str] = mapped_column(server_default="pending")
     description: Mapped[str | None]
@@ -440,7 +441,9 @@ class WebhookEvent(Base):
 
     __tablename__ = "webhook_events"
     __table_args__ = (
-        CheckConstraint("status IN ('received', 'processed', 'ignored', 'failed')", name="status"),
+        CheckConstraint(
+            "status IN ('received', 'waiting', 'processed', 'ignored', 'failed')", name="status"
+        ),
         Index("ix_webhook_events_status_received_at", "status", "received_at"),
     )
 
@@ -474,11 +477,25 @@ class LedgerEntry(Base):
     user_id: Mapped[uuid.UUID | None] = user_fk(nullable=True, ondelete="SET NULL")
     source_id: Mapped[str] = mapped_column(unique=True)  # pi_…, re_…, dp_…:hold, …
     kind: Mapped[str]
-    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    amount: Mapped[Decimal] = mapped_column(Numeric(15, 3))
     currency: Mapped[str]
     stripe_charge_id: Mapped[str | None] = mapped_column(index=True)
     stripe_event_id: Mapped[str]
     created_at: Mapped[datetime] = now_col()
+
+
+class UserBalance(Base):
+    """A user's money in one currency: the sum of their ledger entries in it. Amounts in
+    different currencies are never added together."""
+
+    __tablename__ = "user_balances"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    currency: Mapped[str] = mapped_column(primary_key=True)  # upper-case ISO 4217
+    amount: Mapped[Decimal] = mapped_column(Numeric(20, 3), server_default="0")
+    updated_at: Mapped[datetime] = now_col()
 
 
 class Outbox(Base):

@@ -17,11 +17,12 @@ from workers.payments import process_event, replay
 T0 = 1_760_000_000
 
 
-def make_user(sql: Any, *, customer: str | None = None) -> str:
+def make_user(sql: Any, *, customer: str | None = None, currency: str = "USD") -> str:
     uid = str(uuid.uuid4())
     sql.execute(
-        "INSERT INTO users (id, email, full_name, stripe_customer_id) VALUES (%s, %s, 'U', %s)",
-        (uid, f"{uid}@example.com", customer),
+        "INSERT INTO users (id, email, full_name, stripe_customer_id, currency) "
+        "VALUES (%s, %s, 'U', %s, %s)",
+        (uid, f"{uid}@example.com", customer, currency),
     )
     return uid
 
@@ -36,6 +37,7 @@ def snapshot(sql: Any) -> dict[str, Any]:
     q = lambda s: [tuple(r) for r in sql.execute(s).fetchall()]  # noqa: E731
     return {
         "users": q("SELECT id, balance, subscription_tier FROM users ORDER BY id"),
+        "balances": q("SELECT user_id, currency, amount FROM user_balances ORDER BY 1, 2"),
         # entry keys of partial refunds depend on arrival order (one delta or several); the
         # money per user, kind and charge must not
         "ledger": q(
@@ -57,11 +59,22 @@ def snapshot(sql: Any) -> dict[str, Any]:
 
 
 def assert_balance_is_sum_of_ledger(sql: Any) -> None:
+    """users.balance = the user's entries in their own currency; user_balances = the entries
+    per currency; no balance ever adds two currencies."""
     drift = sql.execute("""
         SELECT u.id, u.balance, COALESCE(sum(l.amount), 0) FROM users u
-        LEFT JOIN ledger_entries l ON l.user_id = u.id GROUP BY u.id, u.balance
+        LEFT JOIN ledger_entries l ON l.user_id = u.id AND l.currency = upper(u.currency)
+        GROUP BY u.id, u.balance
         HAVING u.balance <> COALESCE(sum(l.amount), 0)""").fetchall()
     assert drift == []
+    per_currency = sql.execute("""
+        SELECT coalesce(b.user_id, l.user_id), coalesce(b.currency, l.currency), b.amount, l.total
+        FROM user_balances b FULL JOIN (
+            SELECT user_id, currency, sum(amount) AS total FROM ledger_entries
+            WHERE user_id IS NOT NULL GROUP BY 1, 2) l
+          ON l.user_id = b.user_id AND l.currency = b.currency
+        WHERE b.amount IS DISTINCT FROM l.total""").fetchall()
+    assert per_currency == []
 
 
 def test_payment_succeeded_credits_once_and_notifies(sql) -> None:
@@ -369,7 +382,8 @@ def fresh_state(servers: Any, users: list[str]) -> Any:
     conn = psycopg.connect(servers.database_url, autocommit=True)
     for uid in users:
         conn.execute(
-            "INSERT INTO users (id, email, full_name) VALUES (%s, %s, 'U')", (uid, f"{uid}@x.io")
+            "INSERT INTO users (id, email, full_name, currency) VALUES (%s, %s, 'U', 'USD')",
+            (uid, f"{uid}@x.io"),
         )
     return conn
 
@@ -456,7 +470,7 @@ def test_exhausted_retries_mark_the_event_failed_and_dead_letter_it(
     ).fetchone()
     assert status == "failed"
     assert attempts == 1 + process_event.options["max_retries"]
-    assert "payment pi_lost not seen yet" in error
+    assert "waiting for payment pi_lost" in error
     assert redis_client.zcard("dramatiq:payments.XQ") == 1
     assert sql.execute("SELECT count(*) FROM ledger_entries").fetchone()[0] == 0
     # and once the payment is in, a replay applies it

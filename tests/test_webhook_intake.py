@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 import stripe
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from core.proc import free_port
 from core.settings import Settings, get_settings
@@ -166,8 +168,10 @@ def test_every_configured_secret_is_accepted_during_rotation(db, sql) -> None:
 
 def test_body_of_exactly_one_mib_is_accepted(client, sql) -> None:
     event = sample_event()
-    padding = MAX_BODY_BYTES - len(json.dumps({**event, "pad": ""}))
-    payload = json.dumps({**event, "pad": "x" * padding})
+    # strings are bounded (MAX_STRING), bodies by size: pad with many strings
+    chunks = ["x" * 16_000] * 64
+    padding = MAX_BODY_BYTES - len(json.dumps({**event, "pad": [*chunks, ""]}))
+    payload = json.dumps({**event, "pad": [*chunks, "x" * padding]})
     assert len(payload.encode()) == MAX_BODY_BYTES
     assert post_signed(client, payload).status_code == 200
     assert counts(sql) == (1, 1)
@@ -346,3 +350,201 @@ def test_logs_carry_reason_and_size_but_no_payload(client, sql, caplog) -> None:
     # neither the address (masked or not) nor any other payload content reaches the logs
     assert "alice" not in caplog.text and "example.com" not in caplog.text
     assert "pi_1PxTest" not in caplog.text and "1999" not in caplog.text
+
+
+# --- hostile input: signed bodies that cannot be stored, headers, paths, slow bodies ------------
+
+
+def _nested(depth: int) -> str:
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+def _with_raw(event: dict[str, Any], marker: str, raw: str) -> str:
+    """The event serialised with the JSON text `raw` put where the string `marker` was."""
+    return json.dumps(event).replace(json.dumps(marker), raw)
+
+
+UNSTORABLE = {
+    "NUL in a string": _with_raw(sample_event(), "pi_1PxTest", '"pi_\\u0000x"'),
+    "lone surrogate": _with_raw(sample_event(), "pi_1PxTest", '"pi_\\ud800x"'),
+    "huge exponent": _with_raw(sample_event(), "pi_1PxTest", "1e200000"),
+    "tiny exponent": _with_raw(sample_event(), "pi_1PxTest", "1e-200000"),
+    "nested 1000 deep": _with_raw(sample_event(), "pi_1PxTest", _nested(1000)),
+    "nested 100 deep": _with_raw(sample_event(), "pi_1PxTest", _nested(100)),
+    "string over 64 KiB": json.dumps(sample_event(pad="x" * (65 * 1024))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNSTORABLE))
+def test_signed_body_that_cannot_be_stored_is_refused_with_400(client, sql, name) -> None:
+    response = post_signed(client, UNSTORABLE[name])
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith("body is not storable")
+    assert counts(sql) == (0, 0)
+
+
+@pytest.mark.parametrize("field", ["type", "id", "api_version"])
+def test_over_long_identifiers_are_refused(client, sql, field) -> None:
+    value = "evt_" + "x" * 1000 if field == "id" else "x" * 1000
+    response = post_signed(client, json.dumps(sample_event(**{field: value})))
+    assert_refused(response, 400, f"not a Stripe event ({field})", sql)
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["t=1,v1=é", "t=1718000000,v1=" + "ü" * 64, "t=1,v1=abc\x01", "t=1,v1=" + "a" * 5000],
+)
+def test_non_ascii_or_oversized_signature_header_is_400(client, sql, header) -> None:
+    payload = json.dumps(sample_event())
+    headers = [(b"content-type", b"application/json"), (b"stripe-signature", header.encode())]
+    response = client.post(PATH, content=payload, headers=headers)
+    assert_refused(response, 400, "malformed signature header", sql)
+
+
+def test_long_unauthenticated_path_is_answered_fast_and_health_stays_up(client, sql) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    # The issue's case: a 100 KB path to the replay action took 22 s and stalled /healthz
+    base = urlsplit(str(client.base_url))
+    path = "/dashboard/webhooks/" + "a.b@c.d" * 15_000 + "/replay"
+    request = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()
+    started = time.monotonic()
+    with socket.create_connection((base.hostname, base.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = sock.recv(4096)
+    assert answer[9:10] == b"4", answer[:80]
+    assert time.monotonic() - started < 2
+    path = "/dashboard/webhooks/" + "a.b@c.d" * 1_000 + "/replay"  # under the target limit
+    response = client.post(path, content=b"")
+    assert 400 <= response.status_code < 500
+    assert client.get("/healthz").status_code == 200
+
+
+def test_slow_body_gets_408_within_the_deadline(db, sql) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    quick = dataclasses.replace(get_settings(), web_body_timeout_s=1.0)
+    with serve(quick) as url:
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        payload = json.dumps(sample_event()).encode()
+        head = (
+            f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Stripe-Signature: {signature(payload.decode())}\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection((host, port), timeout=10) as sock:
+            started = time.monotonic()
+            sock.sendall(head + payload[:10])  # and then nothing more
+            answer = sock.recv(4096)
+            elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+    assert 0.5 < elapsed < 8
+    assert counts(sql) == (0, 0)
+
+
+# hypothesis: headers and bodies as a hostile client (or a broken signer) sends them --------
+
+_json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**30), 10**30),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=40),
+)
+_json = st.recursive(
+    _json_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_raw_bodies = st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=300).map(str.encode),
+    _json.map(lambda v: json.dumps(v).encode()),
+    st.builds(
+        lambda extra, raw: _with_raw(sample_event(**extra), "pi_1PxTest", raw).encode(),
+        st.dictionaries(
+            st.sampled_from(["type", "id", "created", "livemode", "api_version", "data"]),
+            _json,
+            max_size=2,
+        ),
+        st.sampled_from(['"\\u0000"', '"\\udfff"', "1e99999", "-1e-99999", "[[[[[[1]]]]]]", "{}"]),
+    ),
+)
+_header_values = st.one_of(
+    st.binary(max_size=80).filter(lambda b: b"\r" not in b and b"\n" not in b and b"\0" not in b),
+    st.text(max_size=80).map(lambda t: t.encode("utf-8")),
+    st.just(b"t=1,v1=\xff\xfe"),
+)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    body=_raw_bodies,
+    sign=st.sampled_from(["valid", "garbage", "none"]),
+    garbage=_header_values,
+    content_type=st.sampled_from([b"application/json", b"text/plain", b"application/json; x=\xff"]),
+    method=st.sampled_from(["POST", "POST", "PUT", "GET"]),
+)
+def test_fuzzed_requests_never_5xx_and_store_nothing_when_refused(
+    client, sql, body, sign, garbage, content_type, method
+) -> None:
+    headers = [(b"content-type", content_type)]
+    if sign == "valid":
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None:
+            headers.append((b"stripe-signature", signature(text).encode()))
+    elif sign == "garbage":
+        headers.append((b"stripe-signature", garbage))
+    before = counts(sql)
+    try:
+        response = client.request(method, PATH, content=body, headers=headers)
+    except httpx.LocalProtocolError:
+        return  # the client itself refuses to send this header: nothing reached the server
+    assert response.status_code < 500, (response.status_code, response.text)
+    after = counts(sql)
+    if response.status_code == 200:
+        assert after[0] - before[0] in (0, 1) and after[0] - before[0] == after[1] - before[1]
+    else:
+        assert after == before
+        assert response.json()["error"]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    path=st.one_of(
+        st.sampled_from(
+            ["/", "/healthz", "/metrics", "/dashboard", "/dashboard/login", "/dashboard/webhooks"]
+        ),
+        st.text(
+            st.characters(min_codepoint=33, max_codepoint=0x2FFF, exclude_characters="?#%"),
+            max_size=200,
+        ).map(lambda t: "/dashboard/webhooks/" + t + "/replay"),
+        st.text(
+            st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="?#%"),
+            max_size=200,
+        ).map(lambda t: "/" + t),
+    ),
+    method=st.sampled_from(["GET", "POST", "DELETE"]),
+    body=st.binary(max_size=200),
+)
+def test_fuzzed_unauthenticated_paths_never_5xx(client, sql, path, method, body) -> None:
+    headers = {"content-type": "application/x-www-form-urlencoded"}
+    try:
+        response = client.request(method, path, content=body, headers=headers)
+    except (httpx.LocalProtocolError, httpx.InvalidURL, httpx.UnsupportedProtocol):
+        return
+    assert response.status_code < 500 or path in ("/healthz",), (path, response.status_code)
+    assert counts(sql) == (0, 0)

@@ -3,12 +3,17 @@ and enqueues; it never processes."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.log import get_logger
 from core.settings import Settings
@@ -37,6 +42,79 @@ def _check_redis(settings: Settings) -> str:
         return f"error: {type(exc).__name__}"
 
 
+MAX_TARGET_BYTES = 8 * 1024  # path or query string; longer ones are refused before routing
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive within the deadline."""
+
+
+class RequestLimits:
+    """Cheap refusals before any route runs, so no unauthenticated request can hold the
+    server: an over-long path or query string gets 414, and a body that has not fully arrived
+    within ``web_body_timeout_s`` of the first read gets 408 (a slow client cannot hold a
+    connection and a handler indefinitely)."""
+
+    def __init__(self, app: ASGIApp, *, body_timeout_s: float) -> None:
+        self.app = app
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        target = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+        if len(target) > MAX_TARGET_BYTES or len(scope.get("query_string", b"")) > MAX_TARGET_BYTES:
+            await _refuse(send, 414, "request target too long")
+            return
+        deadline: float | None = None
+        complete = False
+        started = False
+
+        async def timed_receive() -> Message:
+            nonlocal deadline, complete
+            if complete:  # the body is in: later reads wait for a disconnect, unbounded
+                return await receive()
+            if deadline is None:
+                deadline = time.monotonic() + self.body_timeout_s
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                complete = True
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, watched_send)
+        except BodyTimeout:
+            log.warning("request_body_timeout", method=scope.get("method"))
+            if not started:
+                await _refuse(send, 408, "request body timeout")
+
+
+async def _refuse(send: Send, status: int, reason: str) -> None:
+    body = json.dumps({"error": reason}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(settings: Settings) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         pg = await run_in_threadpool(_check_postgres, settings)
@@ -61,7 +139,7 @@ def create_app(settings: Settings) -> Starlette:
     async def root(request: Request) -> RedirectResponse:
         return RedirectResponse("/dashboard")
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", root),
             Route("/healthz", healthz),
@@ -70,3 +148,5 @@ def create_app(settings: Settings) -> Starlette:
             *dashboard_routes(settings),
         ]
     )
+    app.add_middleware(RequestLimits, body_timeout_s=settings.web_body_timeout_s)
+    return app

@@ -1,10 +1,13 @@
 """The Stripe webhook receiver: verify, persist, enqueue through the outbox, answer 2xx.
 
 Checks run cheapest first, and nothing unauthenticated is parsed beyond what stripe needs:
-method -> content type -> declared size -> signature header present -> body read under the
-size cap -> signature (every configured secret, so a secret can be rotated) -> JSON -> event
-shape -> one statement (event row + outbox row), shared by concurrent requests. A rejected
-request stores and enqueues nothing and is logged without any of its content.
+method -> content type -> declared size -> signature header present, printable ASCII and
+bounded -> body read under the size cap (and the app's body deadline) -> signature (every
+configured secret, so a secret can be rotated) -> JSON -> storable (nesting depth, string
+lengths, no NUL or lone surrogate, numbers Postgres can hold) -> event shape -> one statement
+(event row + outbox row), shared by concurrent requests. A rejected request stores and
+enqueues nothing, answers 4xx (Stripe retries only 5xx-worthy failures: an outage) and is
+logged without any of its content.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import psycopg
@@ -31,6 +35,12 @@ log = get_logger(__name__)
 PATH = "/webhooks/stripe"
 MAX_BODY_BYTES = 1024 * 1024  # Stripe events are a few KiB; 1 MiB is generous
 SIGNATURE_HEADER = "stripe-signature"
+MAX_SIGNATURE_HEADER = 4096  # t=…,v1=… per secret: a few hundred bytes
+MAX_DEPTH = 64  # Stripe objects nest a handful of levels
+MAX_STRING = 64 * 1024  # any one string or key in the event
+MAX_ID = 255  # event id and type
+# Postgres' numeric holds exponents far beyond this; a float must also be finite in Python.
+MAX_EXPONENT = 1000
 # Year 9999: to_timestamp() and datetime both overflow beyond it.
 _MAX_CREATED = 253_402_300_799
 
@@ -111,6 +121,16 @@ def _signature_reason(exc: stripe.SignatureVerificationError) -> str:
 _REASON_ORDER = ("timestamp outside tolerance", "malformed signature header", "signature mismatch")
 
 
+def check_signature_header(header: str | None) -> str:
+    """Present, bounded and printable ASCII (stripe compares it with compare_digest, which
+    refuses non-ASCII str with a TypeError)."""
+    if not header:
+        raise Rejected(400, "missing signature header")
+    if len(header) > MAX_SIGNATURE_HEADER or not header.isascii() or not header.isprintable():
+        raise Rejected(400, "malformed signature header")
+    return header
+
+
 def verify_signature(
     payload: str, header: str, *, secrets: tuple[str, ...], tolerance: int
 ) -> None:
@@ -130,10 +150,77 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(name)
 
 
-def parse_event(payload: str) -> StripeEvent:
-    """The verified body as a Stripe event; raises `Rejected` if it is not JSON or not one."""
+class Unstorable(Exception):
+    """Valid JSON that Postgres' jsonb cannot hold or that no Stripe event looks like."""
+
+
+def _parse_float(text: str) -> float:
+    # 1e200000 is valid JSON, but an infinity in Python and out of range for Postgres.
     try:
-        data = json.loads(payload, parse_constant=_reject_constant)
+        exponent = Decimal(text).adjusted()
+    except InvalidOperation:
+        raise ValueError(text[:32]) from None
+    if abs(exponent) > MAX_EXPONENT:
+        raise Unstorable("number out of range")
+    return float(text)
+
+
+def _check_string(value: str) -> None:
+    if len(value) > MAX_STRING:
+        raise Unstorable("string too long")
+    if value.isascii():
+        if "\x00" in value:
+            raise Unstorable("NUL character")
+        return
+    try:
+        value.encode("utf-8")  # a lone surrogate (\ud800) is not encodable
+    except UnicodeEncodeError:
+        raise Unstorable("lone surrogate") from None
+    if "\x00" in value:
+        raise Unstorable("NUL character")
+
+
+def check_storable(data: Any) -> None:
+    """Walk the parsed body once (iteratively: depth is bounded here, not by the stack)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_string(value)
+        elif isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                raise Unstorable("nested too deeply")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    _check_string(key)
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
+
+
+def _plainly_storable(payload: str) -> bool:
+    """True when the text alone shows the walk would pass: NUL and lone surrogates can only
+    come from \\u escapes (the body was strictly decoded from UTF-8 and JSON forbids raw
+    control characters), no string can be longer than the body, and no nesting deeper than
+    its brackets. Most Stripe events pass here and skip the walk."""
+    return (
+        len(payload) <= MAX_STRING
+        and "\\u" not in payload
+        and payload.count("{") + payload.count("[") <= MAX_DEPTH
+    )
+
+
+def parse_event(payload: str) -> StripeEvent:
+    """The verified body as a Stripe event; raises `Rejected` if it is not JSON, cannot be
+    stored as it is, or is not a Stripe event."""
+    try:
+        data = json.loads(payload, parse_constant=_reject_constant, parse_float=_parse_float)
+        if not _plainly_storable(payload):
+            check_storable(data)
+    except RecursionError:
+        raise Rejected(400, "body is not storable (nested too deeply)") from None
+    except Unstorable as exc:
+        raise Rejected(400, f"body is not storable ({exc})") from None
     except ValueError:
         raise Rejected(400, "body is not JSON") from None
 
@@ -145,10 +232,10 @@ def parse_event(payload: str) -> StripeEvent:
     if data.get("object") != "event":
         raise invalid("object")
     event_id = data.get("id")
-    if not isinstance(event_id, str) or not event_id.startswith("evt_") or len(event_id) > 255:
+    if not isinstance(event_id, str) or not event_id.startswith("evt_") or len(event_id) > MAX_ID:
         raise invalid("id")
     event_type = data.get("type")
-    if not isinstance(event_type, str) or not event_type:
+    if not isinstance(event_type, str) or not event_type or len(event_type) > MAX_ID:
         raise invalid("type")
     created = data.get("created")
     # bool is an int subclass: `true` is not a timestamp.
@@ -162,7 +249,7 @@ def parse_event(payload: str) -> StripeEvent:
     if not isinstance(livemode, bool):
         raise invalid("livemode")
     api_version = data.get("api_version")
-    if api_version is not None and not isinstance(api_version, str):
+    if api_version is not None and (not isinstance(api_version, str) or len(api_version) > 64):
         raise invalid("api_version")
     inner = data.get("data")
     if not isinstance(inner, dict) or not isinstance(inner.get("object"), dict):
@@ -294,9 +381,7 @@ class StripeWebhook:
                 raise Rejected(405, "method not allowed", headers={"Allow": "POST"})
             check_content_type(request.headers.get("content-type"))
             size = check_declared_size(request.headers.get("content-length"))
-            header = request.headers.get(SIGNATURE_HEADER)
-            if not header:
-                raise Rejected(400, "missing signature header")
+            header = check_signature_header(request.headers.get(SIGNATURE_HEADER))
             try:
                 body = await read_body(request)
             except ClientDisconnect:
@@ -329,6 +414,12 @@ class StripeWebhook:
             if self.writer is None:
                 self.writer = EventWriter(self.settings)
             inserted = await self.writer.store(event)
+        except (psycopg.DataError, UnicodeError) as exc:
+            # What the checks above missed and Postgres still refuses is the body's fault:
+            # a 400 (nothing was stored), not a 503 Stripe would retry for three days.
+            log.warning("webhook_rejected", reason="body is not storable", status=400, size=size)
+            log.debug("webhook_unstorable", error=type(exc).__name__)
+            return JSONResponse({"error": "body is not storable"}, status_code=400)
         except (psycopg.Error, OSError) as exc:
             # Stripe retries any non-2xx for three days: 503 hands the event back to it.
             log.error(

@@ -1,13 +1,28 @@
-"""Payment actors: apply one stored Stripe event, exactly once."""
+"""Payment actors: apply one stored Stripe event, exactly once.
+
+Whether a failure is retried is decided where it is known: content the database refuses
+(a foreign key, a value out of range) is the event's own and fails now with its reason;
+a payment not seen yet is a known wait ('waiting', retried within the actor's budget); anything
+else (an outage) is retried.
+"""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
+import psycopg
+import sqlalchemy.exc
 from dramatiq.middleware import CurrentMessage
 
 from core.log import get_logger
 from db.engine import UnitOfWork, unit_of_work
 from workers.base import PermanentError, actor
-from workers.stripe_effects import apply_event
+from workers.stripe_effects import (
+    AwaitingPayment,
+    EventContentError,
+    apply_event,
+    payment_subject,
+)
 
 log = get_logger(__name__)
 
@@ -19,9 +34,16 @@ class EventNotFound(PermanentError):
 _LOCK_EVENT = "SELECT status, payload FROM webhook_events WHERE id = %(id)s FOR UPDATE"
 _RECORD_FAILURE = """
     UPDATE webhook_events SET attempts = attempts + 1, last_error = %(error)s,
-        status = CASE WHEN %(final)s THEN 'failed' ELSE status END
+        status = CASE WHEN %(final)s THEN 'failed' WHEN %(waiting)s THEN 'waiting'
+                      ELSE status END,
+        subject_id = COALESCE(%(subject)s, subject_id)
     WHERE id = %(id)s AND status NOT IN ('processed', 'ignored')
 """
+# Errors the database raises because of what the event carries: retrying cannot change them.
+_CONTENT_ERRORS = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
+# Set by `replay`: whether a failure of this direct run ends the event (it was failed before)
+# or leaves it to the retries still scheduled for it.
+_REPLAY_FINAL: ContextVar[bool] = ContextVar("replay_final", default=True)
 # A failed event goes back to received; returns the status it had, or nothing if it is unknown.
 _REOPEN_FAILED = """
     WITH old AS (SELECT status FROM webhook_events WHERE id = %(id)s FOR UPDATE),
@@ -59,8 +81,20 @@ def process_event(uow: UnitOfWork, event_id: str) -> None:
         )
     except Exception as exc:
         uow.rollback()
-        record_failure(event_id, exc)
+        cause = _content_error(exc)
+        record_failure(event_id, cause or exc)
+        if cause is not None:
+            raise cause from exc
         raise
+
+
+def _content_error(exc: Exception) -> EventContentError | None:
+    """The database refused the event's content: a permanent error with a readable reason."""
+    orig = exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc
+    if not isinstance(orig, _CONTENT_ERRORS):
+        return None
+    detail = str(orig).strip().splitlines()[0][:300] if str(orig).strip() else ""
+    return EventContentError(f"the database refused the event: {type(orig).__name__}: {detail}")
 
 
 def _final_attempt(exc: Exception) -> bool:
@@ -68,17 +102,34 @@ def _final_attempt(exc: Exception) -> bool:
         return True
     message = CurrentMessage.get_current_message()
     if message is None:
-        return True  # called directly (replay from the CLI): no retry follows
+        # called directly (replay from the CLI): no retry of this call follows, but a worker
+        # may still be retrying the event; only a replayed failed event fails again
+        return _REPLAY_FINAL.get()
     return bool(message.options.get("retries", 0) >= process_event.options["max_retries"])
 
 
 def record_failure(event_id: str, exc: Exception) -> None:
     """Count the attempt in its own transaction (the failed one rolled back); after the last
-    retry the event is marked failed with its error."""
-    error = f"{type(exc).__name__}: {exc}"[:2000]
+    retry the event is marked failed with its error. An event waiting for its payment shows
+    status 'waiting' and is woken as soon as the payment is applied."""
     final = _final_attempt(exc)
+    waiting = isinstance(exc, AwaitingPayment)
+    if waiting and final:
+        error = f"gave up: {exc} after the last retry; it is applied when the payment arrives"
+    else:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+    subject = payment_subject(exc.intent_id) if isinstance(exc, AwaitingPayment) else None
     with unit_of_work() as uow:
-        uow.sql(_RECORD_FAILURE, {"error": error, "final": final, "id": event_id})
+        uow.sql(
+            _RECORD_FAILURE,
+            {
+                "error": error,
+                "final": final,
+                "waiting": waiting,
+                "subject": subject,
+                "id": event_id,
+            },
+        )
     log.warning("webhook_event_failed", event_id=event_id, error=error, final=final)
 
 
@@ -88,7 +139,13 @@ def replay(event_id: str) -> str:
         row = uow.sql(_REOPEN_FAILED, {"id": event_id}).fetchone()
     if row is None:
         raise EventNotFound(f"webhook event {event_id} is not stored")
-    process_event(event_id)  # a processed or ignored event is left alone by process_event
+    # An event still being retried (received, waiting) keeps its status if this run fails:
+    # its retries go on. A failed event that fails again is failed again.
+    token = _REPLAY_FINAL.set(row.status == "failed")
+    try:
+        process_event(event_id)  # a processed or ignored event is left alone by process_event
+    finally:
+        _REPLAY_FINAL.reset(token)
     with unit_of_work() as uow:
         after = uow.sql(_STATUS, {"id": event_id}).fetchone()
     assert after is not None  # it was stored a moment ago; events are never deleted by replay

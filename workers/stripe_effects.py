@@ -1,55 +1,57 @@
 """What a Stripe event does to our tables. Called by ``workers.payments.process_event`` inside
 the message's unit of work, with the event row already locked.
 
-Exactly once, whatever the order:
-- money moves only through ``ledger_entries`` rows unique on their Stripe source id, and a
-  user's balance changes in the same statement batch as the insert that created the entry;
+Each handler reads the event, plans (pure functions: ``plan_dispute``, ``plan_subscription``)
+and applies. Exactly once, whatever the order:
+- money moves only through ``ledger_entries`` rows unique on their Stripe source id, and the
+  user's balance in that entry's currency (``user_balances``; ``users.balance`` for the user's
+  own currency) moves in the same statement as the insert that created the entry;
+- amounts are read in their currency's minor units (``core.currency``): zero-, two- and
+  three-decimal currencies; amounts in different currencies are never added together;
 - all events of one payment serialise on its ``transactions`` row (``SELECT … FOR UPDATE``),
   so a refund's delta is computed against every refund already applied;
-- a transaction's status only moves up (pending < failed < completed) and a closed dispute
-  never reopens;
-- a subscription's state is recomputed as a fold over every applied event for it in
-  ``(created, id)`` order, under a per-subscription advisory lock, so the final state equals
-  the in-order state whatever order the events arrived in.
+- a dispute moves money as Stripe's balance does: an inquiry (``warning_*``) moves nothing,
+  funds leave once when withdrawn and come back once when reinstated;
+- a subscription's state is Stripe's latest object, chosen from every applied event by a rule
+  that never looks at event ids (``plan_subscription``), under a per-subscription lock.
+
+Errors are sorted where they arise: ``EventContentError`` (the event itself cannot be applied:
+permanent, with a readable reason) and ``AwaitingPayment`` (a known wait, retried).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import dramatiq
 
+from core.currency import UnknownCurrency, from_minor
+from core.log import get_logger
+from core.settings import get_settings
+from core.stripe_api import fetch_subscription
 from db.engine import UnitOfWork
 from workers.base import PermanentError
 
+log = get_logger(__name__)
+
 Event = dict[str, Any]
 ENTITLED = ("active", "trialing", "past_due")  # past_due: Stripe is still retrying the card
-ZERO_DECIMAL = {
-    "bif",
-    "clp",
-    "djf",
-    "gnf",
-    "jpy",
-    "kmf",
-    "krw",
-    "mga",
-    "pyg",
-    "rwf",
-    "ugx",
-    "vnd",
-    "vuv",
-    "xaf",
-    "xof",
-    "xpf",
-}
+# Stripe's largest amounts are 12 digits (IDR); ledger columns hold 12 integer digits.
+MAX_MINOR_UNITS = 10**12 - 1
 
 
-class UnknownCustomer(PermanentError):
+class EventContentError(PermanentError):
+    """The event's content cannot be applied (unknown currency, absurd amount, a reference
+    the database refuses): retrying cannot help, so the event fails now with this reason."""
+
+
+class UnknownCustomer(EventContentError):
     """No user can be found for the event: retrying cannot help; replay after fixing data."""
 
 
@@ -57,11 +59,37 @@ class AwaitingPayment(dramatiq.Retry):
     """A refund or dispute arrived before its payment (Stripe does not order events), and
     only the payment tells whose money it is: an expected wait, retried with backoff."""
 
+    def __init__(self, intent_id: str) -> None:
+        super().__init__(f"waiting for payment {intent_id}: not seen yet")
+        self.intent_id = intent_id
 
-def money(minor: int, currency: str) -> Decimal:
-    if currency.lower() in ZERO_DECIMAL:
-        return Decimal(minor)
-    return (Decimal(minor) / 100).quantize(Decimal("0.01"))
+
+# --- reading amounts --------------------------------------------------------------------------
+
+
+def currency_of(obj: dict[str, Any]) -> str:
+    """The object's currency as an upper-case ISO code, or `EventContentError`."""
+    currency = obj.get("currency")
+    try:
+        from_minor(0, currency)  # type: ignore[arg-type]
+    except UnknownCurrency as exc:
+        raise EventContentError(f"{_name(obj)}: {exc}") from None
+    return str(currency).upper()
+
+
+def amount_of(obj: dict[str, Any], field: str, currency: str) -> Decimal:
+    """``obj[field]`` (minor units) in major units of `currency`, or `EventContentError`."""
+    value = obj.get(field)
+    # bool is an int subclass: `true` is not an amount
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EventContentError(f"{_name(obj)}: {field} is not an integer amount")
+    if not 0 <= value <= MAX_MINOR_UNITS:
+        raise EventContentError(f"{_name(obj)}: {field} {value} is out of range")
+    return from_minor(value, currency)
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return f"{str(obj.get('object'))[:32]} {str(obj.get('id'))[:64]}"
 
 
 def _uuid(value: Any) -> uuid.UUID | None:
@@ -71,10 +99,26 @@ def _uuid(value: Any) -> uuid.UUID | None:
         return None
 
 
+def _metadata(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _stripe_id(value: Any, field: str, obj: dict[str, Any]) -> str:
+    if isinstance(value, dict):  # an expanded object
+        value = value.get("id")
+    if not isinstance(value, str) or not value or len(value) > 255:
+        raise EventContentError(f"{_name(obj)}: {field} is missing or not an id")
+    return value
+
+
+# --- SQL ----------------------------------------------------------------------------------------
+
 _USER_BY_ID = "SELECT id FROM users WHERE id = %(id)s"
 _USER_BY_CUSTOMER = "SELECT id FROM users WHERE stripe_customer_id = %(customer)s"
 
-# The entry and the balance move in one statement: the balance moves only if the entry is new.
+# The entry and the balances move in one statement, and only if the entry is new: the
+# per-currency balance always, users.balance only for an entry in the user's own currency.
 _CREDIT = """
     WITH entry AS (
         INSERT INTO ledger_entries (user_id, source_id, kind, amount, currency, stripe_charge_id,
@@ -82,10 +126,15 @@ _CREDIT = """
         VALUES (%(user_id)s, %(source_id)s, %(kind)s, %(amount)s, %(currency)s, %(charge_id)s,
                 %(event_id)s)
         ON CONFLICT (source_id) DO NOTHING
-        RETURNING user_id, amount
-    ), moved AS (
+        RETURNING user_id, amount, currency
+    ), per_currency AS (
+        INSERT INTO user_balances (user_id, currency, amount)
+        SELECT user_id, currency, amount FROM entry WHERE user_id IS NOT NULL
+        ON CONFLICT (user_id, currency) DO UPDATE
+            SET amount = user_balances.amount + EXCLUDED.amount, updated_at = now()
+    ), home AS (
         UPDATE users SET balance = users.balance + entry.amount, updated_at = now()
-        FROM entry WHERE users.id = entry.user_id
+        FROM entry WHERE users.id = entry.user_id AND upper(users.currency) = entry.currency
     )
     SELECT count(*) AS inserted FROM entry
 """
@@ -97,23 +146,29 @@ _NOTIFY = """
 # statement finds, creates if missing, and locks the payment's transaction.
 _LOCK_PAYMENT = """
     INSERT INTO transactions (user_id, moment_id, type, amount, currency, status,
-                              stripe_payment_intent_id, stripe_charge_id)
+                              stripe_payment_intent_id, stripe_charge_id, metadata)
     VALUES (%(user_id)s, %(moment_id)s, 'payment', %(amount)s, %(currency)s, 'pending',
-            %(intent_id)s, %(charge_id)s)
+            %(intent_id)s, %(charge_id)s, %(meta)s::jsonb)
     ON CONFLICT (stripe_payment_intent_id) DO UPDATE
         SET stripe_charge_id = COALESCE(transactions.stripe_charge_id, EXCLUDED.stripe_charge_id)
     RETURNING id, user_id, status, dispute_status
 """
 _COMPLETE_PAYMENT = """
     INSERT INTO transactions (user_id, moment_id, type, amount, currency, status,
-                              stripe_payment_intent_id, stripe_charge_id)
+                              stripe_payment_intent_id, stripe_charge_id, metadata)
     VALUES (%(user_id)s, %(moment_id)s, 'payment', %(amount)s, %(currency)s, 'completed',
-            %(intent_id)s, %(charge_id)s)
+            %(intent_id)s, %(charge_id)s, %(meta)s::jsonb)
     ON CONFLICT (stripe_payment_intent_id) DO UPDATE
-        SET status = 'completed', amount = EXCLUDED.amount, updated_at = now(),
-            stripe_charge_id = COALESCE(transactions.stripe_charge_id, EXCLUDED.stripe_charge_id)
+        SET status = 'completed', amount = EXCLUDED.amount, currency = EXCLUDED.currency,
+            updated_at = now(),
+            stripe_charge_id = COALESCE(transactions.stripe_charge_id, EXCLUDED.stripe_charge_id),
+            metadata = CASE WHEN EXCLUDED.metadata IS NULL THEN transactions.metadata
+                            ELSE COALESCE(transactions.metadata, '{}') || EXCLUDED.metadata END
     RETURNING id, user_id
 """
+# FOR KEY SHARE: the moment cannot be deleted between this check and the insert that refers
+# to it, so the foreign key cannot fail later in this transaction.
+_MOMENT_EXISTS = "SELECT id FROM moments WHERE id = %(id)s FOR KEY SHARE"
 _FAIL_PAYMENT = "UPDATE transactions SET status = 'failed', updated_at = now() WHERE id = %(id)s"
 _PAYMENT_FOR_UPDATE = """
     SELECT id, user_id, status, dispute_status FROM transactions
@@ -124,21 +179,43 @@ _REFUNDED_SO_FAR = """
     WHERE stripe_charge_id = %(charge_id)s AND kind = 'refund'
 """
 _SET_DISPUTE = "UPDATE transactions SET dispute_status = %(status)s WHERE id = %(id)s"
+# Refunds and disputes that waited for this payment go again now, not at their next backoff.
+# Looked for first: an outbox INSERT, even of no rows, fires the relay's wake-up NOTIFY, and
+# NOTIFY serialises commits.
+_ANY_WAITING = """
+    SELECT 1 FROM webhook_events
+    WHERE subject_id = %(subject)s AND status IN ('waiting', 'failed') LIMIT 1
+"""
+_WAKE_WAITING = """
+    WITH woken AS (
+        UPDATE webhook_events SET status = 'received'
+        WHERE subject_id = %(subject)s AND status IN ('waiting', 'failed') RETURNING id
+    )
+    INSERT INTO outbox (actor, queue_name, args)
+    SELECT 'process_event', 'payments', jsonb_build_array(id) FROM woken
+"""
+
+
+def payment_subject(intent_id: str) -> str:
+    """The webhook_events.subject_id of an event waiting for PaymentIntent `intent_id`."""
+    return f"payment:{intent_id}"
 
 
 def find_user(uow: UnitOfWork, obj: dict[str, Any]) -> uuid.UUID:
     """metadata.user_id when it names a user, else the user with this Stripe customer."""
-    candidate = _uuid((obj.get("metadata") or {}).get("user_id"))
+    candidate = _uuid(_metadata(obj).get("user_id"))
     if candidate is not None:
         row = uow.sql(_USER_BY_ID, {"id": candidate}).fetchone()
         if row:
             return uuid.UUID(str(row.id))
     customer = obj.get("customer")
-    if customer:
+    if isinstance(customer, dict):
+        customer = customer.get("id")
+    if isinstance(customer, str) and customer:
         row = uow.sql(_USER_BY_CUSTOMER, {"customer": customer}).fetchone()
         if row:
             return uuid.UUID(str(row.id))
-    raise UnknownCustomer(f"no user for {obj.get('object')} {obj.get('id')}")
+    raise UnknownCustomer(f"no user for {_name(obj)}")
 
 
 def credit(
@@ -174,6 +251,26 @@ def notify(
     uow.sql(_NOTIFY, {"user_id": user_id, "type": kind, "title": title, "data": json.dumps(data)})
 
 
+@dataclass(frozen=True)
+class MomentLink:
+    moment_id: uuid.UUID | None
+    meta: str | None  # JSON recorded on the transaction when the reference could not be kept
+
+
+def link_moment(uow: UnitOfWork, obj: dict[str, Any]) -> MomentLink:
+    """The payment's moment, if it still exists. A received payment is never lost because
+    its moment was deleted (or never existed): it is applied without the reference, and the
+    reference is recorded in the transaction's metadata."""
+    raw = _metadata(obj).get("moment_id")
+    if raw is None:
+        return MomentLink(None, None)
+    moment = _uuid(raw)
+    if moment is not None and uow.sql(_MOMENT_EXISTS, {"id": moment}).fetchone():
+        return MomentLink(moment, None)
+    log.warning("payment_moment_missing", object_id=str(obj.get("id"))[:64])
+    return MomentLink(None, json.dumps({"unlinked_moment_id": str(raw)[:64]}))
+
+
 def lock_payment(
     uow: UnitOfWork,
     *,
@@ -181,43 +278,49 @@ def lock_payment(
     user_id: uuid.UUID | None,
     amount: Decimal,
     currency: str,
-    moment_id: uuid.UUID | None = None,
+    moment: MomentLink | None = None,
     charge_id: str | None = None,
 ) -> Any:
     """The transaction row of a PaymentIntent, created pending if the app never wrote it,
     locked for the rest of the unit of work."""
+    moment = moment or MomentLink(None, None)
     return uow.sql(
         _LOCK_PAYMENT,
         {
             "user_id": user_id,
-            "moment_id": moment_id,
+            "moment_id": moment.moment_id,
+            "meta": moment.meta,
             "amount": amount,
-            "currency": currency.upper(),
+            "currency": currency,
             "intent_id": intent_id,
             "charge_id": charge_id,
         },
     ).fetchone()
 
 
-def _moment(obj: dict[str, Any]) -> uuid.UUID | None:
-    return _uuid((obj.get("metadata") or {}).get("moment_id"))
+# --- payments -----------------------------------------------------------------------------------
 
 
 def payment_succeeded(uow: UnitOfWork, event: Event) -> None:
     pi = event["data"]["object"]
-    user_id = find_user(uow, pi)
-    currency = pi.get("currency", "try")
-    amount = money(int(pi.get("amount_received") or pi["amount"]), currency)
+    intent_id = _stripe_id(pi.get("id"), "id", pi)
+    currency = currency_of(pi)
+    received = "amount_received" if pi.get("amount_received") else "amount"
+    amount = amount_of(pi, received, currency)
     charge = pi.get("latest_charge")
+    charge_id = _stripe_id(charge, "latest_charge", pi) if charge else None
+    user_id = find_user(uow, pi)
+    moment = link_moment(uow, pi)
     row = uow.sql(
         _COMPLETE_PAYMENT,
         {
             "user_id": user_id,
-            "moment_id": _moment(pi),
+            "moment_id": moment.moment_id,
+            "meta": moment.meta,
             "amount": amount,
-            "currency": currency.upper(),
-            "intent_id": pi["id"],
-            "charge_id": charge,
+            "currency": currency,
+            "intent_id": intent_id,
+            "charge_id": charge_id,
         },
     ).fetchone()
     assert row is not None  # INSERT … ON CONFLICT DO UPDATE … RETURNING always returns the row
@@ -225,11 +328,11 @@ def payment_succeeded(uow: UnitOfWork, event: Event) -> None:
     if credit(
         uow,
         user_id=owner,
-        source_id=pi["id"],
+        source_id=intent_id,
         kind="payment",
         amount=amount,
         currency=currency,
-        charge_id=charge,
+        charge_id=charge_id,
         event_id=event["id"],
     ):
         notify(
@@ -237,22 +340,26 @@ def payment_succeeded(uow: UnitOfWork, event: Event) -> None:
             owner,
             "payment_succeeded",
             "Payment received",
-            {"payment_intent": pi["id"], "amount": str(amount), "currency": currency.upper()},
+            {"payment_intent": intent_id, "amount": str(amount), "currency": currency},
         )
+    subject = {"subject": payment_subject(intent_id)}
+    if uow.sql(_ANY_WAITING, subject).fetchone():
+        uow.sql(_WAKE_WAITING, subject)
 
 
 def payment_failed(uow: UnitOfWork, event: Event) -> None:
     pi = event["data"]["object"]
+    intent_id = _stripe_id(pi.get("id"), "id", pi)
+    currency = currency_of(pi)
+    amount = amount_of(pi, "amount", currency)
     user_id = find_user(uow, pi)
-    currency = pi.get("currency", "try")
-    amount = money(int(pi["amount"]), currency)
     row = lock_payment(
         uow,
-        intent_id=pi["id"],
+        intent_id=intent_id,
         user_id=user_id,
         amount=amount,
         currency=currency,
-        moment_id=_moment(pi),
+        moment=link_moment(uow, pi),
     )
     if row.status == "pending":  # never downgrade a completed payment; failed is already failed
         uow.sql(_FAIL_PAYMENT, {"id": row.id})
@@ -261,28 +368,30 @@ def payment_failed(uow: UnitOfWork, event: Event) -> None:
             row.user_id or user_id,
             "payment_failed",
             "Payment failed",
-            {"payment_intent": pi["id"]},
+            {"payment_intent": intent_id},
         )
 
 
-def _payment_for_charge(
-    uow: UnitOfWork, obj: dict[str, Any], *, charge_id: str, intent_id: str | None
-) -> Any:
-    if not intent_id:
-        raise PermanentError(f"{obj.get('object')} {obj.get('id')} has no payment_intent")
+def _payment_for_charge(uow: UnitOfWork, obj: dict[str, Any], *, charge_id: str) -> Any:
+    """The locked payment a refund or dispute belongs to; `AwaitingPayment` while neither the
+    payment nor a user named by the object is known."""
+    intent = obj.get("payment_intent")
+    if not intent:
+        raise EventContentError(f"{_name(obj)} has no payment_intent")
+    intent_id = _stripe_id(intent, "payment_intent", obj)
     row = uow.sql(_PAYMENT_FOR_UPDATE, {"intent_id": intent_id}).fetchone()
     if row is not None and row.user_id is not None:
         return row
     try:
         user_id = find_user(uow, obj)
     except UnknownCustomer:
-        raise AwaitingPayment(f"payment {intent_id} not seen yet") from None
-    currency = obj.get("currency", "try")
+        raise AwaitingPayment(intent_id) from None
+    currency = currency_of(obj)
     return lock_payment(
         uow,
         intent_id=intent_id,
         user_id=user_id,
-        amount=money(int(obj.get("amount", 0)), currency),
+        amount=amount_of(obj, "amount", currency),
         currency=currency,
         charge_id=charge_id,
     )
@@ -290,68 +399,104 @@ def _payment_for_charge(
 
 def charge_refunded(uow: UnitOfWork, event: Event) -> None:
     charge = event["data"]["object"]
-    currency = charge.get("currency", "try")
-    row = _payment_for_charge(
-        uow, charge, charge_id=charge["id"], intent_id=charge.get("payment_intent")
-    )
+    charge_id = _stripe_id(charge.get("id"), "id", charge)
+    currency = currency_of(charge)
+    total = amount_of(charge, "amount_refunded", currency)
+    row = _payment_for_charge(uow, charge, charge_id=charge_id)
     # amount_refunded is cumulative: refund only what no earlier event has refunded. The
     # payment row lock above serialises every refund event of this charge.
-    refunded = uow.sql(_REFUNDED_SO_FAR, {"charge_id": charge["id"]}).fetchone()
-    already = refunded.refunded if refunded else 0
-    total = money(int(charge.get("amount_refunded") or 0), currency)
-    delta = total - Decimal(already)
+    refunded = uow.sql(_REFUNDED_SO_FAR, {"charge_id": charge_id}).fetchone()
+    already = Decimal(refunded.refunded) if refunded else Decimal(0)
+    delta = total - already
     if delta > 0:
         credit(
             uow,
             user_id=row.user_id,
-            source_id=f"{charge['id']}:refunded:{total}",
+            source_id=f"{charge_id}:refunded:{total}",
             kind="refund",
             amount=-delta,
             currency=currency,
-            charge_id=charge["id"],
+            charge_id=charge_id,
             event_id=event["id"],
         )
 
 
-def _dispute_payment(uow: UnitOfWork, dispute: dict[str, Any]) -> Any:
-    return _payment_for_charge(
-        uow, dispute, charge_id=dispute["charge"], intent_id=dispute.get("payment_intent")
-    )
+# --- disputes: money follows Stripe's balance transactions ------------------------------------
+
+# A dispute's status only moves forward; an inquiry (warning_*) either closes or escalates.
+DISPUTE_STATUS_RANK = {
+    "open": 2,  # written by earlier versions for needs_response
+    "warning_needs_response": 0,
+    "warning_under_review": 1,
+    "needs_response": 2,
+    "under_review": 3,
+    "warning_closed": 4,
+    "won": 5,
+    "lost": 5,
+}
+_FUNDS_OUT = ("needs_response", "under_review", "lost")  # Stripe withdrew the disputed amount
 
 
-def _dispute_money(uow: UnitOfWork, event: Event, row: Any, *, step: str, sign: int) -> None:
-    """Hold (sign -1) or release (sign +1) the disputed amount, once per dispute and step."""
+@dataclass(frozen=True)
+class DisputePlan:
+    status: str | None
+    withdrawn: bool  # funds left the balance (a chargeback, not an inquiry)
+    reinstated: bool  # and came back (won)
+
+
+def plan_dispute(event: Event) -> DisputePlan:
+    """What this snapshot of a dispute says has happened to the money. Pure.
+
+    The balance transactions Stripe lists on the dispute are the record (negative amount:
+    withdrawn; positive: reinstated); status and event type tell the same for snapshots that
+    list none: an inquiry moves nothing, a chargeback withdraws, `won` reinstates."""
     dispute = event["data"]["object"]
-    currency = dispute.get("currency", "try")
-    credit(
-        uow,
-        user_id=row.user_id,
-        source_id=f"{dispute['id']}:{step}",
-        kind=f"dispute_{step}",
-        amount=sign * money(int(dispute["amount"]), currency),
-        currency=currency,
-        charge_id=dispute["charge"],
-        event_id=event["id"],
-    )
+    status = dispute.get("status") if isinstance(dispute.get("status"), str) else None
+    moves = [
+        _int(bt.get("amount"))
+        for bt in dispute.get("balance_transactions") or []
+        if isinstance(bt, dict) and isinstance(bt.get("amount"), int)
+    ]
+    withdrawn = any(m < 0 for m in moves) or status in _FUNDS_OUT
+    reinstated = any(m > 0 for m in moves) or status == "won"
+    withdrawn = withdrawn or event["type"] == "charge.dispute.funds_withdrawn"
+    reinstated = reinstated or event["type"] == "charge.dispute.funds_reinstated"
+    return DisputePlan(status=status, withdrawn=withdrawn or reinstated, reinstated=reinstated)
 
 
-def dispute_created(uow: UnitOfWork, event: Event) -> None:
-    row = _dispute_payment(uow, event["data"]["object"])
-    _dispute_money(uow, event, row, step="hold", sign=-1)
-    if row.dispute_status not in ("won", "lost"):  # a closed dispute never reopens
-        uow.sql(_SET_DISPUTE, {"status": "open", "id": row.id})
-
-
-def dispute_closed(uow: UnitOfWork, event: Event) -> None:
+def dispute_event(uow: UnitOfWork, event: Event) -> None:
     dispute = event["data"]["object"]
-    row = _dispute_payment(uow, dispute)
-    outcome = "won" if dispute.get("status") == "won" else "lost"
-    if outcome == "won":
-        _dispute_money(uow, event, row, step="release", sign=+1)
-    uow.sql(_SET_DISPUTE, {"status": outcome, "id": row.id})
+    dispute_id = _stripe_id(dispute.get("id"), "id", dispute)
+    charge_id = _stripe_id(dispute.get("charge"), "charge", dispute)
+    currency = currency_of(dispute)
+    amount = amount_of(dispute, "amount", currency)
+    plan = plan_dispute(event)
+    row = _payment_for_charge(uow, dispute, charge_id=charge_id)
+    for step, sign, due in (("hold", -1, plan.withdrawn), ("release", +1, plan.reinstated)):
+        if due:  # each movement once per dispute: the source id is unique
+            credit(
+                uow,
+                user_id=row.user_id,
+                source_id=f"{dispute_id}:{step}",
+                kind=f"dispute_{step}",
+                amount=sign * amount,
+                currency=currency,
+                charge_id=charge_id,
+                event_id=event["id"],
+            )
+    old = DISPUTE_STATUS_RANK.get(row.dispute_status or "", -1)
+    if plan.status in DISPUTE_STATUS_RANK and DISPUTE_STATUS_RANK[plan.status] > old:
+        uow.sql(_SET_DISPUTE, {"status": plan.status, "id": row.id})
 
 
-# --- subscriptions: state is a fold over the subscription's events ------------------------------
+# --- subscriptions: Stripe's latest object, chosen without event ids ------------------------
+
+TERMINAL = ("canceled", "incomplete_expired")
+_TYPE_RANK = {
+    "customer.subscription.created": 0,
+    "customer.subscription.updated": 1,
+    "customer.subscription.deleted": 2,
+}
 
 
 def subscription_id_of(event: Event) -> str | None:
@@ -360,59 +505,180 @@ def subscription_id_of(event: Event) -> str | None:
         return str(obj["id"])
     sub = obj.get("subscription")
     if sub is None:  # API versions >= 2025: invoice.parent.subscription_details.subscription
-        sub = ((obj.get("parent") or {}).get("subscription_details") or {}).get("subscription")
+        parent = obj.get("parent") if isinstance(obj.get("parent"), dict) else {}
+        details = parent.get("subscription_details")
+        sub = details.get("subscription") if isinstance(details, dict) else None
     if isinstance(sub, dict):
         sub = sub.get("id")
-    return str(sub) if sub else None
+    return str(sub)[:255] if sub else None
 
 
 def _ts(value: Any) -> datetime | None:
-    return datetime.fromtimestamp(int(value), UTC) if value else None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 253_402_300_799:
+        return None
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _first_item(sub: dict[str, Any]) -> dict[str, Any]:
+    items = sub.get("items")
+    data = items.get("data") if isinstance(items, dict) else None
+    first = data[0] if isinstance(data, list) and data else None
+    return first if isinstance(first, dict) else {}
 
 
 def _tier(sub: dict[str, Any]) -> str:
-    tier = (sub.get("metadata") or {}).get("tier")
+    tier = _metadata(sub).get("tier")
     if not tier:
-        items = (sub.get("items") or {}).get("data") or []
-        price = (items[0].get("price") or {}) if items else {}
-        tier = price.get("lookup_key") or (price.get("metadata") or {}).get("tier")
-    return str(tier or "premium")
+        price = _first_item(sub).get("price")
+        price = price if isinstance(price, dict) else {}
+        tier = price.get("lookup_key") or _metadata(price).get("tier")
+    return str(tier or "premium")[:64]
 
 
-def fold_subscription(events: list[Event]) -> dict[str, Any]:
-    """The subscription's state after applying `events` in order. Pure: no I/O."""
-    state: dict[str, Any] = {}
-    for event in events:
-        obj = event["data"]["object"]
-        kind = event["type"]
-        if kind.startswith("customer.subscription."):
-            items = (obj.get("items") or {}).get("data") or [{}]
-            state.update(
-                customer=obj.get("customer"),
-                tier=_tier(obj),
-                status="canceled" if kind.endswith(".deleted") else obj.get("status", "active"),
-                period_start=_ts(
-                    obj.get("current_period_start") or items[0].get("current_period_start")
-                ),
-                period_end=_ts(obj.get("current_period_end") or items[0].get("current_period_end")),
-                cancel_at_period_end=bool(obj.get("cancel_at_period_end")),
-                metadata=obj.get("metadata") or {},
+def subscription_state(sub: dict[str, Any], *, deleted: bool = False) -> dict[str, Any]:
+    """The fields we keep from one subscription object. Pure."""
+    item = _first_item(sub)
+    # API versions >= 2025-03 moved the period onto the items
+    start = _int(sub.get("current_period_start") or item.get("current_period_start"))
+    end = _int(sub.get("current_period_end") or item.get("current_period_end"))
+    customer = sub.get("customer")
+    if isinstance(customer, dict):
+        customer = customer.get("id")
+    return {
+        "status": "canceled" if deleted else str(sub.get("status") or "active")[:32],
+        "tier": _tier(sub),
+        "period_start": start,
+        "period_end": end,
+        "cancel_at_period_end": bool(sub.get("cancel_at_period_end")),
+        "customer": str(customer)[:255] if customer else None,
+    }
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One subscription event: the object after it, and before it (previous_attributes)."""
+
+    created: int
+    type: str
+    state: dict[str, Any]
+    before: dict[str, Any] | None
+    metadata: dict[str, Any]
+
+    @property
+    def order(self) -> tuple[bool, int, int]:
+        # A canceled subscription never changes again; current_period_start only grows;
+        # within a period, event time. Ties (one second) are settled by previous_attributes.
+        return (self.state["status"] in TERMINAL, self.state["period_start"], self.created)
+
+
+def snapshot(event: Event) -> Snapshot:
+    obj = event["data"]["object"]
+    deleted = event["type"] == "customer.subscription.deleted"
+    prev = (event.get("data") or {}).get("previous_attributes")
+    before = subscription_state({**obj, **prev}) if isinstance(prev, dict) and prev else None
+    return Snapshot(
+        created=_int(event.get("created")),
+        type=event["type"],
+        state=subscription_state(obj, deleted=deleted),
+        before=before,
+        metadata=_metadata(obj),
+    )
+
+
+def _node(state: dict[str, Any]) -> str:
+    return json.dumps(state, sort_keys=True)
+
+
+def latest_snapshot(snapshots: Iterable[Snapshot]) -> Snapshot | None:
+    """Stripe's latest subscription object among `snapshots`, without looking at event ids.
+
+    Order is (terminal, current_period_start, event.created). The events of one such step
+    (typically one second) form a path through states: each update goes from the state its
+    previous_attributes describe to the state of its object (a created event comes from
+    nothing). The path ends at the state entered once more than it was left; a path that
+    returns to where it began ends there. Only when events are missing is that ambiguous,
+    and a fixed tie-break (type, then the state itself) decides."""
+    snaps = list(snapshots)
+    if not snaps:
+        return None
+    current: Snapshot | None = None
+    for order in sorted({s.order for s in snaps}):
+        group = [s for s in snaps if s.order == order]
+        balance: dict[str, int] = {}
+        states: dict[str, Snapshot] = {}
+        for s in group:
+            node = _node(s.state)
+            states[node] = max((states.get(node, s), s), key=lambda x: _TYPE_RANK.get(x.type, 1))
+            balance[node] = balance.get(node, 0) + 1
+            if s.before is not None:
+                before = _node(s.before)
+                balance[before] = balance.get(before, 0) - 1
+        entry = _node(current.state) if current is not None else None
+        ends = [n for n in states if balance[n] > 0]
+        if len(ends) == 1:
+            end = ends[0]
+        elif not ends and entry in states:
+            end = entry  # the step came back to the state it started from
+        else:
+            end = max(
+                ends or states,
+                key=lambda n: (n != entry, balance.get(n, 0), _TYPE_RANK.get(states[n].type, 1), n),
             )
-        elif kind == "invoice.paid":
-            if state.get("status") != "canceled":
+        current = states[end]
+    return current
+
+
+def _invoice_period(invoice: dict[str, Any]) -> tuple[int, int]:
+    lines = invoice.get("lines")
+    data = lines.get("data") if isinstance(lines, dict) else None
+    first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+    raw = first.get("period")
+    period = raw if isinstance(raw, dict) else {}
+    return _int(period.get("start")), _int(period.get("end"))
+
+
+def plan_subscription(
+    events: list[Event], *, current: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The subscription's state after every event in `events`, in whatever order they came,
+    or `current`'s (the object read from Stripe's API after them) when given. Pure. None
+    while no subscription object has been seen (only invoices)."""
+    if current is not None:
+        latest_created = max((_int(e.get("created")) for e in events), default=0)
+        return dict(
+            subscription_state(current), metadata=_metadata(current), event_created=latest_created
+        )
+    unique = {str(e.get("id")): e for e in events}.values()  # a redelivery is one event
+    snaps = [snapshot(e) for e in unique if e["type"] in _TYPE_RANK]
+    latest = latest_snapshot(snaps)
+    if latest is None:
+        return None
+    state = dict(latest.state, metadata=latest.metadata, event_created=latest.created)
+    # Invoices only tell what the subscription objects do not yet show: a payment newer than
+    # the latest object settles its period, a failure newer than it for a later period makes
+    # it past_due. An invoice no newer than the latest object is already reflected in it.
+    invoices = [e for e in unique if e["type"] in ("invoice.paid", "invoice.payment_failed")]
+    for inv in sorted(invoices, key=lambda e: (_int(e.get("created")), e["type"])):
+        created = _int(inv.get("created"))
+        start, end = _invoice_period(inv["data"]["object"])
+        if created <= latest.created or state["status"] in TERMINAL:
+            continue
+        if inv["type"] == "invoice.paid":
+            if start > state["period_start"]:
+                state.update(period_start=start, period_end=end, status="active")
+            elif start == state["period_start"] and state["status"] in (
+                "incomplete",
+                "past_due",
+                "unpaid",
+            ):
                 state["status"] = "active"
-            lines = (obj.get("lines") or {}).get("data") or []
-            period = (lines[0].get("period") or {}) if lines else {}
-            if period.get("end"):
-                state["period_start"] = _ts(period.get("start"))
-                state["period_end"] = _ts(period["end"])
-            state.setdefault("customer", obj.get("customer"))
-        elif kind == "invoice.payment_failed":
-            if state.get("status") != "canceled":
-                state["status"] = "past_due"
-            state.setdefault("customer", obj.get("customer"))
-        state["event_created"] = _ts(event["created"])
-        state["event_id"] = event["id"]
+        elif start > state["period_start"] and state["status"] != "incomplete":
+            state.update(period_start=start, period_end=end, status="past_due")
+        state["event_created"] = max(state["event_created"], created)
     return state
 
 
@@ -463,15 +729,15 @@ def subscription_event(uow: UnitOfWork, event: Event) -> None:
         r.payload
         for r in uow.sql(_SUBSCRIPTION_EVENTS, {"sub_id": sub_id, "event_id": event["id"]})
     ]
-    state = fold_subscription(sorted(payloads, key=lambda e: (e["created"], e["id"])))
-    if "tier" not in state:
+    state = plan_subscription(payloads, current=fetch_subscription(get_settings(), sub_id))
+    if state is None:
         return  # only invoices so far: the subscription row waits for its subscription event
     user_id = find_user(
         uow,
         {
             "object": "subscription",
             "id": sub_id,
-            "metadata": state.get("metadata"),
+            "metadata": state["metadata"],
             "customer": state["customer"],
         },
     )
@@ -483,11 +749,11 @@ def subscription_event(uow: UnitOfWork, event: Event) -> None:
             "status": state["status"],
             "sub_id": sub_id,
             "customer": state["customer"],
-            "period_start": state["period_start"],
-            "period_end": state["period_end"],
+            "period_start": _ts(state["period_start"]),
+            "period_end": _ts(state["period_end"]),
             "cancel": state["cancel_at_period_end"],
-            "event_created": state["event_created"],
-            "event_id": state["event_id"],
+            "event_created": _ts(state["event_created"]),
+            "event_id": event["id"],
         },
     )
     uow.sql(_USER_TIER, {"user_id": user_id, "entitled": list(ENTITLED)})
@@ -497,8 +763,11 @@ HANDLERS: dict[str, Callable[[UnitOfWork, Event], None]] = {
     "payment_intent.succeeded": payment_succeeded,
     "payment_intent.payment_failed": payment_failed,
     "charge.refunded": charge_refunded,
-    "charge.dispute.created": dispute_created,
-    "charge.dispute.closed": dispute_closed,
+    "charge.dispute.created": dispute_event,
+    "charge.dispute.updated": dispute_event,
+    "charge.dispute.closed": dispute_event,
+    "charge.dispute.funds_withdrawn": dispute_event,
+    "charge.dispute.funds_reinstated": dispute_event,
     "customer.subscription.created": subscription_event,
     "customer.subscription.updated": subscription_event,
     "customer.subscription.deleted": subscription_event,
@@ -517,5 +786,8 @@ def apply_event(uow: UnitOfWork, event: Event) -> str:
     handler = HANDLERS.get(event["type"])
     if handler is None:
         return "ignored"
+    obj = (event.get("data") or {}).get("object")
+    if not isinstance(obj, dict):
+        raise EventContentError(f"event {event['id']} has no data.object")
     handler(uow, event)
     return "processed"

@@ -23,7 +23,7 @@ from db.redis import get_redis
 
 log = get_logger("web.dashboard")
 
-WEBHOOK_STATUSES = ("received", "processed", "ignored", "failed")
+WEBHOOK_STATUSES = ("received", "waiting", "processed", "ignored", "failed")
 PAGE = 50
 
 
