@@ -165,6 +165,35 @@ FIELDS: tuple[Field, ...] = (
         _str,
     ),
     Field(
+        "TIDEMILL_ENCRYPTION_KEY",
+        "encryption_key",
+        "",
+        "encryption at rest: base64 of a 32-byte master key; when set, every object written "
+        "through storage (backups, WAL, archives, exports) is AES-256-GCM envelope-encrypted",
+        _str,
+    ),
+    Field(
+        "TIDEMILL_ENCRYPTION_OLD_KEYS",
+        "encryption_old_keys",
+        "",
+        "comma-separated base64 master keys still accepted for reading (key rotation)",
+        _str,
+    ),
+    Field(
+        "TIDEMILL_S3_SSE",
+        "s3_sse",
+        "",
+        "S3 server-side encryption for every object: AES256 or aws:kms; unset: bucket default",
+        _str,
+    ),
+    Field(
+        "TIDEMILL_S3_SSE_KMS_KEY_ID",
+        "s3_sse_kms_key_id",
+        "",
+        "KMS key id for TIDEMILL_S3_SSE=aws:kms; unset: the account's default key",
+        _str,
+    ),
+    Field(
         "MAIL_URL",
         "mail_url",
         "",
@@ -516,6 +545,10 @@ class Settings:
     broker_url: str | None
     storage_url: str
     s3_endpoint_url: str | None
+    encryption_key: str | None
+    encryption_old_keys: str | None
+    s3_sse: str | None
+    s3_sse_kms_key_id: str | None
     mail_url: str
     mail_from: str
     pg_port: int
