@@ -43,12 +43,13 @@ def _storage(url: str | None, settings: Any) -> Any:
 
 def _guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Backup errors and storage errors: one line, exit 1 (the log line has the details)."""
+    from core.envelope import EnvelopeError
     from core.storage import StorageError
     from pipelines.backup import BackupError
 
     try:
         return fn(*args, **kwargs)
-    except (BackupError, StorageError) as exc:
+    except (BackupError, StorageError, EnvelopeError) as exc:
         log.error("backup_command_failed", step=fn.__name__, error=str(exc))
         fail(str(exc), code=1)
 
@@ -219,6 +220,27 @@ def _cold_class(manifest: dict[str, Any]) -> str | None:
         if cls in _COLD_CLASSES:
             return str(cls)
     return None
+
+
+@app.command("verify")
+@friendly_errors
+def verify_command(
+    storage: StorageOpt = None,
+    wal: Annotated[
+        bool, typer.Option("--wal/--no-wal", help="also check the WAL archive and its chain")
+    ] = True,
+) -> None:
+    """Check every backup object against its manifest and the WAL chain for damage and gaps
+    (from each base backup's start to the newest segment); names each bad object, exit 1."""
+    from pipelines.backup_verify import verify_storage
+
+    settings = cli_settings(adopt_running=False)
+    report = _guarded(verify_storage, _storage(storage, settings), check_wal=wal)
+    for line in report.describe():
+        print(line)
+    print(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command("prune")

@@ -188,9 +188,7 @@ class DecryptingReader:
         final = not following
         nonce = self._prefix + struct.pack(">I", self._counter)
         try:
-            plain = self._aead.decrypt(
-                nonce, sealed, _chunk_aad(self.header, self._counter, final)
-            )
+            plain = self._aead.decrypt(nonce, sealed, _chunk_aad(self.header, self._counter, final))
         except InvalidTag:
             raise EnvelopeError(
                 f"{self._name}: chunk {self._counter} fails authentication (the object is "
