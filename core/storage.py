@@ -59,6 +59,7 @@ class ObjectWriter(Protocol):
 
 class Storage(Protocol):
     url: str
+    keyring: Keyring | None  # set: objects are envelope-encrypted (core.envelope)
 
     # exclusive=True: publish only if no object has the key yet, atomically (no check-then-put
     # window); otherwise FileExistsError when the writer closes, and the existing object stays.
@@ -112,10 +113,7 @@ class _SealingWriter:
     def __init__(self, raw: ObjectWriter, encryptor: Encryptor) -> None:
         self._raw = raw
         self._enc = encryptor
-
-    @property
-    def result(self) -> PutResult | None:
-        return self._raw.result
+        self.result: PutResult | None = None
 
     def write(self, data: bytes) -> int:
         if data:
@@ -126,6 +124,9 @@ class _SealingWriter:
 
     def close(self) -> None:
         self._raw.write(self._enc.finish())
+
+    def published(self) -> None:
+        self.result = self._raw.result
 
 
 class _Prefixed:
@@ -175,6 +176,7 @@ class _Conveniences:
             sealed = _SealingWriter(raw, Encryptor(self.keyring))
             yield sealed
             sealed.close()
+        sealed.published()  # the backend has committed: its size and sha256 are final
 
     @contextlib.contextmanager
     def open(self, key: str) -> Iterator[IO[bytes]]:

@@ -417,3 +417,124 @@ def _log_tail(path: Path) -> str:
         return "(no log)"
     important = [line for line in lines if "FATAL" in line or "ERROR" in line]
     return " | ".join((important or lines)[-3:])
+
+
+# ---------------------------------------------------------------------------- logical restore
+
+
+@dataclass
+class LogicalRestoreResult:
+    backup: str
+    database: str
+    replaced: bool
+    seconds: float
+
+    def describe(self) -> list[str]:
+        verb = "replaced" if self.replaced else "created"
+        return [
+            f"restored {self.backup} into database {self.database} ({verb}, {self.seconds:.1f}s)"
+        ]
+
+
+def _server_url(database_url: str, name: str) -> str:
+    from urllib.parse import urlsplit
+
+    from db.engine import libpq_url
+
+    return urlsplit(libpq_url(database_url))._replace(path=f"/{name}").geturl()
+
+
+def restore_database(
+    settings: Settings | None = None,
+    *,
+    database: str,
+    ref: str | None = None,
+    replace: bool = False,
+    jobs: int = 1,
+    owners: bool = True,
+    privileges: bool = True,
+    roles: bool = True,
+    storage: Storage | None = None,
+    server_url: str | None = None,
+) -> LogicalRestoreResult:
+    """Restore a logical backup (``ref``, default the newest complete one) as ``database`` on
+    the server of ``server_url`` (default DATABASE_URL).
+
+    A new database is created; an existing one is refused unless ``replace``. Replacing
+    restores into a fresh database first and swaps names only once that succeeded: a failed
+    restore never costs the database it meant to replace.
+    """
+    from psycopg import sql
+
+    from db.engine import libpq_url
+    from pipelines.backup import find_backup, restore_logical
+
+    settings = settings or get_settings()
+    storage = storage or open_storage(settings=settings)
+    server_url = server_url or settings.database_url
+    if not server_url:
+        raise BackupError("DATABASE_URL is unset: name the server to restore into")
+    if not database or len(database) > 50 or "\0" in database:
+        raise BackupError(f"{database!r} is not a usable database name")
+    if ref is not None:
+        entry = find_backup(storage, ref)
+    else:
+        fulls = [e for e in catalog(storage, kinds=("full",)) if e.complete]
+        if not fulls:
+            raise BackupError("no complete logical backup in storage")
+        entry = fulls[-1]
+    if entry.kind != "full" or not entry.complete:
+        raise BackupError(f"{entry.folder} is not a complete logical backup")
+    assert entry.manifest is not None
+    admin = libpq_url(server_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
+        ).fetchone()
+    if exists and not replace:
+        raise BackupError(f"database {database} exists; pass --replace to replace it")
+    work = f"{database}_restoring_{int(time.time())}" if exists else database
+    owner = entry.manifest.get("database_owner")
+    t0 = time.monotonic()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(work)))
+    log.info("logical_restore_started", backup=entry.folder, database=database, jobs=jobs)
+    try:
+        restore_logical(
+            storage,
+            entry,
+            _server_url(server_url, work),
+            jobs=jobs,
+            owners=owners,
+            privileges=privileges,
+            roles=roles,
+            scratch_dir=str(settings.data_dir) if settings.data_dir.is_dir() else None,
+        )
+        with psycopg.connect(admin, autocommit=True) as conn:
+            if owners and owner:
+                role = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (owner,))
+                if role.fetchone():
+                    conn.execute(
+                        sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                            sql.Identifier(work), sql.Identifier(owner)
+                        )
+                    )
+            if exists:
+                conn.execute(
+                    sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(database))
+                )
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                        sql.Identifier(work), sql.Identifier(database)
+                    )
+                )
+    except BaseException as exc:
+        log.error("logical_restore_failed", backup=entry.folder, database=database, error=str(exc))
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(work))
+            )
+        raise
+    seconds = time.monotonic() - t0
+    log.info("logical_restore_complete", backup=entry.folder, database=database, seconds=seconds)
+    return LogicalRestoreResult(entry.folder, database, bool(exists), seconds)
