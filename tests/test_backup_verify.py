@@ -132,3 +132,15 @@ def test_restore_checks_the_port_before_extracting(
                 c.settings, target=None, data_dir=tmp_path / "r", port=port, storage=storage
             )
     assert not (tmp_path / "r").exists()
+
+
+def test_incremental_base_backup_works_on_the_default_embedded_server(
+    db: str, tmp_path: Path
+) -> None:
+    """The suite's server is started like `tidemill up` without WAL archiving."""
+    env = {**os.environ, "DATABASE_URL": db, "STORAGE_URL": f"file://{tmp_path / 'objects'}"}
+    base = run_cli("backup", "base", env=env, timeout=180)
+    assert base.returncode == 0, base.stderr
+    incremental = run_cli("backup", "base", "--incremental", env=env, timeout=180)
+    assert incremental.returncode == 0, incremental.stderr
+    assert "backups/incremental/" in incremental.stdout
