@@ -27,9 +27,12 @@ from pipelines.backup import catalog, run_full_backup, table_checksums
 from pipelines.drill import run_drill
 from tests.conftest import run_cli
 from tests.support import lifecycle as _lifecycle
+from tests.support import s3 as _s3
 
 pytestmark = pytest.mark.slow
-file_storage = _lifecycle.file_storage  # a fixture, registered by assignment
+file_storage = _lifecycle.file_storage  # fixtures, registered by assignment
+moto_server = _s3.moto_server
+s3_url = _s3.s3_url
 
 SCHEMA = """
 CREATE SCHEMA app AUTHORIZATION {owner};
@@ -298,3 +301,37 @@ def test_encrypted_archive_object_restores_and_a_flipped_byte_is_one_clear_line(
     good = run_cli("archive", "restore", key)
     assert good.returncode == 0, good.stderr
     assert sql.execute("SELECT count(*) FROM messages").fetchone()[0] == 10
+
+
+def test_s3_server_side_encryption_on_top_of_client_side(s3_url: str, moto_server: str) -> None:
+    """TIDEMILL_S3_SSE is sent on single puts and multipart uploads; the stored bytes are
+    ciphertext either way; damage is refused on read."""
+    from core.envelope import EnvelopeError
+    from tests.support.s3 import s3_client
+
+    settings = dataclasses.replace(
+        Settings.from_env(),
+        storage_url=s3_url,
+        s3_sse="AES256",
+        encryption_key=base64.b64encode(os.urandom(32)).decode(),
+    )
+    storage = open_storage(settings=settings)
+    small, large = b"small" * 100, os.urandom(9 * 1024 * 1024)  # one PUT; two parts
+    storage.put_bytes("t/small", small)
+    storage.put_bytes("t/large", large)
+    client = s3_client(moto_server)
+    bucket, prefix = s3_url.removeprefix("s3://").split("/", 1)
+    for name, plain in (("small", small), ("large", large)):
+        head = client.head_object(Bucket=bucket, Key=f"{prefix}/t/{name}")
+        assert head["ServerSideEncryption"] == "AES256"
+        stored = client.get_object(Bucket=bucket, Key=f"{prefix}/t/{name}")["Body"].read()
+        assert stored[:6] == MAGIC and plain[:64] not in stored
+        assert storage.get_bytes(f"t/{name}") == plain
+    # a flipped byte in the middle of the large object fails authentication
+    stored = bytearray(client.get_object(Bucket=bucket, Key=f"{prefix}/t/large")["Body"].read())
+    stored[len(stored) // 2] ^= 0x01
+    client.put_object(Bucket=bucket, Key=f"{prefix}/t/large", Body=bytes(stored))
+    with pytest.raises(EnvelopeError, match="fails authentication"):
+        storage.get_bytes("t/large")
+    with pytest.raises(Exception, match="AES256 or aws:kms"):
+        open_storage(settings=dataclasses.replace(settings, s3_sse="rot13"))
