@@ -418,6 +418,14 @@ FIELDS: tuple[Field, ...] = (
         _int,
     ),
     Field(
+        "TIDEMILL_BACKUP_CHECKSUM_SAMPLE",
+        "backup_checksum_sample",
+        "16",
+        "per-table content checksums in logical backups (compared by the drill) cover about 1 "
+        "in N rows, chosen by primary key; 1: every row (costs as much server CPU as the dump)",
+        _pos_int,
+    ),
+    Field(
         "TIDEMILL_BACKUP_FULL_RETENTION_DAYS",
         "backup_full_retention_days",
         "30",
@@ -589,6 +597,7 @@ class Settings:
     backup_before_migrate: bool
     backup_zstd_level: int
     backup_zstd_threads: int
+    backup_checksum_sample: int
     backup_full_retention_days: int
     backup_incremental_retention_days: int
     wal_retention_days: int

@@ -172,8 +172,9 @@ def _logical_restore(
     try:
         target = _scratch_url(database_url, scratch)
         result.restore_seconds = restore_logical(storage, entry, target)
+        assert entry.manifest is not None
         with psycopg.connect(target) as conn:
-            sums = table_checksums(conn)
+            sums = table_checksums(conn, sample=int(entry.manifest.get("checksum_sample") or 1))
         result.checksums = {name: c["sum"] for name, c in sums.items()}
         return {name: c["rows"] for name, c in sums.items()}
     finally:
