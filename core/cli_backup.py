@@ -235,7 +235,12 @@ def verify_command(
     from pipelines.backup_verify import verify_storage
 
     settings = cli_settings(adopt_running=False)
-    report = _guarded(verify_storage, _storage(storage, settings), check_wal=wal)
+    report = _guarded(
+        verify_storage,
+        _storage(storage, settings),
+        check_wal=wal,
+        database_url=settings.database_url,
+    )
     for line in report.describe():
         print(line)
     print(report.summary())

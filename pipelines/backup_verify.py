@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from core.log import get_logger
 from core.storage import ObjectInfo, Storage
-from pipelines.backup import CatalogEntry, catalog
+from pipelines.backup import CatalogEntry, catalog, record_finish
 from pipelines.physical import (
     HEAD_KEY,
     WAL_PREFIX,
@@ -112,15 +112,25 @@ def check_backup(storage: Storage, entry: CatalogEntry, report: VerifyReport) ->
 
 
 def verify_storage(
-    storage: Storage, *, now: datetime | None = None, check_wal: bool = True
+    storage: Storage,
+    *,
+    now: datetime | None = None,
+    check_wal: bool = True,
+    database_url: str | None = None,
 ) -> VerifyReport:
-    """Check every backup and (``check_wal``) the WAL archive; never raises for damage."""
+    """Check every backup and (``check_wal``) the WAL archive; never raises for damage.
+    With ``database_url``, backups whose objects all check out get ``verified_at`` in the
+    catalogue (what `backup list` and the dashboard show)."""
     now = now or datetime.now(UTC)
     report = VerifyReport()
     entries = catalog(storage)
     for entry in entries:
         if entry.complete:
+            before = len(report.problems)
             check_backup(storage, entry, report)
+            backup_id = entry.manifest.get("backup_id") if entry.manifest else None
+            if database_url and backup_id is not None and len(report.problems) == before:
+                record_finish(database_url, backup_id, verified_at=now)
         elif entry.modified is not None and now - entry.modified < INCOMPLETE_GRACE:
             report.notes.append(f"{entry.folder}: no manifest yet (running?)")
         else:
