@@ -21,6 +21,7 @@ truth (a point-in-time restore must work when the database is gone).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -345,6 +346,7 @@ def zstd_threads(settings: Settings) -> int:
     return -1 if settings.backup_zstd_threads == 0 else settings.backup_zstd_threads
 
 
+@functools.cache
 def tool_version(name: str) -> str:
     out = subprocess.run([postgres_bin(name), "--version"], capture_output=True, text=True)
     return out.stdout.strip() or out.stderr.strip()
@@ -536,7 +538,14 @@ def _checksums_in_snapshot(
     return thread
 
 
-def _dump_globals(storage: Storage, folder: str, url: str, level: int) -> Any:
+def _into(box: dict[str, Any], fn: Any, *args: Any) -> None:
+    try:
+        box["value"] = fn(*args)
+    except BaseException as exc:  # re-raised by the thread's joiner
+        box["error"] = exc
+
+
+def _dump_globals(url: str, level: int) -> bytes:
     """Roles and tablespaces (pg_dumpall --globals-only): a database restored elsewhere keeps
     its owners and grants only if their roles exist there."""
     argv = [postgres_bin("pg_dumpall"), "--globals-only", f"--dbname={url}"]
@@ -549,8 +558,7 @@ def _dump_globals(storage: Storage, folder: str, url: str, level: int) -> Any:
             f"pg_dumpall --globals-only exited with {out.returncode}: "
             f"{out.stderr.decode(errors='replace').strip()[-300:]}"
         )
-    body = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(out.stdout)
-    return storage.put_bytes(f"{folder}/{GLOBALS_NAME}", body)
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(out.stdout)
 
 
 def run_full_backup(
@@ -632,6 +640,15 @@ def _dump(
         sums: dict[str, Any] = {}
         sample = settings.backup_checksum_sample
         summer = _checksums_in_snapshot(url, snapshot, sums, sample=sample)
+        # roles are dumped meanwhile too: a process spawn and a round trip off the clock
+        roles: dict[str, Any] = {}
+        dumper = threading.Thread(
+            target=_into,
+            args=(roles, _dump_globals, url, settings.backup_zstd_level),
+            name="globals",
+            daemon=True,
+        )
+        dumper.start()
         argv = [
             postgres_bin("pg_dump"),
             "--format=custom",
@@ -660,7 +677,11 @@ def _dump(
     assert put is not None
     checksums: dict[str, dict[str, Any]] = sums["tables"]
     tables = {name: c["rows"] for name, c in checksums.items()}
-    globals_put = _dump_globals(storage, folder, url, settings.backup_zstd_level)
+    dumper.join()
+    if "error" in roles:
+        raise roles["error"]
+    # stored only now: a failed dump leaves no stray object in its folder
+    globals_put = storage.put_bytes(f"{folder}/{GLOBALS_NAME}", roles["value"])
     finished = datetime.now(UTC)
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
