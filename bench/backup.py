@@ -4,12 +4,16 @@
 
 Same run, same database:
 - baseline: ``pg_dump -Fc -Z0 > /dev/null`` (the dump alone, nowhere to write);
-- logical backup: ``pg_dump -Fc -Z0 | zstd (threads) -> file:// storage`` with sha256 and
-  manifest (our `run_full_backup`, in a child process so its peak RSS is its own);
-- restore, logical: verify + ``pg_restore`` into an empty database;
+- logical backup: ``pg_dump -Fc -Z0 | zstd (threads) | AES-256-GCM -> file:// storage`` with
+  sha256, per-table checksums, roles and manifest (our `run_full_backup`, in a child process
+  so its peak RSS is its own); encryption is on unless ``--no-encryption``;
+- restore, logical: ``pg_restore -j N`` of the same dump from a local file (baseline) against
+  our verify + decrypt + decompress + roles + ``pg_restore -j N`` (``tidemill restore
+  --logical -j N``), N = CPU count;
 - restore, physical: ``pg_basebackup`` to storage, then verify + extract + start + promote.
 
 Figures (last line, JSON): ``backup_vs_pgdump`` (backup MB/s / pg_dump MB/s, goal >= 0.6),
+``restore_vs_pgrestore`` (pg_restore -j N seconds / our logical restore seconds, goal >= 0.8),
 ``backup_mb_per_s`` (database MB per second), ``restore_logical_s``, ``restore_physical_s``,
 ``peak_rss_mb`` of the backup process (goal < 256, flat in the database size).
 """
@@ -17,6 +21,7 @@ Figures (last line, JSON): ``backup_vs_pgdump`` (backup MB/s / pg_dump MB/s, goa
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import json
 import os
@@ -88,6 +93,23 @@ print(json.dumps({"seconds": elapsed, "size": result.size, "raw": result.manifes
 """
 
 
+def pg_restore_baseline(url: str, dump_file: Path, jobs: int) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(
+        [postgres_bin("pg_restore"), f"--jobs={jobs}", f"--dbname={url}", str(dump_file)],
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - t0
+
+
+def fresh_database(pg: EmbeddedPostgres, name: str) -> str:
+    with psycopg.connect(pg.url("postgres"), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0")
+    return pg.url(name)
+
+
 def backup_in_child(url: str, storage_url: str) -> dict[str, float]:
     env = {**os.environ, "TIDEMILL_ENV": "production", "LOG_LEVEL": "warning"}
     out = subprocess.run(
@@ -107,7 +129,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a ~60 MB database")
     parser.add_argument("--size-mb", type=int, default=None, help="database size (default 1024)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
+    parser.add_argument(
+        "--no-encryption", action="store_true", help="measure without encryption at rest"
+    )
     args = parser.parse_args()
+    if not args.no_encryption:
+        os.environ["TIDEMILL_ENCRYPTION_KEY"] = base64.b64encode(os.urandom(32)).decode()
+    jobs = os.cpu_count() or 2
     size_mb = args.size_mb or (60 if args.quick else 1024)
 
     root = Path(tempfile.mkdtemp(prefix="tidemill-bench-backup-"))
@@ -141,9 +169,23 @@ def main() -> None:
         backup_s = backup["seconds"]
 
         entry = catalog(storage, kinds=("full",))[-1]
-        with psycopg.connect(pg.url("postgres"), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE restored")
-        restore_logical_s = restore_logical(storage, entry, pg.url("restored"))
+        dump_file = root / "baseline.pgc"
+        subprocess.run(
+            [postgres_bin("pg_dump"), "-Fc", "-Z0", f"--dbname={url}", f"--file={dump_file}"],
+            check=True,
+        )
+        pgrestores, restores = [], []
+        for _ in range(args.rounds):
+            pgrestores.append(pg_restore_baseline(fresh_database(pg, "baseline"), dump_file, jobs))
+            restores.append(
+                restore_logical(
+                    storage, entry, fresh_database(pg, "restored"), jobs=jobs,
+                    scratch_dir=str(root),
+                )
+            )  # fmt: skip
+        dump_file.unlink()
+        pgrestore_s = min(pgrestores)
+        restore_logical_s = min(restores)
 
         base = run_base_backup(settings, storage=storage)
         data_dir = root / "restored-cluster"
@@ -170,7 +212,11 @@ def main() -> None:
         "backup_mb_per_s": round(db_mb / backup_s, 1),
         "backup_vs_pgdump": round(baseline_s / backup_s, 3),
         "compression_ratio": round(backup["raw"] / backup["size"], 2),
+        "encrypted": not args.no_encryption,
         "restore_logical_s": round(restore_logical_s, 2),
+        "pgrestore_s": round(pgrestore_s, 2),
+        "restore_vs_pgrestore": round(pgrestore_s / restore_logical_s, 3),
+        "jobs": jobs,
         "restore_physical_s": round(restore_physical_s, 2),
         "base_backup_s": round(base.duration_s, 2),
         "peak_rss_mb": round(max(b["peak_rss_kb"] for b in backups) / 1024, 1),
@@ -185,7 +231,10 @@ def main() -> None:
     print(f"{'  ratio (goal >= 0.6)':<24}{figures['backup_vs_pgdump']:>12}")
     print(f"{'  zstd ratio':<24}{figures['compression_ratio']:>12}")
     print(f"{'  peak RSS (MB, < 256)':<24}{figures['peak_rss_mb']:>12}")
-    print(f"{'restore logical':<24}{restore_logical_s:>10.2f} s")
+    print(f"{'encryption at rest':<24}{'on' if figures['encrypted'] else 'off':>12}")
+    print(f"{f'pg_restore -j {jobs}':<24}{pgrestore_s:>10.2f} s")
+    print(f"{f'restore logical -j {jobs}':<24}{restore_logical_s:>10.2f} s")
+    print(f"{'  ratio (goal >= 0.8)':<24}{figures['restore_vs_pgrestore']:>12}")
     print(f"{'base backup':<24}{base.duration_s:>10.2f} s")
     print(f"{'restore physical':<24}{restore_physical_s:>10.2f} s")
     print(json.dumps(figures))

@@ -43,12 +43,13 @@ def _storage(url: str | None, settings: Any) -> Any:
 
 def _guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Backup errors and storage errors: one line, exit 1 (the log line has the details)."""
+    from core.envelope import EnvelopeError
     from core.storage import StorageError
     from pipelines.backup import BackupError
 
     try:
         return fn(*args, **kwargs)
-    except (BackupError, StorageError) as exc:
+    except (BackupError, StorageError, EnvelopeError) as exc:
         log.error("backup_command_failed", step=fn.__name__, error=str(exc))
         fail(str(exc), code=1)
 
@@ -221,6 +222,32 @@ def _cold_class(manifest: dict[str, Any]) -> str | None:
     return None
 
 
+@app.command("verify")
+@friendly_errors
+def verify_command(
+    storage: StorageOpt = None,
+    wal: Annotated[
+        bool, typer.Option("--wal/--no-wal", help="also check the WAL archive and its chain")
+    ] = True,
+) -> None:
+    """Check every backup object against its manifest and the WAL chain for damage and gaps
+    (from each base backup's start to the newest segment); names each bad object, exit 1."""
+    from pipelines.backup_verify import verify_storage
+
+    settings = cli_settings(adopt_running=False)
+    report = _guarded(
+        verify_storage,
+        _storage(storage, settings),
+        check_wal=wal,
+        database_url=settings.database_url,
+    )
+    for line in report.describe():
+        print(line)
+    print(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @app.command("prune")
 @friendly_errors
 def prune_command(
@@ -338,12 +365,59 @@ def restore_command(
     port: Annotated[int | None, typer.Option(help="port of the restored server")] = None,
     start: Annotated[bool, typer.Option("--start/--no-start", help="start it")] = True,
     storage: StorageOpt = None,
+    logical: Annotated[
+        bool,
+        typer.Option("--logical", help="restore a logical backup (pg_dump) as a database instead"),
+    ] = False,
+    backup: Annotated[
+        str | None, typer.Option(help="--logical: backup folder or id; default: the newest")
+    ] = None,
+    database: Annotated[
+        str | None, typer.Option(help="--logical: the database to create (or --replace)")
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="--logical: replace an existing database")
+    ] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="--logical: parallel jobs")] = 1,
+    no_owner: Annotated[
+        bool, typer.Option("--no-owner", help="--logical: do not restore object owners")
+    ] = False,
+    no_privileges: Annotated[
+        bool, typer.Option("--no-privileges", help="--logical: do not restore grants")
+    ] = False,
+    no_roles: Annotated[
+        bool, typer.Option("--no-roles", help="--logical: do not create the backup's roles")
+    ] = False,
 ) -> None:
     """Point-in-time restore: a base backup (+ incremental) and archived WAL up to TIME, into a
-    new data directory, then start it (it keeps running; the command prints how to stop it)."""
+    new data directory, then start it (it keeps running; the command prints how to stop it).
+    With --logical: a logical backup restored as a database (new, or --replace), with its
+    roles, owners and grants."""
     from core.proc import free_port
-    from pipelines.restore import restore_to_time
+    from pipelines.restore import restore_database, restore_to_time
 
+    if logical:
+        settings = cli_settings()
+        require_services(settings, broker=False)
+        if not database:
+            fail("--logical needs --database NAME (new, or existing with --replace)")
+        if jobs < 1:
+            fail("--jobs must be at least 1")
+        done = _guarded(
+            restore_database,
+            settings,
+            database=database,
+            ref=backup,
+            replace=replace,
+            jobs=jobs,
+            owners=not no_owner,
+            privileges=not no_privileges,
+            roles=not no_roles,
+            storage=_storage(storage, settings),
+        )
+        for line in done.describe():
+            print(line)
+        return
     settings = cli_settings(adopt_running=False)
     target = parse_time(to) if to else None
     directory = data_dir or settings.data_dir / f"restore-{datetime.now(UTC):%Y%m%dT%H%M%S}"

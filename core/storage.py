@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
+from core.envelope import MAGIC, DecryptingReader, Encryptor, Keyring
 from core.settings import Settings, get_settings, redact_url
 
 PART_SIZE = 8 * 1024 * 1024  # S3 multipart part size; parts are at least 5 MiB except the last
@@ -58,6 +59,7 @@ class ObjectWriter(Protocol):
 
 class Storage(Protocol):
     url: str
+    keyring: Keyring | None  # set: objects are envelope-encrypted (core.envelope)
 
     # exclusive=True: publish only if no object has the key yet, atomically (no check-then-put
     # window); otherwise FileExistsError when the writer closes, and the existing object stays.
@@ -104,14 +106,91 @@ class _Hashing:
         return self.result
 
 
+class _SealingWriter:
+    """Encrypts on the way into a backend writer; the result (size, sha256) is the stored
+    ciphertext's, so a verify hashes what is stored without decrypting it."""
+
+    def __init__(self, raw: ObjectWriter, encryptor: Encryptor) -> None:
+        self._raw = raw
+        self._enc = encryptor
+        self.result: PutResult | None = None
+
+    def write(self, data: bytes) -> int:
+        if data:
+            sealed = self._enc.update(bytes(data))
+            if sealed:
+                self._raw.write(sealed)
+        return len(data)
+
+    def close(self) -> None:
+        self._raw.write(self._enc.finish())
+
+    def published(self) -> None:
+        self.result = self._raw.result
+
+
+class _Prefixed:
+    """A read() stream with a few already-read bytes put back in front."""
+
+    def __init__(self, head: bytes, raw: IO[bytes]) -> None:
+        self._head = head
+        self._raw = raw
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            if size is None or size < 0:
+                data, self._head = self._head + self._raw.read(), b""
+                return data
+            data, self._head = self._head[:size], self._head[size:]
+            return data
+        return self._raw.read(size)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
 class _Conveniences:
-    def writer(
+    # Client-side envelope encryption (TIDEMILL_ENCRYPTION_KEY): when set, objects are sealed
+    # on write; reads decrypt whatever is sealed and pass older plaintext objects through.
+    keyring: Keyring | None = None
+
+    def _raw_writer(
         self, key: str, *, storage_class: str | None = None, exclusive: bool = False
     ) -> contextlib.AbstractContextManager[ObjectWriter]:
         raise NotImplementedError
 
-    def open(self, key: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+    def _raw_open(self, key: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def writer(
+        self, key: str, *, storage_class: str | None = None, exclusive: bool = False
+    ) -> Iterator[ObjectWriter]:
+        with self._raw_writer(key, storage_class=storage_class, exclusive=exclusive) as raw:
+            if self.keyring is None:
+                yield raw
+                return
+            sealed = _SealingWriter(raw, Encryptor(self.keyring))
+            yield sealed
+            sealed.close()
+        sealed.published()  # the backend has committed: its size and sha256 are final
+
+    @contextlib.contextmanager
+    def open(self, key: str) -> Iterator[IO[bytes]]:
+        """The object's plaintext; an encrypted one is authenticated chunk by chunk as it is
+        read (EnvelopeError on a wrong key or damaged bytes)."""
+        with self._raw_open(key) as raw:
+            head = raw.read(len(MAGIC))
+            while len(head) < len(MAGIC) and (more := raw.read(len(MAGIC) - len(head))):
+                head += more
+            stream = _Prefixed(head, raw)
+            if head == MAGIC:
+                yield DecryptingReader(stream, self.keyring, name=key)  # type: ignore[misc]
+            else:
+                yield stream  # type: ignore[misc]
 
     def stat(self, key: str) -> ObjectInfo:
         raise NotImplementedError
@@ -127,8 +206,9 @@ class _Conveniences:
             return f.read()
 
     def sha256(self, key: str) -> str:
+        """Of the stored bytes (ciphertext when encrypted): what manifests record."""
         digest = hashlib.sha256()
-        with self.open(key) as f:
+        with self._raw_open(key) as f:
             while chunk := f.read(1024 * 1024):
                 digest.update(chunk)
         return digest.hexdigest()
@@ -162,7 +242,7 @@ class FileStorage(_Conveniences):
         return self.root / check_key(key)
 
     @contextlib.contextmanager
-    def writer(
+    def _raw_writer(
         self, key: str, *, storage_class: str | None = None, exclusive: bool = False
     ) -> Iterator[_FileWriter]:
         # storage_class has no meaning on a file system; accepted so callers need not care.
@@ -198,7 +278,7 @@ class FileStorage(_Conveniences):
             raise
 
     @contextlib.contextmanager
-    def open(self, key: str) -> Iterator[IO[bytes]]:
+    def _raw_open(self, key: str) -> Iterator[IO[bytes]]:
         with open(self._path(key), "rb") as fh:
             yield fh
 
@@ -275,6 +355,7 @@ class _S3Writer(_Hashing):
         self._store = store
         self._full_key = store._full_key(key)
         self._extra: dict[str, Any] = {"StorageClass": storage_class} if storage_class else {}
+        self._extra.update(store.sse)
         # a conditional write (S3 since 2024-08): refused with 412 if the key exists
         self._condition: dict[str, Any] = {"IfNoneMatch": "*"} if exclusive else {}
         self._buffer = bytearray()
@@ -355,11 +436,28 @@ class _S3Writer(_Hashing):
 
 
 class S3Storage(_Conveniences):
-    def __init__(self, url: str, bucket: str, prefix: str, *, endpoint_url: str | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        bucket: str,
+        prefix: str,
+        *,
+        endpoint_url: str | None,
+        sse: str | None = None,
+        sse_kms_key_id: str | None = None,
+    ) -> None:
         import boto3
         from botocore.config import Config
 
         self.url = url
+        # S3 server-side encryption on every write (and on storage-class copies)
+        self.sse: dict[str, str] = {}
+        if sse:
+            if sse not in ("AES256", "aws:kms"):
+                raise StorageError(f"TIDEMILL_S3_SSE={sse!r}: use AES256 or aws:kms")
+            self.sse["ServerSideEncryption"] = sse
+            if sse == "aws:kms" and sse_kms_key_id:
+                self.sse["SSEKMSKeyId"] = sse_kms_key_id
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
@@ -398,7 +496,7 @@ class S3Storage(_Conveniences):
             raise StorageError(f"{redact_url(self.url)} ({where}) unreachable: {exc}") from exc
 
     @contextlib.contextmanager
-    def writer(
+    def _raw_writer(
         self, key: str, *, storage_class: str | None = None, exclusive: bool = False
     ) -> Iterator[_S3Writer]:
         writer = _S3Writer(self, key, storage_class, exclusive=exclusive)
@@ -410,7 +508,7 @@ class S3Storage(_Conveniences):
             raise
 
     @contextlib.contextmanager
-    def open(self, key: str) -> Iterator[IO[bytes]]:
+    def _raw_open(self, key: str) -> Iterator[IO[bytes]]:
         with self._translate(key):
             answer = self._client.get_object(Bucket=self.bucket, Key=self._full_key(key))
         body = answer["Body"]
@@ -451,7 +549,11 @@ class S3Storage(_Conveniences):
                 {"Bucket": self.bucket, "Key": full_key},
                 self.bucket,
                 full_key,
-                ExtraArgs={"StorageClass": storage_class, "MetadataDirective": "COPY"},
+                ExtraArgs={
+                    "StorageClass": storage_class,
+                    "MetadataDirective": "COPY",
+                    **self.sse,
+                },
             )
 
     def sweep_incomplete(self, older_than: timedelta) -> int:
@@ -485,11 +587,35 @@ def open_storage(url: str | None = None, *, settings: Settings | None = None) ->
     settings = settings or get_settings()
     url = url or settings.storage_url
     parts = urlsplit(url)
+    store: FileStorage | S3Storage
     if parts.scheme == "file":
         path = Path((parts.netloc + parts.path) or ".").expanduser()
-        return FileStorage(url, path.resolve())
-    if parts.scheme == "s3":
+        store = FileStorage(url, path.resolve())
+    elif parts.scheme == "s3":
         if not parts.netloc:
             raise StorageError(f"{url}: an s3:// URL needs a bucket (s3://BUCKET/PREFIX)")
-        return S3Storage(url, parts.netloc, parts.path, endpoint_url=settings.s3_endpoint_url)
-    raise StorageError(f"{url}: storage URLs are file://PATH or s3://BUCKET/PREFIX")
+        store = S3Storage(
+            url,
+            parts.netloc,
+            parts.path,
+            endpoint_url=settings.s3_endpoint_url,
+            sse=getattr(settings, "s3_sse", None),
+            sse_kms_key_id=getattr(settings, "s3_sse_kms_key_id", None),
+        )
+    else:
+        raise StorageError(f"{url}: storage URLs are file://PATH or s3://BUCKET/PREFIX")
+    store.keyring = keyring_from_settings(settings)
+    return store
+
+
+def keyring_from_settings(settings: Settings) -> Keyring | None:
+    """The master keys from TIDEMILL_ENCRYPTION_KEY (+ _OLD_KEYS); None: no encryption."""
+    from core.envelope import EnvelopeError
+
+    current = getattr(settings, "encryption_key", None)
+    if not current:
+        return None
+    try:
+        return Keyring.from_text(current, getattr(settings, "encryption_old_keys", None))
+    except EnvelopeError as exc:
+        raise StorageError(f"TIDEMILL_ENCRYPTION_KEY: {exc}") from None

@@ -238,6 +238,10 @@ class EmbeddedPostgres:
             self._prepare_archive_dir(self.archive.storage_url)
             for name, value in self.archive.server_options().items():
                 extra += ["-c", f"{name}={value}"]
+        else:
+            # WAL summaries cost one small background process; without them
+            # `backup base --incremental` cannot run at all (PostgreSQL 17+).
+            extra += ["-c", "summarize_wal=on"]
         logf = open(self.logfile, "ab")  # noqa: SIM115 - handed to the child
         self.proc = spawn(
             [

@@ -748,6 +748,9 @@ class BackupDrill(Base):
     tables_checked: Mapped[int | None]
     mismatches: Mapped[dict[str, Any] | None]
     error: Mapped[str | None]
+    # issue #16: per-table checksums of the restored copy; what `backup verify` found
+    checksums: Mapped[dict[str, Any] | None]
+    verify_problems: Mapped[list[Any] | None] = mapped_column(JSONB)
 
 
 # ---- issue #8: dashboard (accounts, login attempts, ...) ----

@@ -21,11 +21,13 @@ truth (a point-in-time restore must work when the database is gone).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
 import queue
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -48,6 +50,7 @@ log = get_logger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "tidemill-backup/1"
 DUMP_NAME = "dump.pgc.zst"
+GLOBALS_NAME = "globals.sql.zst"
 KINDS = ("full", "base", "incremental")
 CHUNK = 1024 * 1024
 
@@ -343,6 +346,7 @@ def zstd_threads(settings: Settings) -> int:
     return -1 if settings.backup_zstd_threads == 0 else settings.backup_zstd_threads
 
 
+@functools.cache
 def tool_version(name: str) -> str:
     out = subprocess.run([postgres_bin(name), "--version"], capture_output=True, text=True)
     return out.stdout.strip() or out.stderr.strip()
@@ -460,6 +464,103 @@ def count_rows(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return counts
 
 
+# Row text must not depend on the session: the same settings at backup and at drill time.
+_CANONICAL_TEXT = (
+    "SET LOCAL DateStyle = 'ISO, YMD'",
+    "SET LOCAL TimeZone = 'UTC'",
+    "SET LOCAL IntervalStyle = 'postgres'",
+    "SET LOCAL extra_float_digits = 3",
+    "SET LOCAL bytea_output = 'hex'",
+)
+
+
+def _sample_columns(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], str]:
+    """Each table's first primary-key column: the sample is chosen by its value, so the same
+    rows are sampled in the backup and in any restored copy, whatever their physical order."""
+    rows = conn.execute(
+        """SELECT n.nspname, c.relname, a.attname
+           FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]
+           WHERE i.indisprimary"""
+    ).fetchall()
+    return {(r[0], r[1]): r[2] for r in rows}
+
+
+def table_checksums(conn: psycopg.Connection[Any], *, sample: int = 1) -> dict[str, dict[str, Any]]:
+    """Per user table: the exact row count and an order-independent checksum of the rows' text
+    (the sum of their 64-bit hashes: equal contents give equal sums whatever the physical
+    order). ``sample`` = N > 1 checksums the rows whose primary key hashes to 0 mod N (about
+    1 in N; tables without a primary key: every row), in the same single scan as the count:
+    the row-to-text conversion is what costs, as much again as pg_dump's own. Runs in the
+    caller's transaction (the dump's snapshot at backup time)."""
+    for statement in _CANONICAL_TEXT:
+        conn.execute(statement)
+    keys = _sample_columns(conn) if sample > 1 else {}
+    out: dict[str, dict[str, Any]] = {}
+    for schema, table in _user_tables(conn):
+        column = keys.get((schema, table))
+        where = (
+            sql.SQL(" FILTER (WHERE hashtextextended(t.{}::text, 0) % {} = 0)").format(
+                sql.Identifier(column), sql.Literal(sample)
+            )
+            if column
+            else sql.SQL("")
+        )
+        row = conn.execute(
+            sql.SQL(
+                "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)){}, 0)::text "
+                "FROM ONLY {}.{} AS t"
+            ).format(where, sql.Identifier(schema), sql.Identifier(table))
+        ).fetchone()
+        assert row is not None
+        out[f"{schema}.{table}"] = {"rows": int(row[0]), "sum": str(row[1])}
+    return out
+
+
+def _checksums_in_snapshot(
+    url: str, snapshot: str, into: dict[str, Any], *, sample: int
+) -> threading.Thread:
+    """Checksum every table on a second connection that imports the dump's snapshot, while
+    pg_dump streams: the scan overlaps the dump instead of following it."""
+
+    def run() -> None:
+        try:
+            with psycopg.connect(url) as conn:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+                into["tables"] = table_checksums(conn, sample=sample)
+        except BaseException as exc:  # raised by the caller after join()
+            into["error"] = exc
+
+    thread = threading.Thread(target=run, name="table-checksums", daemon=True)
+    thread.start()
+    return thread
+
+
+def _into(box: dict[str, Any], fn: Any, *args: Any) -> None:
+    try:
+        box["value"] = fn(*args)
+    except BaseException as exc:  # re-raised by the thread's joiner
+        box["error"] = exc
+
+
+def _dump_globals(url: str, level: int) -> bytes:
+    """Roles and tablespaces (pg_dumpall --globals-only): a database restored elsewhere keeps
+    its owners and grants only if their roles exist there."""
+    argv = [postgres_bin("pg_dumpall"), "--globals-only", f"--dbname={url}"]
+    out = subprocess.run(argv, capture_output=True)
+    if out.returncode != 0 and b"permission denied" in out.stderr:
+        # not a superuser: role passwords cannot be read, the roles still can
+        out = subprocess.run([*argv, "--no-role-passwords"], capture_output=True)
+    if out.returncode != 0:
+        raise BackupError(
+            f"pg_dumpall --globals-only exited with {out.returncode}: "
+            f"{out.stderr.decode(errors='replace').strip()[-300:]}"
+        )
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(out.stdout)
+
+
 def run_full_backup(
     settings: Settings | None = None,
     *,
@@ -530,10 +631,24 @@ def _dump(
             raise BackupBusy("another logical backup of this database is running")
         row = snap.execute(
             """SELECT pg_export_snapshot(), now(), current_database(),
-                      pg_database_size(current_database()), current_setting('server_version')"""
+                      pg_database_size(current_database()), current_setting('server_version'),
+                      pg_get_userbyid(datdba)
+               FROM pg_database WHERE datname = current_database()"""
         ).fetchone()
         assert row is not None
-        snapshot, data_at, dbname, db_size, server_version = row
+        snapshot, data_at, dbname, db_size, server_version, db_owner = row
+        sums: dict[str, Any] = {}
+        sample = settings.backup_checksum_sample
+        summer = _checksums_in_snapshot(url, snapshot, sums, sample=sample)
+        # roles are dumped meanwhile too: a process spawn and a round trip off the clock
+        roles: dict[str, Any] = {}
+        dumper = threading.Thread(
+            target=_into,
+            args=(roles, _dump_globals, url, settings.backup_zstd_level),
+            name="globals",
+            daemon=True,
+        )
+        dumper.start()
         argv = [
             postgres_bin("pg_dump"),
             "--format=custom",
@@ -555,10 +670,18 @@ def _dump(
             if proc.wait() != 0:
                 raise BackupError(child_error("pg_dump", proc, errors))
             sink.close()
-        # The dump has imported the snapshot long ago; counting in it now is consistent.
-        tables = count_rows(snap)
+        summer.join()
+        if "error" in sums:
+            raise BackupError(f"table checksums failed: {sums['error']}")
     put = out.result
     assert put is not None
+    checksums: dict[str, dict[str, Any]] = sums["tables"]
+    tables = {name: c["rows"] for name, c in checksums.items()}
+    dumper.join()
+    if "error" in roles:
+        raise roles["error"]
+    # stored only now: a failed dump leaves no stray object in its folder
+    globals_put = storage.put_bytes(f"{folder}/{GLOBALS_NAME}", roles["value"])
     finished = datetime.now(UTC)
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
@@ -566,6 +689,7 @@ def _dump(
         "backup_id": backup_id,
         "reason": reason,
         "database": dbname,
+        "database_owner": db_owner,
         "database_size_bytes": int(db_size),
         "started_at": started.isoformat(),
         "finished_at": finished.isoformat(),
@@ -573,8 +697,19 @@ def _dump(
         "duration_s": round(time.monotonic() - t0, 3),
         "raw_bytes": sink.raw_bytes,
         "compression": {"codec": "zstd", "level": settings.backup_zstd_level},
-        "objects": [{"key": put.key, "size": put.size, "sha256": put.sha256, "role": "dump"}],
+        "objects": [
+            {"key": put.key, "size": put.size, "sha256": put.sha256, "role": "dump"},
+            {
+                "key": globals_put.key,
+                "size": globals_put.size,
+                "sha256": globals_put.sha256,
+                "role": "globals",
+            },
+        ],
         "tables": tables,
+        "checksums": {name: c["sum"] for name, c in checksums.items()},
+        "checksum_sample": sample,
+        "encryption": _encryption_note(storage),
         "tools": {
             "server": server_version,
             "pg_dump": tool_version("pg_dump"),
@@ -597,6 +732,11 @@ def _dump(
     )
 
 
+def _encryption_note(storage: Storage) -> dict[str, str] | None:
+    keyring = getattr(storage, "keyring", None)
+    return {"key_id": keyring.current_id.hex(), "cipher": "AES-256-GCM"} if keyring else None
+
+
 def write_manifest(storage: Storage, folder: str, manifest: dict[str, Any]) -> str:
     """Written last, in one small object: its presence is what makes a backup complete."""
     key = f"{folder}/{MANIFEST}"
@@ -613,11 +753,20 @@ def restore_logical(
     target_url: str,
     *,
     verify_first: bool = True,
+    jobs: int = 1,
+    owners: bool = True,
+    privileges: bool = True,
+    roles: bool = True,
+    scratch_dir: str | None = None,
 ) -> float:
     """Restore a complete logical backup into the (empty) database at ``target_url``.
 
-    The stored object is hashed first and refused if it differs from the manifest: a
-    corrupted dump is never half-restored. Returns the seconds spent (verify + restore).
+    Every object is hashed first and refused if it differs from the manifest: a corrupted
+    dump is never half-restored. ``roles``: the backup's roles (pg_dumpall --globals-only) are
+    created on the target server first (existing ones are left as they are), so ``owners``
+    and ``privileges`` (kept unless asked otherwise) can be restored. ``jobs`` > 1 restores
+    tables and builds indexes in parallel like ``pg_restore -j``, which needs a seekable file:
+    the dump is decompressed into ``scratch_dir`` first (and removed after). Returns seconds.
     """
     if entry.manifest is None:
         raise IncompleteBackup(f"{entry.folder} has no manifest; it cannot be restored")
@@ -626,26 +775,71 @@ def restore_logical(
     t0 = time.monotonic()
     if verify_first:
         verify(storage, entry.manifest)
-    key = entry.manifest["objects"][0]["key"]
-    argv = [
-        postgres_bin("pg_restore"),
-        "--no-owner",
-        "--no-privileges",
-        "--exit-on-error",
-        f"--dbname={libpq_url(target_url)}",
-    ]
+    objects = {o.get("role", "dump"): o for o in entry.manifest["objects"]}
+    if roles and "globals" in objects:
+        restore_globals(storage, objects["globals"]["key"], target_url)
+    key = objects["dump"]["key"]
+    argv = [postgres_bin("pg_restore"), "--exit-on-error", f"--dbname={libpq_url(target_url)}"]
+    if not owners:
+        argv.append("--no-owner")
+    if not privileges:
+        argv.append("--no-privileges")
+    if jobs > 1:
+        with tempfile.TemporaryDirectory(prefix="tidemill-restore-", dir=scratch_dir) as tmp:
+            path = os.path.join(tmp, "dump.pgc")
+            with storage.open(key) as raw, open(path, "wb") as fh:
+                _decompress(raw, fh.write, key)
+            out = subprocess.run([*argv, f"--jobs={jobs}", path], capture_output=True)
+            if out.returncode != 0:
+                text = out.stderr.decode(errors="replace").strip()
+                last = text.splitlines()[-1] if text else "(no output)"
+                raise BackupError(f"pg_restore exited with {out.returncode}: {last}")
+        return time.monotonic() - t0
     with (
         storage.open(key) as raw,
         child(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as (proc, errors),
     ):
         assert proc.stdin is not None
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
         try:
-            while chunk := reader.read(CHUNK):
-                proc.stdin.write(chunk)
+            _decompress(raw, proc.stdin.write, key)
             proc.stdin.close()
         except BrokenPipeError:
             pass  # pg_restore stopped early: its exit status and stderr say why
         if proc.wait() != 0:
             raise BackupError(child_error("pg_restore", proc, errors))
     return time.monotonic() - t0
+
+
+def _decompress(raw: IO[bytes], write: Any, key: str) -> None:
+    from core.envelope import EnvelopeError
+
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    try:
+        while chunk := reader.read(CHUNK):
+            write(chunk)
+    except (zstandard.ZstdError, EnvelopeError) as exc:
+        raise ChecksumMismatch(f"{key} is damaged: {exc}") from exc
+
+
+def restore_globals(storage: Storage, key: str, target_url: str) -> None:
+    """Create the backup's roles on the target server; roles that exist already are kept
+    (their "already exists" errors are expected), any other error fails the restore."""
+    from core.envelope import EnvelopeError
+
+    try:
+        with storage.open(key) as raw:
+            text = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True).read()
+    except (zstandard.ZstdError, EnvelopeError) as exc:
+        raise ChecksumMismatch(f"{key} is damaged: {exc}") from exc
+    out = subprocess.run(
+        [postgres_bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=0", "-d", libpq_url(target_url)],
+        input=text,
+        capture_output=True,
+    )
+    errors = [
+        line
+        for line in out.stderr.decode(errors="replace").splitlines()
+        if "ERROR:" in line and "already exists" not in line
+    ]
+    if out.returncode != 0 or errors:
+        raise BackupError(f"restoring roles failed: {(errors or ['psql failed'])[0].strip()}")

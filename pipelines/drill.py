@@ -29,6 +29,7 @@ from pipelines.backup import (
     count_rows,
     find_backup,
     restore_logical,
+    table_checksums,
 )
 
 log = get_logger(__name__)
@@ -45,6 +46,8 @@ class DrillResult:
     mismatches: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     kind: str = "logical"  # or "physical": a base backup restored into a scratch cluster
+    checksums: dict[str, Any] = field(default_factory=dict)  # of the restored copy
+    verify_problems: list[str] = field(default_factory=list)  # from `backup verify`
 
     def summary(self) -> str:
         if self.status == "passed" and self.kind == "physical":
@@ -57,7 +60,7 @@ class DrillResult:
             return (
                 f"drill passed: {self.backup} restored in {self.restore_seconds:.1f}s "
                 f"(RTO), data {self.data_age_seconds:.0f}s old (RPO), "
-                f"{self.tables_checked} tables match"
+                f"{self.tables_checked} tables match (rows and checksums), verify OK"
             )
         detail = self.error or f"{len(self.mismatches)} table(s) differ: {self.mismatches}"
         return f"drill FAILED on {self.backup or '(no backup)'}: {detail}"
@@ -129,6 +132,8 @@ def run_drill(
             result.backup = entry.folder
             actual = _logical_restore(storage, entry, result, database_url, drill_id)
         _finish_counts(result, entry, actual, drill_started, need_counts=not physical)
+        _compare_checksums(result, entry)
+        _run_verify(result, storage)
     except Exception as exc:  # a failed drill is recorded, not raised
         result.status = "failed"
         result.error = str(exc) or type(exc).__name__
@@ -167,8 +172,11 @@ def _logical_restore(
     try:
         target = _scratch_url(database_url, scratch)
         result.restore_seconds = restore_logical(storage, entry, target)
-        with psycopg.connect(target, autocommit=True) as conn:
-            return count_rows(conn)
+        assert entry.manifest is not None
+        with psycopg.connect(target) as conn:
+            sums = table_checksums(conn, sample=int(entry.manifest.get("checksum_sample") or 1))
+        result.checksums = {name: c["sum"] for name, c in sums.items()}
+        return {name: c["rows"] for name, c in sums.items()}
     finally:
         with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
             conn.execute(
@@ -234,6 +242,37 @@ def _finish_counts(
         result.error = f"row counts differ in {len(result.mismatches)} table(s)"
 
 
+def _compare_checksums(result: DrillResult, entry: CatalogEntry) -> None:
+    """Contents, not only counts: every table's checksum against the one taken in the dump's
+    snapshot (manifests from before checksums existed have none: counts only)."""
+    assert entry.manifest is not None
+    expected = entry.manifest.get("checksums") or {}
+    if not expected or not result.checksums:
+        return
+    differ = {
+        table: {"expected_checksum": want, "actual_checksum": result.checksums.get(table)}
+        for table, want in expected.items()
+        if result.checksums.get(table) != want
+    }
+    if differ:
+        result.mismatches.update(differ)
+        result.status = "failed"
+        result.error = f"table contents differ in {len(differ)} table(s)"
+
+
+def _run_verify(result: DrillResult, storage: Storage) -> None:
+    """The drill also runs `backup verify`: every other backup and the WAL chain."""
+    from pipelines.backup_verify import verify_storage
+
+    report = verify_storage(storage)
+    result.verify_problems = [p.line() for p in report.problems]
+    if report.problems and result.status == "passed":
+        result.status = "failed"
+        result.error = f"backup verify found {len(report.problems)} problem(s): " + "; ".join(
+            result.verify_problems[:3]
+        )
+
+
 def _pick(storage: Storage, ref: str | None) -> CatalogEntry:
     if ref is not None:
         entry = find_backup(storage, ref)
@@ -263,7 +302,8 @@ def _record(
                  backup_id = (SELECT id FROM backups WHERE id = %(backup_id)s),
                  finished_at = now(), status = %(status)s,
                  restore_seconds = %(restore_seconds)s, data_age_seconds = %(data_age)s,
-                 tables_checked = %(tables)s, mismatches = %(mismatches)s, error = %(error)s
+                 tables_checked = %(tables)s, mismatches = %(mismatches)s, error = %(error)s,
+                 checksums = %(checksums)s, verify_problems = %(verify_problems)s
                WHERE id = %(id)s""",
             {
                 "backup_id": backup_id,
@@ -273,6 +313,8 @@ def _record(
                 "tables": result.tables_checked,
                 "mismatches": Jsonb(recorded) if recorded else None,
                 "error": result.error[:2000] if result.error else None,
+                "checksums": Jsonb(result.checksums) if result.checksums else None,
+                "verify_problems": Jsonb(result.verify_problems),
                 "id": result.drill_id,
             },
         )

@@ -20,11 +20,12 @@ different bytes it fails loudly: two clusters writing into one archive, or a cor
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import json
 import os
 import re
+import struct
 import subprocess
 import tempfile
 import time
@@ -37,7 +38,7 @@ import zstandard
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
-from core.storage import FileStorage, Storage, open_storage
+from core.storage import Storage, open_storage
 from db.embedded import postgres_bin
 from db.engine import libpq_url
 from pipelines.backup import (
@@ -117,16 +118,68 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stored_wal_sha256(storage: Storage, key: str) -> str:
-    digest = hashlib.sha256()
-    with storage.open(key) as raw:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        try:
-            while chunk := reader.read(CHUNK):
-                digest.update(chunk)
-        except zstandard.ZstdError as exc:
-            raise WalCorrupt(f"{key} is corrupt: {exc}") from exc
-    return digest.hexdigest()
+# A zstd skippable frame closes every archived WAL object: the sha256 and size of the
+# uncompressed file, recorded at push. Decompressors skip it; fetch and verify check the
+# content against it, so a truncated object (even one cut exactly at a frame's end, which zstd
+# alone does not notice) or a flipped byte is refused before PostgreSQL sees a byte.
+_TRAILER_MAGIC = struct.pack("<I", 0x184D2A5E)
+_TRAILER_TAG = b"TMWAL1"
+_TRAILER_LEN = 4 + 4 + len(_TRAILER_TAG) + 32 + 8
+HEAD_KEY = f"{WAL_PREFIX}head.json"
+
+
+def wal_trailer(sha256_hex: str, size: int) -> bytes:
+    payload = _TRAILER_TAG + bytes.fromhex(sha256_hex) + struct.pack("<Q", size)
+    return _TRAILER_MAGIC + struct.pack("<I", len(payload)) + payload
+
+
+def split_trailer(blob: bytes, key: str) -> tuple[bytes, str, int]:
+    """(zstd frames, sha256, size) of an archived WAL object; WalCorrupt when the trailer is
+    missing (the object is cut off, or was not written by `tidemill wal push`)."""
+    tail = blob[-_TRAILER_LEN:]
+    if (
+        len(blob) < _TRAILER_LEN
+        or not tail.startswith(_TRAILER_MAGIC)
+        or tail[8 : 8 + len(_TRAILER_TAG)] != _TRAILER_TAG
+    ):
+        raise WalCorrupt(f"{key} is truncated or damaged: its checksum trailer is missing")
+    digest = tail[8 + len(_TRAILER_TAG) : 8 + len(_TRAILER_TAG) + 32].hex()
+    (size,) = struct.unpack("<Q", tail[-8:])
+    return blob[:-_TRAILER_LEN], digest, size
+
+
+def read_wal_object(storage: Storage, key: str) -> bytes:
+    """The uncompressed content of an archived WAL object, checked against its trailer (and,
+    when encrypted, every chunk's GCM tag). WalCorrupt on any damage."""
+    from core.envelope import EnvelopeError
+
+    try:
+        with storage.open(key) as raw:
+            blob = raw.read()
+    except EnvelopeError as exc:
+        raise WalCorrupt(str(exc)) from exc
+    frames, want_sha, want_size = split_trailer(blob, key)
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(frames), read_across_frames=True
+        )
+        data = reader.read()
+    except zstandard.ZstdError as exc:
+        raise WalCorrupt(f"{key} is corrupt: {exc}") from exc
+    if len(data) != want_size or hashlib.sha256(data).hexdigest() != want_sha:
+        raise WalCorrupt(
+            f"{key} is corrupt: {len(data)} bytes with another sha256 than the {want_size} "
+            "recorded when it was archived"
+        )
+    return data
+
+
+def _stored_wal_sha256(storage: Storage, key: str) -> str | None:
+    """The archived object's content checksum; None when it is unreadable or damaged."""
+    try:
+        return hashlib.sha256(read_wal_object(storage, key)).hexdigest()
+    except WalCorrupt:
+        return None
 
 
 def push_wal(storage: Storage, path: Path, name: str, *, level: int = 1) -> str:
@@ -142,15 +195,62 @@ def push_wal(storage: Storage, path: Path, name: str, *, level: int = 1) -> str:
         raise BackupError(f"{path} does not exist or is not a file")
     if storage.exists(key):
         return _same_or_conflict(storage, path, name, key)
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+    data = path.read_bytes()  # one segment (16 MiB by default): hashed and compressed whole
+    digest = hashlib.sha256(data).hexdigest()
+    body = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
     try:
-        with open(path, "rb") as fh, storage.writer(key, exclusive=True) as out:
-            cctx.copy_stream(fh, cast(IO[bytes], out), read_size=CHUNK, write_size=CHUNK)
+        with storage.writer(key, exclusive=True) as out:
+            out.write(body)
+            out.write(wal_trailer(digest, len(data)))
     except FileExistsError:  # archived by someone else after our check
         log.warning("wal_archived_concurrently", wal=name)
         return _same_or_conflict(storage, path, name, key)
     log.info("wal_archived", wal=name, key=key)
+    if _SEGMENT.match(name):
+        _advance_head(storage, name)
     return "stored"
+
+
+_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+
+
+def read_head(storage: Storage) -> dict[str, dict[str, str]]:
+    """Per timeline, the first and the newest segment ever pushed: the archive's own record
+    of what it must hold, so a missing last segment is noticed, not taken for the end."""
+    try:
+        head = json.loads(storage.get_bytes(HEAD_KEY))
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:  # damaged: fetch must not trust it, verify reports it
+        raise WalCorrupt(f"{HEAD_KEY} is unreadable: {exc}") from exc
+    return {str(k): dict(v) for k, v in head.get("timelines", {}).items()}
+
+
+def _advance_head(storage: Storage, name: str) -> None:
+    # One archiver per cluster pushes in order, so read-modify-write is enough; a lost update
+    # only leaves the head behind (less checking, never a false alarm).
+    try:
+        head = read_head(storage)
+    except WalCorrupt:
+        head = {}
+    timeline = head.get(name[:8])
+    if timeline is None:
+        head[name[:8]] = {"first": name, "last": name}
+    elif name[8:] < timeline["first"][8:]:
+        timeline["first"] = name
+    elif name[8:] > timeline["last"][8:]:
+        timeline["last"] = name
+    else:
+        return
+    storage.put_bytes(HEAD_KEY, json.dumps({"timelines": head}, sort_keys=True).encode())
+
+
+def expected_in_archive(head: dict[str, dict[str, str]], name: str) -> bool:
+    """True when the head says ``name`` was pushed (so its absence is damage, not the end)."""
+    if not _SEGMENT.match(name):
+        return False
+    timeline = head.get(name[:8])
+    return bool(timeline and timeline["first"][8:] <= name[8:] <= timeline["last"][8:])
 
 
 def _same_or_conflict(storage: Storage, path: Path, name: str, key: str) -> str:
@@ -167,35 +267,39 @@ def _same_or_conflict(storage: Storage, path: Path, name: str, key: str) -> str:
 
 
 def fetch_wal(storage: Storage, name: str, dest: Path) -> bool:
-    """Restore one WAL file to ``dest``; False only when the archive does not have it.
+    """Restore one WAL file to ``dest``; False only when the archive does not have it and
+    never had it (past the newest pushed segment).
 
-    Anything else (storage unreachable or denied, an unreadable object, a local write error)
-    raises: ``tidemill wal fetch`` turns that into an exit code that makes recovery abort,
-    because "not archived" is how PostgreSQL learns that it has reached the end of the archive.
+    Anything else (storage unreachable or denied, a damaged or truncated object, a segment
+    missing below the archive's head, a local write error) raises: ``tidemill wal fetch``
+    turns that into an exit code that makes recovery abort, because "not archived" is how
+    PostgreSQL learns that it has reached the end of the archive.
     """
     key = wal_key(name)
+    try:
+        data = read_wal_object(storage, key)
+    except FileNotFoundError:
+        root = getattr(storage, "root", None)
+        if isinstance(root, Path) and not root.is_dir():
+            # the whole archive is missing (unmounted volume, wrong path): not its end
+            raise BackupError(f"WAL archive {root} does not exist") from None
+        if expected_in_archive(read_head(storage), name):
+            log.error("wal_missing", wal=name, key=key)
+            raise WalCorrupt(
+                f"{key} is missing, but the archive recorded newer segments: the WAL chain "
+                "has a gap; recovery stops here instead of ending early"
+            ) from None
+        return False
+    except WalCorrupt as exc:
+        log.error("wal_corrupt", wal=name, key=key, error=str(exc))
+        raise
     tmp = dest.with_name(f".{dest.name}.tidemill-tmp")
-    with contextlib.ExitStack() as stack:
-        try:
-            raw = stack.enter_context(storage.open(key))
-        except FileNotFoundError:
-            if isinstance(storage, FileStorage) and not storage.root.is_dir():
-                # the whole archive is missing (unmounted volume, wrong path): not its end
-                raise BackupError(f"WAL archive {storage.root} does not exist") from None
-            return False
-        try:
-            with open(tmp, "wb") as fh:
-                reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-                while chunk := reader.read(CHUNK):
-                    fh.write(chunk)
-            os.replace(tmp, dest)
-        except zstandard.ZstdError as exc:
-            tmp.unlink(missing_ok=True)
-            log.error("wal_corrupt", wal=name, key=key, error=str(exc))
-            raise WalCorrupt(f"{key} is corrupt: {exc}") from exc
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return True
 
 

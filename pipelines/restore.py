@@ -38,7 +38,7 @@ from db.embedded import (
     tidemill_command,
 )
 from pipelines.backup import BackupError, CatalogEntry, catalog, verify
-from pipelines.physical import WAL_PREFIX, wal_position
+from pipelines.physical import WAL_PREFIX, read_head, wal_position
 
 log = get_logger(__name__)
 
@@ -61,8 +61,32 @@ class RestoreResult:
         lines.append(f"recovered to {self.target.isoformat() if self.target else 'end of WAL'}")
         if self.started:
             lines.append(f"running at {self.url} ({self.seconds:.1f}s)")
-            lines.append(f"stop it with: {postgres_bin('pg_ctl')} -D {self.data_dir} stop")
+            lines.append(f"stop it with: {stop_instruction(self.data_dir)}")
         return lines
+
+
+def stop_instruction(data_dir: Path) -> str:
+    """The command that stops a restored server, runnable as whoever ran the restore: under
+    root the server runs as the Postgres system user, and pg_ctl refuses to run as root."""
+    command = f"{shlex.quote(postgres_bin('pg_ctl'))} -D {shlex.quote(str(data_dir))} stop"
+    user = pg_system_user()
+    if user is None:
+        return command
+    import pwd
+
+    name = pwd.getpwuid(user[0]).pw_name
+    return f"su -s /bin/sh {shlex.quote(name)} -c {shlex.quote(command)}"
+
+
+def _check_port(port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise BackupError(f"port {port} is already in use; pick another with --port") from None
 
 
 def plan_restore(entries: list[CatalogEntry], target: datetime | None) -> list[CatalogEntry]:
@@ -90,7 +114,10 @@ def _segno(position: str, per_log: int) -> int:
 
 
 def check_wal_coverage(
-    chain: list[CatalogEntry], wal: Sequence[ObjectInfo], target: datetime | None
+    chain: list[CatalogEntry],
+    wal: Sequence[ObjectInfo],
+    target: datetime | None,
+    head: dict[str, dict[str, str]] | None = None,
 ) -> None:
     """Refuse, before anything is extracted, a restore whose archived WAL has a hole.
 
@@ -116,9 +143,13 @@ def check_wal_coverage(
         no = _segno(position, per_log)
         if no > end_no:
             archived.setdefault(no, info)
-    if not archived:
+    # The archive head records the newest segment ever pushed: a missing last segment is a
+    # gap, not the end of the archive.
+    pushed = (head or {}).get(end[:8], {}).get("last")
+    pushed_no = _segno(pushed[8:24], per_log) if pushed else None
+    if not archived and (pushed_no is None or pushed_no <= end_no):
         return  # nothing archived after the base: it restores to its own end
-    newest = max(archived)
+    newest = max([*archived, *([pushed_no] if pushed_no is not None else [])])
     need_to = newest
     if target is not None:
         after = [
@@ -141,8 +172,9 @@ def check_wal_coverage(
         raise BackupError(
             f"cannot restore {last.folder} to {when}: {len(missing)} WAL segment(s) after the "
             f"backup are missing from the archive (first missing: log/segment "
-            f"{name(missing[0])}, needed through {name(need_to)}); WAL retention has probably "
-            "pruned them. Pick a newer base backup or a --to within the kept WAL."
+            f"{name(missing[0])}, needed through {name(need_to)}); WAL retention pruned them, "
+            "or they were lost (see `tidemill backup verify`). Pick a newer base backup or a "
+            "--to within the kept WAL."
         )
 
 
@@ -188,11 +220,13 @@ def restore_to_time(
     data_dir = data_dir.resolve()
     if data_dir.exists() and any(data_dir.iterdir()):
         raise BackupError(f"{data_dir} is not empty; restore into a new data directory")
+    if start:
+        _check_port(port)  # before minutes of extraction, not after
     chain = plan_restore(catalog(storage, kinds=("base", "incremental")), target)
     if immediate:
         target = None
     else:
-        check_wal_coverage(chain, list(storage.list(WAL_PREFIX)), target)
+        check_wal_coverage(chain, list(storage.list(WAL_PREFIX)), target, read_head(storage))
     log.info(
         "restore_started",
         chain=[e.folder for e in chain],
@@ -235,7 +269,16 @@ def restore_to_time(
         make_runnable_by_pg_user()
     result = RestoreResult(data_dir, port, chain, target, False, 0.0)
     if start:
-        start_restored(result, timeout=timeout)
+        try:
+            start_restored(result, timeout=timeout)
+        except BaseException as exc:
+            # A server that could not finish recovery (a damaged or missing WAL segment, a
+            # port taken meanwhile) leaves a half-recovered directory: stop it, remove it.
+            log.error("restore_failed", data_dir=str(data_dir), error=str(exc))
+            if (data_dir / "postmaster.pid").exists():
+                stop_restored(data_dir)
+            shutil.rmtree(data_dir, ignore_errors=True)
+            raise
         result.started = True
     result.seconds = time.monotonic() - t0
     log.info("restore_complete", data_dir=str(data_dir), port=port, seconds=result.seconds)
@@ -374,3 +417,124 @@ def _log_tail(path: Path) -> str:
         return "(no log)"
     important = [line for line in lines if "FATAL" in line or "ERROR" in line]
     return " | ".join((important or lines)[-3:])
+
+
+# ---------------------------------------------------------------------------- logical restore
+
+
+@dataclass
+class LogicalRestoreResult:
+    backup: str
+    database: str
+    replaced: bool
+    seconds: float
+
+    def describe(self) -> list[str]:
+        verb = "replaced" if self.replaced else "created"
+        return [
+            f"restored {self.backup} into database {self.database} ({verb}, {self.seconds:.1f}s)"
+        ]
+
+
+def _server_url(database_url: str, name: str) -> str:
+    from urllib.parse import urlsplit
+
+    from db.engine import libpq_url
+
+    return urlsplit(libpq_url(database_url))._replace(path=f"/{name}").geturl()
+
+
+def restore_database(
+    settings: Settings | None = None,
+    *,
+    database: str,
+    ref: str | None = None,
+    replace: bool = False,
+    jobs: int = 1,
+    owners: bool = True,
+    privileges: bool = True,
+    roles: bool = True,
+    storage: Storage | None = None,
+    server_url: str | None = None,
+) -> LogicalRestoreResult:
+    """Restore a logical backup (``ref``, default the newest complete one) as ``database`` on
+    the server of ``server_url`` (default DATABASE_URL).
+
+    A new database is created; an existing one is refused unless ``replace``. Replacing
+    restores into a fresh database first and swaps names only once that succeeded: a failed
+    restore never costs the database it meant to replace.
+    """
+    from psycopg import sql
+
+    from db.engine import libpq_url
+    from pipelines.backup import find_backup, restore_logical
+
+    settings = settings or get_settings()
+    storage = storage or open_storage(settings=settings)
+    server_url = server_url or settings.database_url
+    if not server_url:
+        raise BackupError("DATABASE_URL is unset: name the server to restore into")
+    if not database or len(database) > 50 or "\0" in database:
+        raise BackupError(f"{database!r} is not a usable database name")
+    if ref is not None:
+        entry = find_backup(storage, ref)
+    else:
+        fulls = [e for e in catalog(storage, kinds=("full",)) if e.complete]
+        if not fulls:
+            raise BackupError("no complete logical backup in storage")
+        entry = fulls[-1]
+    if entry.kind != "full" or not entry.complete:
+        raise BackupError(f"{entry.folder} is not a complete logical backup")
+    assert entry.manifest is not None
+    admin = libpq_url(server_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
+        ).fetchone()
+    if exists and not replace:
+        raise BackupError(f"database {database} exists; pass --replace to replace it")
+    work = f"{database}_restoring_{int(time.time())}" if exists else database
+    owner = entry.manifest.get("database_owner")
+    t0 = time.monotonic()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(work)))
+    log.info("logical_restore_started", backup=entry.folder, database=database, jobs=jobs)
+    try:
+        restore_logical(
+            storage,
+            entry,
+            _server_url(server_url, work),
+            jobs=jobs,
+            owners=owners,
+            privileges=privileges,
+            roles=roles,
+            scratch_dir=str(settings.data_dir) if settings.data_dir.is_dir() else None,
+        )
+        with psycopg.connect(admin, autocommit=True) as conn:
+            if owners and owner:
+                role = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (owner,))
+                if role.fetchone():
+                    conn.execute(
+                        sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                            sql.Identifier(work), sql.Identifier(owner)
+                        )
+                    )
+            if exists:
+                conn.execute(
+                    sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(database))
+                )
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                        sql.Identifier(work), sql.Identifier(database)
+                    )
+                )
+    except BaseException as exc:
+        log.error("logical_restore_failed", backup=entry.folder, database=database, error=str(exc))
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(work))
+            )
+        raise
+    seconds = time.monotonic() - t0
+    log.info("logical_restore_complete", backup=entry.folder, database=database, seconds=seconds)
+    return LogicalRestoreResult(entry.folder, database, bool(exists), seconds)

@@ -71,8 +71,11 @@ def test_full_backup_streams_dump_and_writes_manifest_last(sql, db, store_url) -
     assert entry.kind == "full" and entry.complete
     manifest = entry.manifest
     assert manifest is not None
-    (dump,) = manifest["objects"]
+    dump, roles = manifest["objects"]
+    assert (dump["role"], roles["role"]) == ("dump", "globals")
     assert storage.sha256(dump["key"]) == dump["sha256"]
+    assert storage.sha256(roles["key"]) == roles["sha256"]
+    assert set(manifest["checksums"]) == set(manifest["tables"])
     assert storage.stat(dump["key"]).size == dump["size"]
     # the object is pg_dump's custom format inside a zstd frame (with content checksum)
     with storage.open(dump["key"]) as raw:

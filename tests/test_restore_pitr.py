@@ -199,3 +199,57 @@ def test_physical_drill_restores_the_latest_base_into_a_scratch_cluster(
     assert failed.returncode == 1 and "drill FAILED" in failed.stdout
     statuses = [r[0] for r in sql.execute("SELECT status FROM backup_drills ORDER BY id")]
     assert statuses == ["passed", "failed"]
+
+
+def test_encrypted_archive_restores_and_the_printed_stop_command_works(
+    monkeypatch: pytest.MonkeyPatch,
+    restored_dirs: list[Path],
+) -> None:
+    """Base backup and every WAL segment envelope-encrypted at rest (the archive_command
+    inherits TIDEMILL_ENCRYPTION_KEY from the server's environment); restore to the end."""
+    import base64
+    import os
+    import shutil
+    import subprocess
+
+    from core.envelope import MAGIC
+    from pipelines.physical import wal_key
+    from tests.support.pgcluster import start_archived_cluster
+
+    monkeypatch.setenv("TIDEMILL_ENCRYPTION_KEY", base64.b64encode(os.urandom(32)).decode())
+    c = start_archived_cluster()
+    try:
+        storage = open_storage(c.storage_url, settings=c.settings)
+        assert storage.keyring is not None
+        c.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        c.execute("INSERT INTO t SELECT g, 'base' FROM generate_series(1, 500) g")
+        backup = run_base_backup(c.settings, storage=storage)
+        c.execute("INSERT INTO t SELECT g, 'wal' FROM generate_series(501, 600) g")
+        segment = c.switch_and_wait()
+        # at rest: ciphertext only
+        assert (c.objects / backup.key).read_bytes()[:6] == MAGIC
+        assert (c.objects / wal_key(segment)).read_bytes()[:6] == MAGIC
+        target_dir = c.root / "restored"
+        restored_dirs.append(target_dir)
+        port = free_port()
+        done = run_cli(
+            "restore", "--data-dir", str(target_dir), "--port", str(port),
+            env=c.env(), timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        url = f"postgresql://postgres@127.0.0.1:{port}/tidemill"
+        assert rows(url) == [("base", 500), ("wal", 100)]
+        # the printed stop instruction works as printed (under root too)
+        (stop_line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("stop it with:")]
+        stopped = subprocess.run(
+            stop_line.removeprefix("stop it with:").strip(),
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert stopped.returncode == 0, stopped.stderr
+        assert not (target_dir / "postmaster.pid").exists()
+    finally:
+        c.pg.stop()
+        shutil.rmtree(c.root, ignore_errors=True)

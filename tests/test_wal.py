@@ -97,6 +97,30 @@ def test_wal_fetch_round_trip_missing_and_corrupt(tmp_path: Path) -> None:
     assert not (tmp_path / "other").exists()
 
 
+def test_wal_checksum_trailer_catches_every_cut(tmp_path: Path) -> None:
+    """zstd alone misses a stream cut exactly after a frame, or a cut into the frame's own
+    content checksum; the trailer recorded at push catches every cut and every flipped bit."""
+    from pipelines.physical import _TRAILER_LEN
+
+    url = f"file://{tmp_path / 'objects'}"
+    name = "00000001000000000000000A"
+    original = os.urandom(1 << 15) * 8
+    (tmp_path / name).write_bytes(original)
+    assert run_cli("wal", "push", str(tmp_path / name), name, "--storage", url).returncode == 0
+    stored = tmp_path / "objects" / wal_key(name)
+    whole = stored.read_bytes()
+    for cut in (_TRAILER_LEN, _TRAILER_LEN + 2, len(whole) // 2, len(whole) - 1):
+        stored.write_bytes(whole[:-cut])
+        out = tmp_path / f"cut-{cut}"
+        fetched = run_cli("wal", "fetch", name, str(out), "--storage", url)
+        assert fetched.returncode == 255, (cut, fetched.stderr)
+        assert "truncated" in fetched.stderr or "corrupt" in fetched.stderr
+        assert not out.exists()
+    stored.write_bytes(whole)
+    ok = run_cli("wal", "fetch", name, str(tmp_path / "ok"), "--storage", url)
+    assert ok.returncode == 0 and (tmp_path / "ok").read_bytes() == original
+
+
 def test_wal_fetch_aborts_recovery_when_storage_fails(tmp_path: Path) -> None:
     """Only "not archived" may exit 1 (PostgreSQL: end of archive, promote); an unreadable
     archive must exit > 125 so recovery aborts instead of silently losing the rest."""
