@@ -164,3 +164,62 @@ def test_a_viewers_retry_is_refused(
     assert rid in redis_client.zrange(XQ, 0, -1)
     assert processed_rows(sql, "browser-2") == 0
     context.close()
+
+
+def new_page(chromium: Any, *, address: str | None = None) -> tuple[Any, Any]:
+    """A fresh browser context (its own cookies), appearing to come from `address` through
+    the trusted proxy header the test server believes."""
+    context = chromium.new_context(
+        viewport={"width": 1400, "height": 900},
+        extra_http_headers={"X-Forwarded-For": address} if address else {},
+    )
+    return context, context.new_page()
+
+
+def test_sign_out_then_a_replayed_cookie_is_refused(
+    chromium: Any, dash_url: str, dash_settings: Any
+) -> None:
+    context, page = new_page(chromium)
+    sign_in(page, dash_url, OPERATOR)
+    [cookie] = [c for c in context.cookies() if c["name"] == "tidemill_session"]
+    page.click("#logout")
+    page.wait_for_url(f"{dash_url}/dashboard/login")
+    shot(page, "12-signed-out")
+    context.close()
+    # the attacker's browser with a copy of the cookie taken before sign-out
+    thief, page = new_page(chromium)
+    thief.add_cookies([cookie])
+    page.goto(f"{dash_url}/dashboard/schedules")
+    assert "/dashboard/login" in page.url
+    thief.close()
+
+
+def test_an_attackers_failures_do_not_stop_the_operator_elsewhere(
+    chromium: Any, dash_url: str, dash_settings: Any
+) -> None:
+    attacker, page = new_page(chromium, address="203.0.113.66")
+    page.goto(f"{dash_url}/dashboard/login")
+    for _ in range(dash_settings.login_max_failures + 1):
+        page.fill("#username", OPERATOR[0])
+        page.fill("#password", "wrong-guess")
+        page.click("#sign-in")
+        page.wait_for_selector("#login-error")
+    assert "wait" in page.inner_text("#login-error")
+    shot(page, "13-attacker-held")
+    attacker.close()
+    # the operator, from her own address, signs in at once
+    context, page = new_page(chromium, address="198.51.100.5")
+    sign_in(page, dash_url, OPERATOR)
+    page.goto(f"{dash_url}/dashboard/audit?action=login_rate_limited")
+    assert "203.0.113.66" in page.inner_text("#audit")
+    shot(page, "14-audit-rate-limited")
+    context.close()
+
+
+def test_a_forged_done_link_shows_nothing(chromium: Any, dash_url: str) -> None:
+    context, page = new_page(chromium)
+    sign_in(page, dash_url, VIEWER)
+    page.goto(f"{dash_url}/dashboard/queues?done=deleted&n=500")
+    assert page.locator("#flash").count() == 0
+    assert "Deleted" not in page.inner_text("main")
+    context.close()

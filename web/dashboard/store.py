@@ -173,20 +173,30 @@ def webhook_event(settings: Settings, event_id: str) -> Any | None:
 # --- pipelines --------------------------------------------------------------------------------
 
 
+RUN_STATUSES = ("running", "succeeded", "failed")
+
+
 def pipeline_runs(
-    settings: Settings, *, pipeline: str | None = None, before_id: int | None = None
+    settings: Settings,
+    *,
+    pipeline: str | None = None,
+    status: str | None = None,
+    before_id: int | None = None,
 ) -> list[Any]:
     where = ["TRUE"]
     params: dict[str, Any] = {"limit": PAGE}
     if pipeline:
         where.append("pipeline = :pipeline")
         params["pipeline"] = pipeline
+    if status:
+        where.append("status = :status")
+        params["status"] = status
     if before_id:
         where.append("id < :before_id")
         params["before_id"] = before_id
     sql = (
         "SELECT id, pipeline, tick, started_at, finished_at, status, rows_scanned, rows_affected, "
-        "bytes_written, objects, error, dry_run, "
+        "bytes_written, objects, error, dry_run, progress, "
         "EXTRACT(EPOCH FROM coalesce(finished_at, now()) - started_at) AS duration_s "
         f"FROM pipeline_runs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT :limit"
     )
@@ -267,12 +277,42 @@ def schedules(settings: Settings, *, now: datetime | None = None) -> list[Schedu
     ]
 
 
-def audit_entries(settings: Settings, *, limit: int = 100) -> list[Any]:
+def _like_prefix(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def audit_entries(
+    settings: Settings,
+    *,
+    actor: str | None = None,
+    action: str | None = None,
+    entity: str | None = None,
+    before: tuple[datetime, str] | None = None,
+    limit: int = PAGE,
+) -> list[Any]:
+    """The dashboard's audit rows, newest first, one keyset page on (performed_at, id).
+    `action` is a prefix (``dashboard.login`` finds every sign-in outcome); `entity` is an
+    exact entity id."""
+    where = ["action LIKE 'dashboard.%'"]
+    params: dict[str, Any] = {"limit": limit}
+    if actor:
+        where.append("actor = :actor")
+        params["actor"] = actor
+    if action:
+        where.append("action LIKE :action")
+        full = action if action.startswith("dashboard.") else f"dashboard.{action}"
+        params["action"] = _like_prefix(full)
+    if entity:
+        where.append("entity_id = :entity")
+        params["entity"] = entity
+    if before:
+        where.append("(performed_at, id) < (:before_at, CAST(:before_id AS uuid))")
+        params["before_at"], params["before_id"] = before
     with _conn(settings) as conn:
         return _rows(
             conn,
-            "SELECT performed_at, actor, action, entity_type, entity_id, details "
-            "FROM audit_logs WHERE action LIKE 'dashboard.%' "
+            "SELECT id, performed_at, actor, action, entity_type, entity_id, details "
+            f"FROM audit_logs WHERE {' AND '.join(where)} "
             "ORDER BY performed_at DESC, id DESC LIMIT :limit",
-            {"limit": limit},
+            params,
         )
