@@ -1174,3 +1174,156 @@ def test_day_counts_are_cached_a_minute_hour_counts_are_not(
     assert webhook_window(dash_settings, seconds=86400, cache_s=60)["failed"] == 1  # cached
     assert webhook_window(dash_settings, seconds=3600)["failed"] == 2
     assert webhook_window(dash_settings, seconds=86400)["failed"] == 2
+
+
+# --- operator depth -------------------------------------------------------------------------
+
+
+def test_a_paused_queue_runs_nothing_until_resumed_across_worker_restarts(
+    dash_url: str, redis_client: Any, sql: Any
+) -> None:
+    import dramatiq as dq
+
+    from workers.broker import broker
+    from workers.pause import QueuePause
+
+    redis_client.set("release:paused-1", "1")
+    with sign_in(dash_url, VIEWER) as viewer:
+        token = page_csrf(viewer, f"/dashboard/queues/{DASH_QUEUE}")
+        refused = viewer.post(f"/dashboard/queues/{DASH_QUEUE}/pause", data={"csrf": token})
+        assert refused.status_code == 403 and "viewer role cannot" in refused.text
+    with sign_in(dash_url, OPERATOR) as operator:
+        token = page_csrf(operator, f"/dashboard/queues/{DASH_QUEUE}")
+        resp = operator.post(f"/dashboard/queues/{DASH_QUEUE}/pause", data={"csrf": token})
+        assert "Queue tests-dash paused" in flash_after(operator, resp)
+        # Given a paused queue and two live workers (two replicas)
+        flaky_until_released.send("paused-1")
+        workers = [dq.Worker(broker, worker_threads=1, worker_timeout=100) for _ in range(2)]
+        for w in workers:
+            w.start()
+        try:
+            # a worker fetches the message and holds it (back to the delayed set), never runs it
+            assert wait_for(lambda: redis_client.hlen(f"dramatiq:{DASH_QUEUE}.DQ.msgs") >= 1)
+            time.sleep(1.5)
+            assert processed_rows(sql, "paused-1") == 0
+        finally:
+            for w in workers:
+                w.stop()
+        # a restarted worker builds a new middleware: it reads the pause from Redis
+        assert DASH_QUEUE in QueuePause().paused(broker)
+        page = operator.get(f"/dashboard/queues/{DASH_QUEUE}").text
+        assert 'id="queue-paused"' in page and "Paused by olga" in page
+        resp = operator.post(f"/dashboard/queues/{DASH_QUEUE}/resume", data={"csrf": token})
+        assert "resumed" in flash_after(operator, resp)
+    # When a worker starts after the resume, the message runs, once
+    worker = dq.Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        assert wait_for(lambda: processed_rows(sql, "paused-1") == 1, timeout=30)
+    finally:
+        worker.stop()
+    assert processed_rows(sql, "paused-1") == 1
+    assert [r[3] for r in audit_rows(sql, "dashboard.queue.pause")] == [DASH_QUEUE]
+    assert [r[3] for r in audit_rows(sql, "dashboard.queue.resume")] == [DASH_QUEUE]
+    refused = audit_rows(sql, "dashboard.refused")
+    assert [(r[0], r[3]) for r in refused] == [(VIEWER[0], "pause_queues")]
+
+
+def test_queue_browser_and_message_page_mask_arguments(dash_url: str, redis_client: Any) -> None:
+    from workers.broker import broker
+
+    # Given a ready, a delayed and a dead message (no worker runs: they stay where they are)
+    msg = dramatiq.Message(
+        queue_name=DASH_QUEUE_2,
+        actor_name="flaky_until_released",
+        args=("ready-1",),
+        kwargs={"email": "maria.lopez@example.com", "password": "hunter22"},
+        options={},
+    )
+    ready = broker.enqueue(msg)
+    broker.enqueue(msg.copy(args=("delayed-1",)), delay=3_600_000)
+    dead_letter("flaky_until_released", "dead-1", email="ann.lee@example.com")
+    [dead_rid] = dead_ids(redis_client)
+    with sign_in(dash_url, VIEWER) as viewer:
+        page = viewer.get(f"/dashboard/queues/{DASH_QUEUE_2}").text
+        assert "ready-1" in page and "m***@example.com" in page
+        assert "maria.lopez" not in page and "hunter22" not in page
+        page = viewer.get(f"/dashboard/queues/{DASH_QUEUE_2}", params={"state": "delayed"}).text
+        assert "delayed-1" in page and "ready-1" not in page
+        detail = html.unescape(
+            viewer.get(
+                f"/dashboard/queues/{DASH_QUEUE_2}/messages/{ready.options['redis_message_id']}"
+            ).text
+        )
+        assert ready.message_id in detail and '"password": "***"' in detail
+        assert "maria.lopez" not in detail and "hunter22" not in detail
+        page = viewer.get(f"/dashboard/queues/{DASH_QUEUE}", params={"state": "dead"}).text
+        assert dead_rid in page and "ann.lee" not in page
+        detail = viewer.get(f"/dashboard/queues/{DASH_QUEUE}/messages/{dead_rid}").text
+        assert 'id="message-state">dead' in detail and "a***@example.com" in detail
+        # bad input: clear errors, no 500
+        assert viewer.get(f"/dashboard/queues/{DASH_QUEUE}/messages/nope").status_code == 404
+        assert viewer.get("/dashboard/queues/no-such-queue").status_code == 404
+        assert viewer.get("/dashboard/queues/bad%20name").status_code == 400
+        bad = viewer.get(f"/dashboard/queues/{DASH_QUEUE}", params={"state": "x"})
+        assert bad.status_code == 400
+        bad = viewer.get(f"/dashboard/queues/{DASH_QUEUE}", params={"cursor": "-1"})
+        assert bad.status_code == 400
+
+
+def test_ready_pages_cover_every_message_once(dash_url: str) -> None:
+    from workers.broker import broker
+
+    for i in range(120):
+        broker.enqueue(
+            dramatiq.Message(
+                queue_name=DASH_QUEUE_2,
+                actor_name="flaky_until_released",
+                args=(f"page-{i:03d}",),
+                kwargs={},
+                options={},
+            )
+        )
+    seen: list[str] = []
+    with sign_in(dash_url, VIEWER) as viewer:
+        url: str | None = f"/dashboard/queues/{DASH_QUEUE_2}"
+        while url:
+            page = viewer.get(url).text
+            seen += re.findall(r"page-(\d{3})", page)
+            match = re.search(r'href="([^"]+)" id="messages-next"', page)
+            url = html.unescape(match.group(1)) if match else None
+    assert seen == [f"{i:03d}" for i in range(120)]
+
+
+def test_workers_page_and_charts(dash_url: str, redis_client: Any, inproc_worker: Any) -> None:
+    import os
+
+    redis_client.set("release:chart-1", "1")
+    flaky_until_released.send("chart-1")
+    flaky_until_released.send("chart-2", email="ann.lee@example.com")  # fails for good
+    assert wait_for(lambda: len(dead_ids(redis_client)) == 1)
+    [dead_rid] = dead_ids(redis_client)
+    with sign_in(dash_url, VIEWER) as viewer:
+        # the dead letter's page lists its attempt with the traceback, masked
+        detail = viewer.get(f"/dashboard/queues/{DASH_QUEUE}/messages/{dead_rid}").text
+        assert 'class="attempt"' in detail and "PermanentError" in detail
+        assert "Traceback (most recent call last)" in detail
+        assert "ann.lee" not in detail and "a***@example.com" in detail
+        # the worker's heartbeat (every few seconds) carries host, pid, threads and memory
+        assert wait_for(lambda: str(os.getpid()) in viewer.get("/dashboard/workers").text)
+        page = viewer.get("/dashboard/workers").text
+        assert 'class="worker"' in page and "MiB" in page
+        # charts per queue and actor, and from the hourly rollups
+        for params in (
+            {"queue": DASH_QUEUE},
+            {"actor": "flaky_until_released"},
+            {"queue": DASH_QUEUE, "range": "30d"},
+        ):
+            assert wait_for(
+                lambda p=params: (
+                    "2 finished, 1 failed" in viewer.get("/dashboard/charts", params=p).text
+                )
+            ), params
+        page = viewer.get("/dashboard/charts", params={"queue": "payments", "range": "7d"}).text
+        assert "0 finished, 0 failed" in page
+        assert viewer.get("/dashboard/charts", params={"range": "1y"}).status_code == 400

@@ -24,6 +24,7 @@ from web import auth
 from web.dashboard import broker_state, store
 from web.dashboard.chart import per_minute_chart
 from web.dashboard.core import REFRESH_S, WEB, error_detail, local_target
+from web.dashboard.operate import Operate
 from web.dashboard.signin import SignIn
 
 log = get_logger("web.dashboard")
@@ -48,7 +49,7 @@ FLASH = {
 }
 
 
-class Dashboard(SignIn):
+class Dashboard(SignIn, Operate):
     """Every page and action; routes() lists them."""
 
     def done(self, session: auth.Session, url: str, code: str, **fmt: Any) -> RedirectResponse:
@@ -577,6 +578,15 @@ class Dashboard(SignIn):
             Route("/dashboard/logout", self.logout, methods=["POST"]),
             Route("/dashboard/logout-everywhere", self.logout_everywhere, methods=["POST"]),
             Route("/dashboard/queues", self.page(self.queues)),
+            Route("/dashboard/queues/{queue:str}", self.page(self.queue_page)),
+            Route("/dashboard/queues/{queue:str}/messages/{rid:str}", self.page(self.message_page)),
+            Route(
+                "/dashboard/queues/{queue:str}/{op:str}",
+                self.action(self.queue_pause, name="pause_queues"),
+                methods=["POST"],
+            ),
+            Route("/dashboard/workers", self.page(self.workers_page)),
+            Route("/dashboard/charts", self.page(self.charts_page)),
             Route(
                 "/dashboard/dead/{op:str}",
                 self.action(self.dead_one, name="change_dead_letters"),
