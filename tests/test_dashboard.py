@@ -1225,15 +1225,15 @@ def test_a_paused_queue_runs_nothing_until_resumed_across_worker_restarts(
     assert processed_rows(sql, "paused-1") == 1
     assert [r[3] for r in audit_rows(sql, "dashboard.queue.pause")] == [DASH_QUEUE]
     assert [r[3] for r in audit_rows(sql, "dashboard.queue.resume")] == [DASH_QUEUE]
-    refused = audit_rows(sql, "dashboard.refused")
-    assert [(r[0], r[3]) for r in refused] == [(VIEWER[0], "pause_queues")]
+    refusals = audit_rows(sql, "dashboard.refused")
+    assert [(r[0], r[3]) for r in refusals] == [(VIEWER[0], "pause_queues")]
 
 
 def test_queue_browser_and_message_page_mask_arguments(dash_url: str, redis_client: Any) -> None:
     from workers.broker import broker
 
     # Given a ready, a delayed and a dead message (no worker runs: they stay where they are)
-    msg = dramatiq.Message(
+    msg: dramatiq.Message[Any] = dramatiq.Message(
         queue_name=DASH_QUEUE_2,
         actor_name="flaky_until_released",
         args=("ready-1",),
