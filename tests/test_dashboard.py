@@ -1327,3 +1327,68 @@ def test_workers_page_and_charts(dash_url: str, redis_client: Any, inproc_worker
         page = viewer.get("/dashboard/charts", params={"queue": "payments", "range": "7d"}).text
         assert "0 finished, 0 failed" in page
         assert viewer.get("/dashboard/charts", params={"range": "1y"}).status_code == 400
+
+
+def test_schedule_page_lists_ticks_linked_to_the_runs_they_caused(
+    dash_url: str, dash_settings: Settings, sql: Any
+) -> None:
+    from schedules.schedule import PIPELINE_ACTOR, load_schedules
+
+    name = next(s.name for s in load_schedules(dash_settings) if s.actor == PIPELINE_ACTOR)
+    with sign_in(dash_url, VIEWER) as viewer:
+        page = viewer.get(f"/dashboard/schedules/{name}").text
+        assert "no-ticks" in page and "run-now" not in page
+        refused = viewer.post(f"/dashboard/schedules/{name}/trigger", data={"csrf": csrf_of(page)})
+        assert refused.status_code == 403
+    with sign_in(dash_url, OPERATOR) as operator:
+        page = operator.get(f"/dashboard/schedules/{name}").text
+        resp = operator.post(f"/dashboard/schedules/{name}/trigger", data={"csrf": csrf_of(page)})
+        assert "Schedule triggered" in flash_after(operator, resp)
+        [tick] = sql.execute(
+            "SELECT tick FROM schedule_ticks WHERE schedule = %s", (name,)
+        ).fetchone()
+        # the run the pipeline actor records for that tick
+        run_id = sql.execute(
+            "INSERT INTO pipeline_runs (pipeline, tick, started_at, status) "
+            "VALUES (%s, %s, now(), 'running') RETURNING id",
+            (name, tick),
+        ).fetchone()[0]
+        page = operator.get(f"/dashboard/schedules/{name}").text
+        assert f'href="/dashboard/pipelines/{run_id}"' in page and "manual" in page
+        assert OPERATOR[0] in page
+        assert operator.get("/dashboard/schedules/no-such").status_code == 404
+        bad = operator.get(f"/dashboard/schedules/{name}", params={"before": "x"})
+        assert bad.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("op", "schedule"), [("backup", "backup-full"), ("verify", "backup-drill")]
+)
+def test_back_up_now_and_verify_queue_the_backup_schedules(
+    dash_url: str, sql: Any, op: str, schedule: str
+) -> None:
+    with sign_in(dash_url, VIEWER) as viewer:
+        page = viewer.get("/dashboard/backups").text
+        assert f"{op}-now" not in page
+        assert (
+            viewer.post(f"/dashboard/backups/{op}", data={"csrf": csrf_of(page)}).status_code == 403
+        )
+    with sign_in(dash_url, OPERATOR) as operator:
+        page = operator.get("/dashboard/backups").text
+        resp = operator.post(f"/dashboard/backups/{op}", data={"csrf": csrf_of(page)})
+        assert "queued" in flash_after(operator, resp)
+        assert (
+            operator.post("/dashboard/backups/nope", data={"csrf": csrf_of(page)}).status_code
+            == 404
+        )
+    # a manual tick of the backup schedule, by the operator, with its outbox message
+    rows = sql.execute(
+        "SELECT t.kind, t.fired_by, o.actor FROM schedule_ticks t "
+        "JOIN outbox o ON o.id = t.outbox_id WHERE t.schedule = %s",
+        (schedule,),
+    ).fetchall()
+    assert [tuple(r) for r in rows] == [
+        ("manual", OPERATOR[0], "backup_full" if op == "backup" else "backup_drill")
+    ]
+    [row] = audit_rows(sql, f"dashboard.backup.{op}")
+    assert row[0] == OPERATOR[0] and row[3] == schedule

@@ -277,6 +277,64 @@ def schedules(settings: Settings, *, now: datetime | None = None) -> list[Schedu
     ]
 
 
+BACKUP_KINDS = {"backup_full": "full", "backup_base": "base"}
+
+
+def schedule_ticks(
+    settings: Settings,
+    schedule: Any,
+    *,
+    before: datetime | None = None,
+    limit: int = PAGE,
+) -> list[Any]:
+    """One schedule's ticks, newest first (a keyset page on the (schedule, tick) unique index),
+    each with what became of it: the outbox message, and the run it caused: the pipeline run
+    carrying the tick, or the backup / drill that started between this tick and the next."""
+    from schedules.schedule import PIPELINE_ACTOR
+
+    params: dict[str, Any] = {"s": schedule.name, "limit": limit, "before": before}
+    run_join = "NULL::bigint AS run_id, NULL::text AS run_status, NULL::text AS run_kind"
+    lateral = ""
+    if schedule.actor == PIPELINE_ACTOR:
+        run_join = "r.id AS run_id, r.status AS run_status, 'pipeline' AS run_kind"
+        lateral = (
+            "LEFT JOIN LATERAL (SELECT id, status FROM pipeline_runs "
+            "WHERE pipeline = t.schedule AND tick = t.tick ORDER BY id DESC LIMIT 1) r ON true"
+        )
+    else:
+        kind = BACKUP_KINDS.get(schedule.actor)
+        if schedule.actor == "backup_base" and schedule.kwargs.get("incremental"):
+            kind = "incremental"
+        table = None
+        with _conn(settings) as conn:
+            if kind and _exists(conn, "backups"):
+                table = "backups"
+            elif schedule.actor == "backup_drill" and _exists(conn, "backup_drills"):
+                table = "backup_drills"
+        if table:
+            kind_filter = "AND kind = :kind" if table == "backups" else ""
+            params["kind"] = kind
+            run_join = f"r.id AS run_id, r.status AS run_status, '{table}' AS run_kind"
+            lateral = (
+                f"LEFT JOIN LATERAL (SELECT id, status FROM {table} "
+                f"WHERE started_at >= t.tick {kind_filter} "
+                "AND (t.next_tick IS NULL OR started_at < t.next_tick) "
+                "ORDER BY started_at ASC LIMIT 1) r ON true"
+            )
+    sql = (
+        "WITH t AS (SELECT id, schedule, tick, kind, fired_at, fired_by, outbox_id, "
+        "lag(tick) OVER (ORDER BY tick DESC) AS next_tick FROM ("
+        "  SELECT * FROM schedule_ticks WHERE schedule = :s "
+        "  AND (CAST(:before AS timestamptz) IS NULL OR tick < CAST(:before AS timestamptz)) "
+        "  ORDER BY tick DESC LIMIT :limit) page) "
+        f"SELECT t.tick, t.kind, t.fired_at, t.fired_by, t.outbox_id, "
+        f"o.dispatched_at, o.last_error, {run_join} "
+        f"FROM t LEFT JOIN outbox o ON o.id = t.outbox_id {lateral} ORDER BY t.tick DESC"
+    )
+    with _conn(settings) as conn:
+        return _rows(conn, sql, params)
+
+
 def _like_prefix(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 

@@ -603,6 +603,7 @@ class Dashboard(SignIn, Operate):
                 methods=["POST"],
             ),
             Route("/dashboard/schedules", self.page(self.schedules)),
+            Route("/dashboard/schedules/{name:str}", self.page(self.schedule_page)),
             Route(
                 "/dashboard/schedules/{name:str}/{op:str}",
                 self.action(self.schedule_action, name="control_schedules"),
@@ -611,6 +612,11 @@ class Dashboard(SignIn, Operate):
             Route("/dashboard/pipelines", self.page(self.pipelines)),
             Route("/dashboard/pipelines/{run_id:int}", self.page(self.pipeline_detail)),
             Route("/dashboard/backups", self.page(self.backups)),
+            Route(
+                "/dashboard/backups/{op:str}",
+                self.action(self.backup_action, name="start_backups"),
+                methods=["POST"],
+            ),
             Route("/dashboard/webhooks", self.page(self.webhooks)),
             Route(
                 "/dashboard/webhooks/{event_id:str}/replay",
