@@ -1240,6 +1240,9 @@ def test_queue_browser_and_message_page_mask_arguments(dash_url: str, redis_clie
         kwargs={"email": "maria.lopez@example.com", "password": "hunter22"},
         options={},
     )
+    # one message a worker has fetched and not yet acked (the broker's own fetch): in flight
+    broker.enqueue(msg.copy(args=("inflight-1",)))
+    assert support.redis_broker.do_fetch(DASH_QUEUE_2, 1)
     ready = broker.enqueue(msg)
     broker.enqueue(msg.copy(args=("delayed-1",)), delay=3_600_000)
     dead_letter("flaky_until_released", "dead-1", email="ann.lee@example.com")
@@ -1250,6 +1253,8 @@ def test_queue_browser_and_message_page_mask_arguments(dash_url: str, redis_clie
         assert "maria.lopez" not in page and "hunter22" not in page
         page = viewer.get(f"/dashboard/queues/{DASH_QUEUE_2}", params={"state": "delayed"}).text
         assert "delayed-1" in page and "ready-1" not in page
+        page = viewer.get(f"/dashboard/queues/{DASH_QUEUE_2}", params={"state": "in_flight"}).text
+        assert "inflight-1" in page and "ready-1" not in page and "delayed-1" not in page
         detail = html.unescape(
             viewer.get(
                 f"/dashboard/queues/{DASH_QUEUE_2}/messages/{ready.options['redis_message_id']}"
@@ -1295,7 +1300,9 @@ def test_ready_pages_cover_every_message_once(dash_url: str) -> None:
     assert seen == [f"{i:03d}" for i in range(120)]
 
 
-def test_workers_page_and_charts(dash_url: str, redis_client: Any, inproc_worker: Any) -> None:
+def test_workers_page_and_charts(
+    dash_url: str, dash_settings: Settings, redis_client: Any, inproc_worker: Any
+) -> None:
     import os
 
     redis_client.set("release:chart-1", "1")
@@ -1324,6 +1331,11 @@ def test_workers_page_and_charts(dash_url: str, redis_client: Any, inproc_worker
                     "2 finished, 1 failed" in viewer.get("/dashboard/charts", params=p).text
                 )
             ), params
+        # the overview's per-minute totals count each message once (not again per actor)
+        from web.dashboard import broker_state
+
+        client = broker_state.broker_redis(dash_settings)
+        assert sum(total for _, total, _ in broker_state.per_minute(client, minutes=5)) == 2
         page = viewer.get("/dashboard/charts", params={"queue": "payments", "range": "7d"}).text
         assert "0 finished, 0 failed" in page
         assert viewer.get("/dashboard/charts", params={"range": "1y"}).status_code == 400
