@@ -455,8 +455,8 @@ FIELDS: tuple[Field, ...] = (
         "TIDEMILL_SESSION_SECRET",
         "session_secret",
         "",
-        "key that signs dashboard session cookies (give every web replica the same); "
-        "unset: a random key per process, so sessions end when it restarts",
+        "no longer used: dashboard sessions are server-side records in Redis (issue #17), "
+        "shared by every web replica and ended by sign-out; kept so old environments load",
         _str,
     ),
     Field(

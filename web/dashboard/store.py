@@ -173,7 +173,7 @@ def webhook_event(settings: Settings, event_id: str) -> Any | None:
 # --- pipelines --------------------------------------------------------------------------------
 
 
-RUN_STATUSES = ("running", "succeeded", "failed")
+RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
 
 
 def pipeline_runs(

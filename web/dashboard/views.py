@@ -1,5 +1,7 @@
-"""Dashboard pages and actions. Every page needs a signed session; every POST needs the
-session's CSRF token, an operator, and leaves an audit_logs row (refusals too)."""
+"""Dashboard pages and actions: overview, queues and dead letters, schedules, pipelines,
+backups, webhooks, audit; the operator pages are in ``operate``, signing in and out in
+``signin``, the plumbing in ``core``. Every page needs a server-side session; every POST needs
+the session's CSRF token, an operator, and leaves an audit_logs row (refusals too)."""
 
 from __future__ import annotations
 
