@@ -52,6 +52,9 @@ PAGES = (
     "/dashboard/backups",
     "/dashboard/webhooks",
     "/dashboard/audit",
+    "/dashboard/workers",
+    "/dashboard/charts",
+    f"/dashboard/queues/{DASH_QUEUE}",
 )
 XQ = f"dramatiq:{DASH_QUEUE}.XQ"
 

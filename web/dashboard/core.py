@@ -171,7 +171,11 @@ class DashboardBase:
     ) -> HTMLResponse:
         # the flash comes from the server-side session only: a link cannot put words in our
         # mouth (`?done=deleted&n=500` shows nothing)
-        flash = self.sessions.pop_flash(session) if session and session.sid else None
+        # (not by the page's own background refresh: the flash is for the page a person opens)
+        refresh = request.headers.get("x-refresh") == "1"
+        flash = None
+        if session is not None and session.sid and not refresh:
+            flash = self.sessions.pop_flash(session)
         html = TEMPLATES.get_template(template).render(
             session=session,
             path=request.url.path,

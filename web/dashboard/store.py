@@ -321,11 +321,13 @@ def schedule_ticks(
                 "AND (t.next_tick IS NULL OR started_at < t.next_tick) "
                 "ORDER BY started_at ASC LIMIT 1) r ON true"
             )
+    # the cursor's condition only when there is one: `:before IS NULL OR …` hides the index
+    # range from a generic plan
+    page_filter = "AND tick < :before " if before is not None else ""
     sql = (
         "WITH t AS (SELECT id, schedule, tick, kind, fired_at, fired_by, outbox_id, "
         "lag(tick) OVER (ORDER BY tick DESC) AS next_tick FROM ("
-        "  SELECT * FROM schedule_ticks WHERE schedule = :s "
-        "  AND (CAST(:before AS timestamptz) IS NULL OR tick < CAST(:before AS timestamptz)) "
+        f"  SELECT * FROM schedule_ticks WHERE schedule = :s {page_filter}"
         "  ORDER BY tick DESC LIMIT :limit) page) "
         f"SELECT t.tick, t.kind, t.fired_at, t.fired_by, t.outbox_id, "
         f"o.dispatched_at, o.last_error, {run_join} "
