@@ -5,7 +5,7 @@ and actor over the last hour (per minute) or 30 days (per hour)."""
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -185,7 +185,14 @@ class Operate(DashboardBase):
             schedule = next((s for s in load_schedules(self.settings) if s.name == name), None)
             if schedule is None:
                 return None, [], None
-            status = next((s for s in store.schedules(self.settings) if s.name == name), None)
+            # this schedule's state only (schedules.control.list_schedules reads every one's
+            # last run, which the planner can make slow with many runs)
+            paused = store.schedule_paused(self.settings, name)
+            now = datetime.now(UTC)
+            status = {
+                "paused": paused,
+                "next_fire": None if paused else schedule.trigger().get_next_fire_time(None, now),
+            }
             return schedule, store.schedule_ticks(self.settings, schedule, before=before), status
 
         schedule, ticks, status = await run_in_threadpool(load)

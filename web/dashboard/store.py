@@ -277,6 +277,14 @@ def schedules(settings: Settings, *, now: datetime | None = None) -> list[Schedu
     ]
 
 
+def schedule_paused(settings: Settings, name: str) -> bool:
+    with _conn(settings) as conn:
+        row = conn.execute(
+            text("SELECT paused FROM schedule_state WHERE name = :n"), {"n": name}
+        ).first()
+    return bool(row and row[0])
+
+
 BACKUP_KINDS = {"backup_full": "full", "backup_base": "base"}
 
 
