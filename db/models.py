@@ -351,6 +351,7 @@ class AuditLog(Base):
     __table_args__ = (
         Index("ix_audit_logs_performed_at_id", "performed_at", "id"),
         Index("ix_audit_logs_actor_performed_at_id", "actor", "performed_at", "id"),
+        Index("ix_audit_logs_action_performed_at_id", "action", "performed_at", "id"),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -509,6 +510,7 @@ class PipelineRun(Base):
         ),
         Index("ix_pipeline_runs_pipeline_started_at", "pipeline", "started_at"),
         Index("ix_pipeline_runs_pipeline_tick", "pipeline", "tick"),
+        Index("ix_pipeline_runs_status_id", "status", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
