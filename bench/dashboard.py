@@ -1,6 +1,7 @@
 """Dashboard render time, empty against loaded, same run.
 
-    .venv/bin/python -m bench.dashboard [--quick] [--dead N] [--events N] [--requests N]
+    .venv/bin/python -m bench.dashboard [--quick] [--dead N] [--events N] [--jobs N]
+                                        [--requests N]
 
 Starts an embedded Postgres and Valkey under a temporary directory with two migrated databases
 and two Redis databases, and two real web servers (`tidemill web`, production logging, as
@@ -10,15 +11,20 @@ subprocesses): one over the empty pair (the baseline), one over the loaded pair:
 - loaded: N dead letters (default 100,000, spread over the queues' dead-letter sets exactly as
   dramatiq's nack leaves them, each with its recorded error) and M webhook events (default
   1,000,000 over the last 7 days, 1 % failed), then VACUUM ANALYZE and CHECKPOINT, as
-  autovacuum and the checkpointer would have done by then.
+  autovacuum and the checkpointer would have done by then;
+- and J jobs (default 1,000,000): outbox rows (the record of every job, all dispatched),
+  J / 10 ticks of one pipeline schedule each with the pipeline run it caused, J / 10 audit
+  rows, and J / 100 ready messages in the ``payments`` queue of the broker.
 
 It signs in to both, then times full page renders (request sent to last byte read) of the
 overview and the dead-letter page (`/dashboard/queues`, the newest dead letters), alternating
 empty and loaded request by request so both see the same machine (this one is shared). After a
 warm-up, each page is requested R times (default 40) per server; the figure is the median. The
-webhooks page is timed too, for information. Prints a table, then one JSON line: ``overview_ms``,
-``dead_letters_ms`` (loaded medians) and ``overview_ratio``, ``dead_letters_ratio`` (loaded /
-empty). Goals (≤ 200 ms each, ratio ≤ 3) are printed, never asserted.
+operator pages of issue #17 are timed the same way: a queue's ready and dead messages, one
+message, workers, charts (last hour, 30 days), a schedule's tick history, the audit trail
+filtered, pipelines filtered. Prints a table, then one JSON line with each page's loaded
+median (``<page>_ms``) and ratio (``<page>_ratio``). Goals (≤ 200 ms each, ratio ≤ 3) are
+printed, never asserted.
 """
 
 from __future__ import annotations
@@ -106,6 +112,68 @@ def load_webhook_events(url: str, n: int) -> None:
         conn.execute("CHECKPOINT")
 
 
+def load_jobs(url: str, client: redis.Redis, jobs: int, schedule: str) -> None:
+    """`jobs` dispatched outbox rows; jobs/10 ticks of `schedule`, each with its pipeline run;
+    jobs/10 dashboard audit rows; jobs/100 ready messages in the broker's payments queue."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            """
+            INSERT INTO outbox (actor, queue_name, args, kwargs, created_at, dispatched_at,
+                                message_id)
+            SELECT 'process_event', 'payments', jsonb_build_array('evt_' || g), '{}'::jsonb,
+                   now() - make_interval(secs => g), now() - make_interval(secs => g),
+                   'msg-' || g
+            FROM generate_series(1, %(n)s) AS g
+            """,
+            {"n": jobs},
+        )
+        conn.execute(
+            """
+            WITH t AS (
+                INSERT INTO schedule_ticks (schedule, tick, fired_at, fired_by, kind)
+                SELECT %(s)s, date_trunc('minute', now()) - make_interval(mins => g),
+                       now() - make_interval(mins => g), 'bench', 'scheduled'
+                FROM generate_series(1, %(n)s) AS g
+                RETURNING tick
+            )
+            INSERT INTO pipeline_runs (pipeline, tick, started_at, finished_at, status)
+            SELECT %(s)s, tick, tick, tick + interval '5 seconds', 'succeeded' FROM t
+            """,
+            {"s": schedule, "n": jobs // 10},
+        )
+        conn.execute(
+            """
+            INSERT INTO audit_logs (action, entity_type, entity_id, actor, performed_at)
+            SELECT (ARRAY['dashboard.login', 'dashboard.queue.pause',
+                          'dashboard.dead_letter.retry'])[1 + g %% 3],
+                   'x', 'e' || g, (ARRAY['ann', 'bob', 'olga'])[1 + g %% 3],
+                   now() - make_interval(secs => g)
+            FROM generate_series(1, %(n)s) AS g
+            """,
+            {"n": jobs // 10},
+        )
+        for table in ("outbox", "schedule_ticks", "pipeline_runs", "audit_logs"):
+            conn.execute(f"VACUUM ANALYZE {table}")
+        conn.execute("CHECKPOINT")
+    now_ms = int(time.time() * 1000)
+    pipe = client.pipeline(transaction=False)
+    for i in range(jobs // 100):
+        rid = str(uuid.uuid4())
+        message: Message[Any] = Message(
+            queue_name="payments",
+            actor_name="process_event",
+            args=(f"evt_ready_{i:07d}",),
+            kwargs={},
+            options={"redis_message_id": rid},
+            message_timestamp=now_ms - 60_000,
+        )
+        pipe.rpush("dramatiq:payments", rid)
+        pipe.hset("dramatiq:payments.msgs", rid, message.encode())
+        if len(pipe) >= 3000:
+            pipe.execute()
+    pipe.execute()
+
+
 def sign_in(base: str) -> httpx.Client:
     client = httpx.Client(base_url=base, timeout=60)
     page = client.get("/dashboard/login")
@@ -120,17 +188,22 @@ def sign_in(base: str) -> httpx.Client:
 
 
 def time_page(
-    client: httpx.Client, path: str, requests: int, *, warmup: int = WARMUP
+    client: httpx.Client,
+    path: str,
+    requests: int,
+    *,
+    warmup: int = WARMUP,
+    ok: tuple[int, ...] = (200,),
 ) -> list[float]:
     for _ in range(warmup):
-        assert client.get(path).status_code == 200
+        assert client.get(path).status_code in ok, path
     times = []
     for _ in range(requests):
         start = time.perf_counter()
         resp = client.get(path)
         resp.read()
         times.append((time.perf_counter() - start) * 1000)
-        assert resp.status_code == 200, (path, resp.status_code)
+        assert resp.status_code in ok, (path, resp.status_code)
     return times
 
 
@@ -139,10 +212,23 @@ PAGES = (
     ("dead_letters", "/dashboard/queues"),
     ("webhooks", "/dashboard/webhooks"),
 )
+# issue #17's pages; {schedule} and {dead} are filled in once the stores are loaded
+NEW_PAGES = (
+    ("queue_ready", "/dashboard/queues/payments"),
+    ("queue_dead", "/dashboard/queues/payments?state=dead"),
+    ("queue_delayed", "/dashboard/queues/payments?state=delayed"),
+    ("message", "/dashboard/queues/payments/messages/{dead}"),
+    ("workers", "/dashboard/workers"),
+    ("charts_1h", "/dashboard/charts?queue=payments"),
+    ("charts_30d", "/dashboard/charts?queue=payments&range=30d"),
+    ("schedule_ticks", "/dashboard/schedules/{schedule}"),
+    ("audit_filtered", "/dashboard/audit?actor=olga&action=queue"),
+    ("pipelines_failed", "/dashboard/pipelines?status=failed"),
+)
 
 
 def measure(
-    empty: httpx.Client, loaded: httpx.Client, requests: int
+    empty: httpx.Client, loaded: httpx.Client, requests: int, pages: list[tuple[str, str]]
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per page: warm both up, then alternate one empty and one loaded request."""
     times_empty: dict[str, list[float]] = {}
@@ -152,12 +238,13 @@ def measure(
     assert rows == 25, f"the loaded dead-letter page shows {rows} letters, not 25"
     assert 'class="dead-letter"' not in empty.get("/dashboard/queues").text
     assert loaded.get("/dashboard/webhooks").text.count("<tr data-event=") == 50
-    for name, path in PAGES:
-        time_page(empty, path, 0)
+    for name, path in pages:
+        time_page(empty, path, 0, ok=(200, 404))
         time_page(loaded, path, 0)
         times_empty[name], times_loaded[name] = [], []
         for _ in range(requests):
-            times_empty[name] += time_page(empty, path, 1, warmup=0)
+            # the empty store has no such message: its 404 page is the baseline render
+            times_empty[name] += time_page(empty, path, 1, warmup=0, ok=(200, 404))
             times_loaded[name] += time_page(loaded, path, 1, warmup=0)
     return times_empty, times_loaded
 
@@ -190,11 +277,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--dead", type=int, help="dead letters (default 100,000)")
     parser.add_argument("--events", type=int, help="webhook events (default 1,000,000)")
+    parser.add_argument("--jobs", type=int, help="jobs (default 1,000,000; see above)")
     parser.add_argument("--requests", type=int, help="timed requests per page (default 40)")
     args = parser.parse_args()
     dead = args.dead or (10_000 if args.quick else 100_000)
     events = args.events or (100_000 if args.quick else 1_000_000)
     requests = args.requests or (15 if args.quick else 40)
+    jobs = args.jobs or (100_000 if args.quick else 1_000_000)
 
     from web.auth import hash_password
 
@@ -235,8 +324,20 @@ def main() -> int:
         progress(f"  {time.perf_counter() - t0:.1f} s; loading {events:,} webhook events")
         t0 = time.perf_counter()
         load_webhook_events(loaded_url, events)
+        schedule = re.search(
+            r'data-schedule="([^"]+)"', clients[1].get("/dashboard/schedules").text
+        )
+        assert schedule, "no schedule listed"
+        progress(f"  {time.perf_counter() - t0:.1f} s; loading {jobs:,} jobs")
+        t0 = time.perf_counter()
+        broker = redis.Redis.from_url(valkey.url(2), decode_responses=True)
+        load_jobs(loaded_url, broker, jobs, schedule.group(1))
+        dead_id = broker.zrange("dramatiq:payments.XQ", -1, -1)[0]
+        pages = list(PAGES) + [
+            (n, p.format(schedule=schedule.group(1), dead=dead_id)) for n, p in NEW_PAGES
+        ]
         progress(f"  {time.perf_counter() - t0:.1f} s; timing ({requests} requests a page each)")
-        empty, loaded = measure(clients[0], clients[1], requests)
+        empty, loaded = measure(clients[0], clients[1], requests, pages)
         for client in clients:
             client.close()
     finally:
@@ -250,28 +351,27 @@ def main() -> int:
     base_med = {k: statistics.median(v) for k, v in empty.items()}
     p95 = {k: sorted(v)[int(len(v) * 0.95) - 1] for k, v in loaded.items()}
     print()
-    print(f"dashboard render time, {dead:,} dead letters and {events:,} webhook events vs empty")
-    header = f"{'page':<14}{'empty ms':>10}{'loaded ms':>11}{'p95 ms':>9}{'ratio':>8}"
+    print(
+        f"dashboard render time, {dead:,} dead letters, {events:,} webhook events and "
+        f"{jobs:,} jobs vs empty"
+    )
+    header = f"{'page':<18}{'empty ms':>10}{'loaded ms':>11}{'p95 ms':>9}{'ratio':>8}  goal"
     print(header)
     print("-" * len(header))
-    for name, _ in PAGES:
+    figures: dict[str, Any] = {}
+    met = True
+    for name in loaded:
         ratio = med[name] / base_med[name]
-        print(f"{name:<14}{base_med[name]:>10.1f}{med[name]:>11.1f}{p95[name]:>9.1f}{ratio:>8.2f}")
-    figures = {
-        "overview_ms": round(med["overview"], 1),
-        "dead_letters_ms": round(med["dead_letters"], 1),
-        "overview_ratio": round(med["overview"] / base_med["overview"], 2),
-        "dead_letters_ratio": round(med["dead_letters"] / base_med["dead_letters"], 2),
-        "overview_empty_ms": round(base_med["overview"], 1),
-        "dead_letters_empty_ms": round(base_med["dead_letters"], 1),
-        "webhooks_ms": round(med["webhooks"], 1),
-        "dead_letters": dead,
-        "webhook_events": events,
-    }
-    met = all(
-        figures[f"{p}_ms"] <= GOAL_MS and figures[f"{p}_ratio"] <= GOAL_RATIO
-        for p in ("overview", "dead_letters")
-    )
+        ok = med[name] <= GOAL_MS and ratio <= GOAL_RATIO
+        met = met and (ok or name == "webhooks")  # webhooks: for information (issue #8)
+        print(
+            f"{name:<18}{base_med[name]:>10.1f}{med[name]:>11.1f}{p95[name]:>9.1f}"
+            f"{ratio:>8.2f}  {'met' if ok else 'NOT met'}"
+        )
+        figures[f"{name}_ms"] = round(med[name], 1)
+        figures[f"{name}_empty_ms"] = round(base_med[name], 1)
+        figures[f"{name}_ratio"] = round(ratio, 2)
+    figures.update({"dead_letters": dead, "webhook_events": events, "jobs": jobs})
     verdict = "met" if met else "NOT met"
     print(f"goal: each <= {GOAL_MS:.0f} ms and ratio <= {GOAL_RATIO:.0f}: {verdict}")
     print(json.dumps(figures))

@@ -52,3 +52,33 @@ def add_user(
     if role not in ROLES:
         fail(f"role {role!r} must be one of: {', '.join(ROLES)}")
     print(f"{name}:{role}:{make_hash(_read_password(password_stdin))}")
+
+
+@app.command("unlock")
+def unlock(
+    name: Annotated[str, typer.Argument(help="account whose failed sign-ins are forgotten")],
+    address: Annotated[
+        list[str] | None,
+        typer.Option("--address", help="also forget this client address's failures (repeatable)"),
+    ] = None,
+) -> None:
+    """Forget the failed sign-ins counted against NAME (every address), so its next sign-in is
+    checked at once; with --address, also the per-address counter of that address."""
+    from core.settings import get_settings
+    from db.redis import get_redis
+    from web.auth import audit, limiter_for
+
+    settings = get_settings()
+    limiter = limiter_for(settings, get_redis(settings))
+    keys = limiter.unlock(name)
+    for addr in address or []:
+        keys += limiter.unlock_address(addr)
+    audit(
+        settings,
+        actor="cli",
+        action="dashboard.unlock",
+        entity_type="dashboard_account",
+        entity_id=name,
+        details={"keys": keys, "addresses": list(address or [])},
+    )
+    print(f"unlocked {name}: {keys} counter(s) cleared")

@@ -539,8 +539,8 @@ FIELDS: tuple[Field, ...] = (
         "TIDEMILL_SESSION_SECRET",
         "session_secret",
         "",
-        "key that signs dashboard session cookies (give every web replica the same); "
-        "unset: a random key per process, so sessions end when it restarts",
+        "no longer used: dashboard sessions are server-side records in Redis (issue #17), "
+        "shared by every web replica and ended by sign-out; kept so old environments load",
         _str,
     ),
     Field(
@@ -554,8 +554,8 @@ FIELDS: tuple[Field, ...] = (
         "TIDEMILL_LOGIN_MAX_FAILURES",
         "login_max_failures",
         "5",
-        "failed sign-ins per account (and per client address) within TIDEMILL_LOGIN_WINDOW_S "
-        "before further attempts are refused",
+        "failed sign-ins per (account, client address) within TIDEMILL_LOGIN_WINDOW_S before "
+        "that pair waits 1, 2, 4, ... s between attempts",
         _pos_int,
     ),
     Field(
@@ -564,6 +564,37 @@ FIELDS: tuple[Field, ...] = (
         "300",
         "window of the sign-in rate limit",
         _pos_int,
+    ),
+    Field(
+        "TIDEMILL_LOGIN_ADDRESS_CAP",
+        "login_address_cap",
+        "50",
+        "failed sign-ins from one client address (any account) within TIDEMILL_LOGIN_WINDOW_S "
+        "before that address is refused",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_LOGIN_ACCOUNT_SOFT_LIMIT",
+        "login_account_soft_limit",
+        "20",
+        "failed sign-ins on one account within the window after which addresses that have "
+        "failed for it are held; an address with no failures is never held",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_LOGIN_MAX_DELAY_S",
+        "login_max_delay_s",
+        "300",
+        "longest wait the progressive sign-in delay imposes on one (account, address)",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_TRUSTED_PROXIES",
+        "trusted_proxies",
+        "",
+        "comma-separated addresses / CIDR blocks of reverse proxies whose X-Forwarded-For is "
+        "believed; unset: the TCP peer is the client",
+        _str,
     ),
     Field(
         "TIDEMILL_DASHBOARD_RPO_S",
@@ -665,6 +696,10 @@ class Settings:
     session_ttl_s: int
     login_max_failures: int
     login_window_s: int
+    login_address_cap: int
+    login_account_soft_limit: int
+    login_max_delay_s: int
+    trusted_proxies: str | None
     dashboard_rpo_s: int
     metrics_token: str | None
 

@@ -351,7 +351,11 @@ class AuditLog(Base):
     """Who did what; no personal data (ids and action names only)."""
 
     __tablename__ = "audit_logs"
-    __table_args__ = (Index("ix_audit_logs_performed_at_id", "performed_at", "id"),)
+    __table_args__ = (
+        Index("ix_audit_logs_performed_at_id", "performed_at", "id"),
+        Index("ix_audit_logs_actor_performed_at_id", "actor", "performed_at", "id"),
+        Index("ix_audit_logs_action_performed_at_id", "action", "performed_at", "id"),
+    )
 
     id: Mapped[uuid.UUID] = uuid_pk()
     action: Mapped[str]
@@ -547,6 +551,8 @@ class PipelineRun(Base):
             "status IN ('running', 'succeeded', 'failed', 'interrupted')", name="status"
         ),
         Index("ix_pipeline_runs_pipeline_started_at", "pipeline", "started_at"),
+        Index("ix_pipeline_runs_pipeline_tick", "pipeline", "tick"),
+        Index("ix_pipeline_runs_status_id", "status", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

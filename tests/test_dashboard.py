@@ -3,7 +3,9 @@ letters made by dramatiq's own broker commands or by a real worker."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +15,9 @@ import dramatiq
 import httpx
 import pytest
 from dramatiq.middleware import MiddlewareError
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from core.settings import Settings, SettingsError
 from tests.support import dashboard as support
@@ -26,12 +31,13 @@ from tests.support.dashboard import (
     dashboard_env,
     dead_letter,
     flaky_until_released,
+    flash_after,
     page_csrf,
     processed_rows,
     sign_in,
     wait_for,
 )
-from web.auth import LoginLimiter, SessionSigner, hash_password, load_accounts, verify_password
+from web.auth import LoginLimiter, hash_password, load_accounts, verify_password
 from workers.stats import dead_errors_keys
 
 # fixtures from the support module
@@ -46,6 +52,9 @@ PAGES = (
     "/dashboard/backups",
     "/dashboard/webhooks",
     "/dashboard/audit",
+    "/dashboard/workers",
+    "/dashboard/charts",
+    f"/dashboard/queues/{DASH_QUEUE}",
 )
 XQ = f"dramatiq:{DASH_QUEUE}.XQ"
 
@@ -93,86 +102,135 @@ def test_wrong_password_is_refused_logged_and_audited(dash_url: str, sql: Any, c
     assert "nope" not in caplog.text
 
 
-def test_sign_in_is_rate_limited_per_account(dash_url: str, dash_settings: Settings) -> None:
-    with httpx.Client(base_url=dash_url, timeout=30) as client:
+def login_as(
+    base: str, user: tuple[str, str], *, address: str | None = None, password: str | None = None
+) -> httpx.Response:
+    """One sign-in attempt, from `address` (through the trusted-proxy header) if given."""
+    headers = {"X-Forwarded-For": address} if address else {}
+    with httpx.Client(base_url=base, timeout=30, headers=headers) as client:
         token = csrf_of(client.get("/dashboard/login").text)
-        for _ in range(dash_settings.login_max_failures):
-            resp = client.post(
-                "/dashboard/login",
-                data={"username": OPERATOR[0], "password": "guess", "csrf": token},
-            )
-            assert resp.status_code == 401
-        # the right password no longer helps until the window passes
-        resp = client.post(
+        return client.post(
             "/dashboard/login",
-            data={"username": OPERATOR[0], "password": OPERATOR[1], "csrf": token},
+            data={"username": user[0], "password": password or user[1], "csrf": token},
         )
-        assert resp.status_code == 429
-        assert client.get("/dashboard").status_code == 303
-    # another account from another limiter key is unaffected by olga's failures... but the
-    # client address is shared, so it is limited too: both keys count.
-    with httpx.Client(base_url=dash_url, timeout=30) as other:
-        token = csrf_of(other.get("/dashboard/login").text)
-        resp = other.post(
-            "/dashboard/login",
-            data={"username": VIEWER[0], "password": VIEWER[1], "csrf": token},
-        )
-        assert resp.status_code == 429
 
 
-def test_login_limiter_counts_per_account_and_address(dash_settings: Settings) -> None:
-    from db.redis import get_redis
-
-    limiter = LoginLimiter(get_redis(dash_settings), max_failures=2, window_s=60)
-    assert limiter.attempt("alice", "10.0.0.1")
-    assert limiter.attempt("alice", "10.0.0.2")
-    assert not limiter.attempt("alice", "10.0.0.3")  # a third attempt for the account
-    assert limiter.attempt("bob", "10.0.0.9")
-    assert limiter.attempt("carol", "10.0.0.9")
-    assert not limiter.attempt("dave", "10.0.0.9")  # a third attempt from the address
-    limiter.succeeded("dave", "10.0.0.9")  # a success clears both counters
-    assert limiter.attempt("erin", "10.0.0.9")
-    assert limiter.attempt("dave", "10.0.0.8")
-
-
-def test_concurrent_wrong_passwords_cannot_pass_the_limit(
+def test_failures_slow_the_attacker_not_the_operator_elsewhere(
     dash_url: str, dash_settings: Settings, sql: Any
 ) -> None:
+    attacker, operator = "203.0.113.7", "198.51.100.20"
+    free = dash_settings.login_max_failures
+    # Given an attacker who fails `free` times for olga from one address
+    for _ in range(free):
+        assert login_as(dash_url, OPERATOR, address=attacker, password="guess").status_code == 401
+    # Then the attacker waits, even with the right password
+    held = login_as(dash_url, OPERATOR, address=attacker)
+    assert held.status_code == 429
+    assert int(held.headers["retry-after"]) >= 1
+    # but olga signs in from her own address at once
+    assert login_as(dash_url, OPERATOR, address=operator).status_code == 303
+    # and the held attempt was audited, with the address the proxy reported
+    [row] = audit_rows(sql, "dashboard.login_rate_limited")
+    assert row[0] == OPERATOR[0] and row[4]["address"] == attacker
+    assert row[4]["reason"] == "delay"
+
+
+def test_the_forwarded_header_is_ignored_from_an_untrusted_peer(db: str) -> None:
+    from web.auth import client_address, parse_proxies
+
+    proxies = parse_proxies("10.0.0.0/8, 127.0.0.1")
+    # a client that is not our proxy cannot choose its address
+    assert client_address("198.51.100.1", ["1.2.3.4"], proxies) == "198.51.100.1"
+    # through our proxies: the first hop from the right that is not ours
+    assert client_address("127.0.0.1", ["1.2.3.4, 198.51.100.9, 10.1.1.1"], proxies) == (
+        "198.51.100.9"
+    )
+    assert client_address("127.0.0.1", ["garbage, 10.0.0.2"], proxies) == "10.0.0.2"
+    assert client_address("127.0.0.1", [], proxies) == "127.0.0.1"
+    assert client_address("127.0.0.1", ["x"], ()) == "127.0.0.1"
+    with pytest.raises(SettingsError, match="TIDEMILL_TRUSTED_PROXIES"):
+        parse_proxies("10.0.0.0/33")
+
+
+def test_login_limiter_pair_delay_address_cap_and_account_soft_limit(
+    dash_settings: Settings,
+) -> None:
+    from db.redis import get_redis
+
+    limiter = LoginLimiter(
+        get_redis(dash_settings), free=2, window_s=600, address_cap=4, account_soft=3
+    )
+    t = 1000.0
+    # per pair: two free failures, then 1 s, then 2 s between attempts
+    assert limiter.attempt("alice", "a1", now=t).allowed
+    assert limiter.attempt("alice", "a1", now=t).allowed
+    held = limiter.attempt("alice", "a1", now=t + 0.5)
+    assert (held.allowed, held.reason) == (False, "delay")
+    assert limiter.attempt("alice", "a1", now=t + 1.1).allowed
+    assert not limiter.attempt("alice", "a1", now=t + 2.5).allowed
+    # the account is past its soft limit (3): a1 has failed and is held, a fresh address is not
+    assert not limiter.attempt("alice", "a1", now=t + 100).allowed
+    assert limiter.attempt("alice", "fresh", now=t + 100).allowed
+    limiter.succeeded("alice", "fresh")
+    # per address: the cap counts every account's failures from it
+    for name in ("b", "c", "d"):
+        assert limiter.attempt(name, "a9", now=t).allowed
+    assert limiter.attempt("e", "a9", now=t).allowed
+    verdict = limiter.attempt("f", "a9", now=t)
+    assert (verdict.allowed, verdict.reason) == (False, "address")
+    # unlock forgets the account's failures from every address
+    assert limiter.unlock("alice") >= 2
+    assert limiter.attempt("alice", "a1", now=t + 100).allowed
+
+
+@hsettings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    attacks=st.lists(
+        st.tuples(
+            st.sampled_from(["olga", "OLGA", "victor"]), st.integers(0, 30), st.floats(0, 900)
+        ),
+        max_size=60,
+    )
+)
+def test_no_attack_from_elsewhere_blocks_a_fresh_address(
+    dash_settings: Settings, attacks: list[tuple[str, int, float]]
+) -> None:
+    """Whatever failures attackers pile up from other addresses, olga's first attempt from an
+    address with no failures has its password checked."""
+    from db.redis import get_redis
+
+    client = get_redis(dash_settings)
+    for key in client.scan_iter(match="tidemill:login:*"):
+        client.delete(key)
+    limiter = LoginLimiter(client, free=3, window_s=600, address_cap=10, account_soft=5)
+    for name, host, offset in sorted(attacks, key=lambda a: a[2]):
+        limiter.attempt(name, f"10.9.0.{host}", now=1000.0 + offset)
+    assert limiter.attempt("olga", "192.0.2.1", now=1000.0 + 901).allowed
+
+
+def test_concurrent_wrong_passwords_cannot_pass_the_limit(dash_settings: Settings) -> None:
     """Counting happens before the slow password check: however many guesses arrive at once,
-    no more than the limit are checked."""
+    no more than the free ones are let through."""
     import threading
 
-    limit = dash_settings.login_max_failures
-    with httpx.Client(base_url=dash_url, timeout=60) as client:
-        token = csrf_of(client.get("/dashboard/login").text)
-        cookies = dict(client.cookies)
-    statuses: list[int] = []
-    start = threading.Barrier(limit * 3)
+    from db.redis import get_redis
 
-    def guess(i: int) -> None:
-        with httpx.Client(base_url=dash_url, timeout=60, cookies=cookies) as c:
-            start.wait()
-            resp = c.post(
-                "/dashboard/login",
-                data={"username": OPERATOR[0], "password": f"guess-{i}", "csrf": token},
-            )
-            statuses.append(resp.status_code)
+    limiter = LoginLimiter(get_redis(dash_settings), free=5, window_s=600, first_delay_s=60)
+    verdicts: list[bool] = []
+    start = threading.Barrier(15)
 
-    # When: three times the limit of wrong guesses arrive together
-    threads = [threading.Thread(target=guess, args=(i,)) for i in range(limit * 3)]
+    def guess() -> None:
+        start.wait()
+        verdicts.append(limiter.attempt("olga", "10.0.0.1").allowed)
+
+    threads = [threading.Thread(target=guess) for _ in range(15)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    # Then: only `limit` were checked (and audited); the rest were refused unchecked
-    assert sorted(statuses) == [401] * limit + [429] * (limit * 2)
-    assert len(audit_rows(sql, "dashboard.login_failed")) == limit
-    with httpx.Client(base_url=dash_url, timeout=30, cookies=cookies) as c:
-        resp = c.post(
-            "/dashboard/login",
-            data={"username": OPERATOR[0], "password": OPERATOR[1], "csrf": token},
-        )
-        assert resp.status_code == 429
+    assert sorted(verdicts) == [False] * 10 + [True] * 5
 
 
 def test_non_ascii_tokens_are_refused_not_crashing(dash_url: str) -> None:
@@ -183,14 +241,24 @@ def test_non_ascii_tokens_are_refused_not_crashing(dash_url: str) -> None:
             data={"username": OPERATOR[0], "password": OPERATOR[1], "csrf": "é"},
         )
         assert resp.status_code == 403
-    with sign_in(dash_url, VIEWER) as viewer:
-        cookie = viewer.cookies.get("tidemill_session")
-        assert cookie
-        payload, _ = cookie.rsplit(".", 1)
     with httpx.Client(base_url=dash_url, timeout=30) as forger:
-        raw = f"tidemill_session={payload}.é".encode()
-        resp = forger.get("/dashboard", headers={b"Cookie": raw})
+        resp = forger.get("/dashboard", headers={b"Cookie": "tidemill_session=é".encode()})
         assert resp.status_code == 303  # signed out, not a 500
+
+
+def test_cli_unlock_lets_a_held_address_try_again(dash_url: str, dash_settings: Settings) -> None:
+    from typer.testing import CliRunner
+
+    from core.cli_dashboard import app
+
+    address = "203.0.113.50"
+    for _ in range(dash_settings.login_max_failures):
+        login_as(dash_url, OPERATOR, address=address, password="guess")
+    assert login_as(dash_url, OPERATOR, address=address).status_code == 429
+    result = CliRunner().invoke(app, ["unlock", OPERATOR[0]])
+    assert result.exit_code == 0, result.output
+    assert "unlocked olga" in result.output
+    assert login_as(dash_url, OPERATOR, address=address).status_code == 303
 
 
 def test_with_no_accounts_the_login_page_says_how_to_make_one(db: str) -> None:
@@ -254,30 +322,155 @@ def test_a_viewer_cannot_act_and_the_refusal_is_audited(
     assert [(r[0], r[3]) for r in refused] == [(VIEWER[0], "change_dead_letters")]
 
 
-def test_tampered_or_expired_session_is_signed_out(dash_url: str) -> None:
+def test_a_forged_or_expired_session_is_signed_out(dash_url: str, dash_settings: Settings) -> None:
+    from db.redis import get_redis
+    from web.auth import SessionStore
+
     with sign_in(dash_url, VIEWER) as viewer:
         cookie = viewer.cookies.get("tidemill_session")
         assert cookie
-        payload, mac = cookie.rsplit(".", 1)
         viewer.cookies.clear()
-        viewer.cookies.set("tidemill_session", payload + "x." + mac, path="/dashboard")
+        viewer.cookies.set("tidemill_session", cookie[:-1] + "x", path="/dashboard")
         assert viewer.get("/dashboard").status_code == 303
-    signer = SessionSigner("s", ttl_s=10)
+    store = SessionStore(get_redis(dash_settings), ttl_s=10)
     account = load_accounts(
         Settings.from_env({"TIDEMILL_DASHBOARD_USERS": "a:viewer:" + hash_password("password1")})
     )["a"]
-    _, issued = signer.issue(account, now=1000.0)
-    assert signer.load(issued, now=1005.0) is not None
-    assert signer.load(issued, now=1011.0) is None
-    assert SessionSigner("other", ttl_s=10).load(issued, now=1005.0) is None
+    _, issued = store.create(account, address="x", now=time.time())
+    assert store.load(issued) is not None
+    assert store.load(issued, now=time.time() + 11) is None
+    assert store.load(issued) is None  # an expired record is deleted on sight
 
 
-def test_sign_out_ends_the_session(dash_url: str, sql: Any) -> None:
+def test_sign_out_ends_the_session_and_a_replayed_cookie_is_refused(
+    dash_url: str, sql: Any, redis_client: Any
+) -> None:
+    letter = dead_letter("flaky_until_released", "k1")
     with sign_in(dash_url, OPERATOR) as operator:
-        resp = operator.post("/dashboard/logout", data={"csrf": page_csrf(operator)})
+        cookie = operator.cookies.get("tidemill_session") or ""
+        csrf = page_csrf(operator)
+        resp = operator.post("/dashboard/logout", data={"csrf": csrf})
         assert resp.status_code == 303
         assert operator.get("/dashboard").status_code == 303
+    # an attacker who copied the cookie (and the CSRF token) before sign-out gets nothing
+    with httpx.Client(base_url=dash_url, timeout=30) as replay:
+        replay.cookies.set("tidemill_session", cookie, path="/dashboard")
+        assert replay.get("/dashboard/queues").status_code == 303
+        resp = replay.post(
+            "/dashboard/dead/delete",
+            data={"queue": DASH_QUEUE, "id": letter.options["redis_message_id"], "csrf": csrf},
+        )
+        assert resp.status_code == 401
+    assert len(dead_ids(redis_client)) == 1
     assert [r[0] for r in audit_rows(sql, "dashboard.logout")] == [OPERATOR[0]]
+
+
+def test_sign_out_everywhere_ends_every_session_of_the_account(dash_url: str, sql: Any) -> None:
+    with (
+        sign_in(dash_url, OPERATOR) as laptop,
+        sign_in(dash_url, OPERATOR) as phone,
+        sign_in(dash_url, VIEWER) as other,
+    ):
+        assert phone.get("/dashboard").status_code == 200
+        resp = laptop.post("/dashboard/logout-everywhere", data={"csrf": page_csrf(laptop)})
+        assert resp.status_code == 303
+        assert phone.get("/dashboard").status_code == 303
+        assert laptop.get("/dashboard").status_code == 303
+        assert other.get("/dashboard").status_code == 200  # another account is untouched
+    [row] = audit_rows(sql, "dashboard.logout_everywhere")
+    assert row[0] == OPERATOR[0] and row[4]["sessions"] == 2
+
+
+def test_sign_in_rotates_the_session_id(dash_url: str) -> None:
+    with sign_in(dash_url, VIEWER) as client:
+        first = client.cookies.get("tidemill_session")
+        token = csrf_of(client.get("/dashboard/login").text)
+        resp = client.post(
+            "/dashboard/login",
+            data={"username": VIEWER[0], "password": VIEWER[1], "csrf": token},
+        )
+        assert resp.status_code == 303
+        second = client.cookies.get("tidemill_session")
+        assert first and second and first != second
+    with httpx.Client(base_url=dash_url, timeout=30) as replay:
+        replay.cookies.set("tidemill_session", first, path="/dashboard")
+        assert replay.get("/dashboard").status_code == 303  # the pre-sign-in id is dead
+
+
+@pytest.mark.parametrize("change", ["removed", "demoted"])
+def test_a_removed_or_demoted_account_loses_its_sessions_at_once(
+    dash_url: str, change: str
+) -> None:
+    from web.auth import hash_password as make
+
+    with sign_in(dash_url, OPERATOR) as operator:
+        cookie = operator.cookies.get("tidemill_session") or ""
+        users = f"{VIEWER[0]}:viewer:{make(VIEWER[1])}"
+        if change == "demoted":
+            users += f",{OPERATOR[0]}:viewer:{make(OPERATOR[1])}"
+        # another replica (or this one restarted) with the account removed or made a viewer
+        with (
+            dashboard_env(TIDEMILL_DASHBOARD_USERS=users) as changed,
+            support.serve(changed) as url,
+            httpx.Client(base_url=url, timeout=30) as c,
+        ):
+            c.cookies.set("tidemill_session", cookie, path="/dashboard")
+            assert c.get("/dashboard").status_code == 303
+        # and the session is over everywhere, the old replica included
+        assert operator.get("/dashboard").status_code == 303
+
+
+def test_flash_comes_from_the_session_never_from_the_link(dash_url: str, redis_client: Any) -> None:
+    with sign_in(dash_url, OPERATOR) as operator:
+        for params in (
+            {"done": "deleted", "n": "500"},
+            {"done": "already_applied", "status": "hacked, call us"},
+        ):
+            page = operator.get("/dashboard/queues", params=params).text
+            assert 'id="flash"' not in page and "500" not in page and "call us" not in page
+        letter = dead_letter("flaky_until_released", "k1")
+        resp = operator.post(
+            "/dashboard/dead/delete",
+            data={
+                "queue": DASH_QUEUE,
+                "id": letter.options["redis_message_id"],
+                "csrf": page_csrf(operator),
+            },
+        )
+        assert resp.status_code == 303 and "done" not in resp.headers["location"]
+        page = operator.get(resp.headers["location"]).text
+        assert "Deleted 1 dead letter(s)." in page
+        # shown once
+        assert "Deleted 1 dead letter" not in operator.get("/dashboard/queues").text
+
+
+def test_csrf_refusals_are_audited(dash_url: str, sql: Any) -> None:
+    with sign_in(dash_url, OPERATOR) as operator:
+        assert operator.post("/dashboard/logout", data={"csrf": "forged"}).status_code == 403
+    with httpx.Client(base_url=dash_url, timeout=30) as anon:
+        anon.get("/dashboard/login")
+        resp = anon.post("/dashboard/login", data={"username": "x", "password": "y"})
+        assert resp.status_code == 403
+    rows = audit_rows(sql, "dashboard.csrf_refused")
+    assert sorted((r[0] or "") for r in rows) == ["", OPERATOR[0]]
+
+
+def test_security_headers_on_every_dashboard_response(dash_url: str) -> None:
+    with sign_in(dash_url, VIEWER) as viewer:
+        for path in (*PAGES, "/dashboard/login", "/dashboard/static/dashboard.css"):
+            resp = viewer.get(path)
+            assert resp.status_code == 200, path
+            h = resp.headers
+            assert "frame-ancestors 'none'" in h["content-security-policy"], path
+            assert "script-src 'self'" in h["content-security-policy"], path
+            assert h["x-content-type-options"] == "nosniff", path
+            assert h["referrer-policy"] == "no-referrer", path
+            assert h["x-frame-options"] == "DENY", path
+            if "static" not in path:
+                assert h["cache-control"] == "no-store", path
+        icon = viewer.get("/favicon.ico")
+        assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg")
+        assert viewer.get("/dashboard").text.count('rel="icon"') == 1
 
 
 @pytest.mark.parametrize(
@@ -370,7 +563,7 @@ def test_operator_retries_a_dead_letter_and_a_worker_processes_it(
             data={"queue": DASH_QUEUE, "id": rid, "csrf": page_csrf(operator)},
         )
         assert resp.status_code == 303
-        assert "done=retried" in resp.headers["location"]
+        assert "Retried 1 dead letter" in flash_after(operator, resp)
         assert wait_for(lambda: processed_rows(sql, "k-retry") == 1)
         assert dead_ids(redis_client) == []
         assert not any(redis_client.hexists(k, rid) for k in error_keys)  # its error went too
@@ -379,7 +572,7 @@ def test_operator_retries_a_dead_letter_and_a_worker_processes_it(
             "/dashboard/dead/retry",
             data={"queue": DASH_QUEUE, "id": rid, "csrf": page_csrf(operator)},
         )
-        assert "done=gone" in resp.headers["location"]
+        assert "no longer there" in flash_after(operator, resp)
     rows = audit_rows(sql, "dashboard.dead_letter.retry")
     assert [(r[0], r[3], r[4]["count"]) for r in rows] == [
         (OPERATOR[0], f"{DASH_QUEUE}/{rid}", 1),
@@ -416,7 +609,7 @@ def test_operator_deletes_one_dead_letter(dash_url: str, redis_client: Any, sql:
             "/dashboard/dead/delete",
             data={"queue": DASH_QUEUE, "id": drop, "csrf": page_csrf(operator)},
         )
-        assert "done=deleted" in resp.headers["location"]
+        assert "Deleted 1 dead letter" in flash_after(operator, resp)
     assert dead_ids(redis_client) == [keep]
     assert redis_client.hget(f"{XQ}.msgs", drop) is None
     assert redis_client.llen(f"dramatiq:{DASH_QUEUE}") == 0
@@ -486,10 +679,10 @@ def test_bulk_retry_acts_on_exactly_the_set_it_counted(
         late = dead_letter("flaky_until_released", "bulk-late").options["redis_message_id"]
         selection = preview.text.split('name="token" value="')[1].split('"')[0]
         done = operator.post("/dashboard/dead-bulk", data={"csrf": token, "token": selection})
-        assert "done=retried&n=5" in done.headers["location"]
+        assert "Retried 5 dead letter" in flash_after(operator, done)
         # the selection is used once
         again = operator.post("/dashboard/dead-bulk", data={"csrf": token, "token": selection})
-        assert "done=bulk_expired" in again.headers["location"]
+        assert "selection expired" in flash_after(operator, again)
     assert set(redis_client.zrange(XQ, 0, -1)) == others | {late}
     assert redis_client.llen(f"dramatiq:{DASH_QUEUE}") == 5
     [row] = audit_rows(sql, "dashboard.dead_letters.bulk_retry")
@@ -557,7 +750,7 @@ def test_bulk_retry_failing_partway_reports_audits_and_keeps_the_rest(
         assert "ConnectionLost" in row[4]["error"]
         # confirming again (the broker is back) retries exactly the remainder
         done = operator.post("/dashboard/dead-bulk", data={"csrf": token, "token": selection})
-        assert "done=retried&n=2" in done.headers["location"]
+        assert "Retried 2 dead letter" in flash_after(operator, done)
     assert redis_client.llen(f"dramatiq:{DASH_QUEUE}") == 3
     assert dead_ids(redis_client) == []
 
@@ -662,8 +855,8 @@ def test_webhooks_page_counts_searches_and_replays(dash_url: str, sql: Any) -> N
         overview = operator.get("/dashboard").text
         assert "50.0 %" in overview  # 1 failed of the 2 received in the last hour
         resp = operator.post("/dashboard/webhooks/evt_bad1/replay", data={"csrf": csrf_of(page)})
-        assert resp.status_code == 303 and "done=replay_queued" in resp.headers["location"]
-        assert "Replay queued" in operator.get(resp.headers["location"]).text
+        assert resp.status_code == 303
+        assert "Replay queued" in flash_after(operator, resp)
     # the web process did not process it: reopened, and handed to a worker through the outbox
     status = sql.execute("SELECT status FROM webhook_events WHERE id = 'evt_bad1'").fetchone()[0]
     assert status == "received"
@@ -686,11 +879,10 @@ def test_replay_from_the_dashboard_is_processed_by_a_worker(
     with sign_in(dash_url, OPERATOR) as operator:
         token = page_csrf(operator, "/dashboard/webhooks")
         resp = operator.post("/dashboard/webhooks/evt_bad2/replay", data={"csrf": token})
-        assert "done=replay_queued" in resp.headers["location"]
+        assert "Replay queued" in flash_after(operator, resp)
         # an applied event is not queued again
         resp = operator.post("/dashboard/webhooks/evt_done/replay", data={"csrf": token})
-        assert "done=already_applied&status=processed" in resp.headers["location"]
-        assert "already processed" in operator.get(resp.headers["location"]).text
+        assert "already processed" in flash_after(operator, resp)
     # the relay's job, done here: send the outbox rows to the broker
     assert drain(broker, batch=10) == 1
 
@@ -700,22 +892,6 @@ def test_replay_from_the_dashboard_is_processed_by_a_worker(
 
     assert wait_for(lambda: status_of("evt_bad2") == "ignored")  # a type tidemill ignores
     assert status_of("evt_done") == "processed"
-
-
-def test_flash_takes_only_a_number_and_a_known_status_from_the_link(dash_url: str) -> None:
-    with sign_in(dash_url, VIEWER) as viewer:
-        page = viewer.get(
-            "/dashboard/queues", params={"done": "deleted", "n": "all; call +1-555-0100"}
-        ).text
-        assert "Deleted 0 dead letter(s)." in page and "555" not in page
-        page = viewer.get(
-            "/dashboard", params={"done": "already_applied", "status": "hacked, call us"}
-        ).text
-        assert "already ?." in page and "call us" not in page
-        page = viewer.get("/dashboard/queues", params={"done": "retried", "n": "²"}).text
-        assert "Retried 0 dead letter(s)" in page
-        page = viewer.get("/dashboard/queues", params={"done": "retried", "n": "7"}).text
-        assert "Retried 7 dead letter(s)" in page
 
 
 def test_pipelines_page_and_run_detail(dash_url: str, sql: Any) -> None:
@@ -731,6 +907,52 @@ def test_pipelines_page_and_run_detail(dash_url: str, sql: Any) -> None:
         assert "upload refused" in page and "90 s" in page
         detail = viewer.get(f"/dashboard/pipelines/{run_id}").text
         assert "5,000" in detail and "upload refused" in detail
+
+
+def test_pipelines_filter_by_status_and_show_progress_while_running(
+    dash_url: str, sql: Any
+) -> None:
+    sql.execute(
+        "INSERT INTO pipeline_runs (pipeline, started_at, status, progress) VALUES "
+        "('purge-sessions', now(), 'running', '{\"batches\": 17}'), "
+        "('archive-messages', now(), 'succeeded', NULL)"
+    )
+    with sign_in(dash_url, VIEWER) as viewer:
+        running = viewer.get("/dashboard/pipelines", params={"status": "running"}).text
+        assert "purge-sessions" in running and "archive-messages" not in running
+        assert "batches</span> 17" in running
+        done = viewer.get("/dashboard/pipelines", params={"status": "succeeded"}).text
+        assert "archive-messages" in done and "purge-sessions" not in done
+        assert viewer.get("/dashboard/pipelines", params={"status": "x"}).status_code == 400
+
+
+def test_audit_page_pages_and_filters(dash_url: str, sql: Any) -> None:
+    # Given 120 audit rows by two accounts, one second apart
+    sql.execute(
+        "INSERT INTO audit_logs (action, entity_type, entity_id, actor, performed_at) "
+        "SELECT CASE WHEN i % 3 = 0 THEN 'dashboard.schedule.pause' ELSE 'dashboard.login' END, "
+        "'x', 'e' || i, CASE WHEN i % 2 = 0 THEN 'ann' ELSE 'bob' END, "
+        "now() - make_interval(secs => i) FROM generate_series(1, 120) AS i"
+    )
+    with sign_in(dash_url, VIEWER) as viewer:
+        # every row once, across pages, newest first
+        seen: list[str] = []
+        url: str | None = "/dashboard/audit?actor=ann"
+        while url:
+            page = viewer.get(url).text
+            seen += re.findall(r'<span class="mono">(e\d+)</span>', page)
+            match = re.search(r'href="([^"]+)" id="audit-older"', page)
+            url = html.unescape(match.group(1)) if match else None
+        assert seen == [f"e{i}" for i in range(2, 121, 2)]
+        page = viewer.get("/dashboard/audit", params={"action": "schedule", "actor": "bob"}).text
+        found = re.findall(r'<span class="mono">(e\d+)</span>', page)
+        assert found == [f"e{i}" for i in range(3, 121, 6)]
+        assert viewer.get("/dashboard/audit", params={"entity": "e7"}).text.count("e7<") == 1
+        bad = viewer.get("/dashboard/audit", params={"before_at": "x", "before_id": "y"})
+        assert bad.status_code == 400
+        # a LIKE wildcard typed into the filter is a literal
+        page = viewer.get("/dashboard/audit", params={"action": "%"}).text
+        assert "no-audit" in page
 
 
 def test_backups_page_without_and_with_backups(dash_url: str, sql: Any) -> None:
@@ -768,14 +990,14 @@ def test_schedules_page_lists_and_controls_every_schedule(
             assert f'data-schedule="{row.name}"' in page
         token = csrf_of(page)
         resp = operator.post(f"/dashboard/schedules/{name}/pause", data={"csrf": token})
-        assert "done=paused" in resp.headers["location"]
+        assert "Schedule paused" in flash_after(operator, resp)
         assert [r.paused for r in schedules(dash_settings) if r.name == name] == [True]
         resp = operator.post(f"/dashboard/schedules/{name}/resume", data={"csrf": token})
         assert [r.paused for r in schedules(dash_settings) if r.name == name] == [False]
         resp = operator.post(f"/dashboard/schedules/{name}/trigger", data={"csrf": token})
-        assert "done=triggered" in resp.headers["location"]
+        assert "Schedule triggered" in flash_after(operator, resp)
         resp = operator.post("/dashboard/schedules/no-such/trigger", data={"csrf": token})
-        assert "done=unknown_schedule" in resp.headers["location"]
+        assert "No such schedule" in flash_after(operator, resp)
     fired = sql.execute("SELECT fired_by FROM schedule_ticks WHERE schedule = %s", (name,))
     assert [r[0] for r in fired.fetchall()] == [OPERATOR[0]]
     actions = sql.execute(
@@ -955,3 +1177,233 @@ def test_day_counts_are_cached_a_minute_hour_counts_are_not(
     assert webhook_window(dash_settings, seconds=86400, cache_s=60)["failed"] == 1  # cached
     assert webhook_window(dash_settings, seconds=3600)["failed"] == 2
     assert webhook_window(dash_settings, seconds=86400)["failed"] == 2
+
+
+# --- operator depth -------------------------------------------------------------------------
+
+
+def test_a_paused_queue_runs_nothing_until_resumed_across_worker_restarts(
+    dash_url: str, redis_client: Any, sql: Any
+) -> None:
+    import dramatiq as dq
+
+    from workers.broker import broker
+    from workers.pause import QueuePause
+
+    redis_client.set("release:paused-1", "1")
+    with sign_in(dash_url, VIEWER) as viewer:
+        token = page_csrf(viewer, f"/dashboard/queues/{DASH_QUEUE}")
+        refused = viewer.post(f"/dashboard/queues/{DASH_QUEUE}/pause", data={"csrf": token})
+        assert refused.status_code == 403 and "viewer role cannot" in refused.text
+    with sign_in(dash_url, OPERATOR) as operator:
+        token = page_csrf(operator, f"/dashboard/queues/{DASH_QUEUE}")
+        resp = operator.post(f"/dashboard/queues/{DASH_QUEUE}/pause", data={"csrf": token})
+        assert "Queue tests-dash paused" in flash_after(operator, resp)
+        # Given a paused queue and two live workers (two replicas)
+        flaky_until_released.send("paused-1")
+        workers = [dq.Worker(broker, worker_threads=1, worker_timeout=100) for _ in range(2)]
+        for w in workers:
+            w.start()
+        try:
+            # a worker fetches the message and holds it (back to the delayed set), never runs it
+            assert wait_for(lambda: redis_client.hlen(f"dramatiq:{DASH_QUEUE}.DQ.msgs") >= 1)
+            time.sleep(1.5)
+            assert processed_rows(sql, "paused-1") == 0
+        finally:
+            for w in workers:
+                w.stop()
+        # a restarted worker builds a new middleware: it reads the pause from Redis
+        assert DASH_QUEUE in QueuePause().paused(broker)
+        page = operator.get(f"/dashboard/queues/{DASH_QUEUE}").text
+        assert 'id="queue-paused"' in page and "Paused by olga" in page
+        resp = operator.post(f"/dashboard/queues/{DASH_QUEUE}/resume", data={"csrf": token})
+        assert "resumed" in flash_after(operator, resp)
+    # When a worker starts after the resume, the message runs, once
+    worker = dq.Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        assert wait_for(lambda: processed_rows(sql, "paused-1") == 1, timeout=30)
+    finally:
+        worker.stop()
+    assert processed_rows(sql, "paused-1") == 1
+    assert [r[3] for r in audit_rows(sql, "dashboard.queue.pause")] == [DASH_QUEUE]
+    assert [r[3] for r in audit_rows(sql, "dashboard.queue.resume")] == [DASH_QUEUE]
+    refusals = audit_rows(sql, "dashboard.refused")
+    assert [(r[0], r[3]) for r in refusals] == [(VIEWER[0], "pause_queues")]
+
+
+def test_queue_browser_and_message_page_mask_arguments(dash_url: str, redis_client: Any) -> None:
+    from workers.broker import broker
+
+    # Given a ready, a delayed and a dead message (no worker runs: they stay where they are)
+    msg: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name=DASH_QUEUE_2,
+        actor_name="flaky_until_released",
+        args=("ready-1",),
+        kwargs={"email": "maria.lopez@example.com", "password": "hunter22"},
+        options={},
+    )
+    # one message a worker has fetched and not yet acked (the broker's own fetch): in flight
+    broker.enqueue(msg.copy(args=("inflight-1",)))
+    assert support.redis_broker.do_fetch(DASH_QUEUE_2, 1)
+    ready = broker.enqueue(msg)
+    broker.enqueue(msg.copy(args=("delayed-1",)), delay=3_600_000)
+    dead_letter("flaky_until_released", "dead-1", email="ann.lee@example.com")
+    [dead_rid] = dead_ids(redis_client)
+    with sign_in(dash_url, VIEWER) as viewer:
+        page = viewer.get(f"/dashboard/queues/{DASH_QUEUE_2}").text
+        assert "ready-1" in page and "m***@example.com" in page
+        assert "maria.lopez" not in page and "hunter22" not in page
+        page = viewer.get(f"/dashboard/queues/{DASH_QUEUE_2}", params={"state": "delayed"}).text
+        assert "delayed-1" in page and "ready-1" not in page
+        page = viewer.get(f"/dashboard/queues/{DASH_QUEUE_2}", params={"state": "in_flight"}).text
+        assert "inflight-1" in page and "ready-1" not in page and "delayed-1" not in page
+        detail = html.unescape(
+            viewer.get(
+                f"/dashboard/queues/{DASH_QUEUE_2}/messages/{ready.options['redis_message_id']}"
+            ).text
+        )
+        assert ready.message_id in detail and '"password": "***"' in detail
+        assert "maria.lopez" not in detail and "hunter22" not in detail
+        page = viewer.get(f"/dashboard/queues/{DASH_QUEUE}", params={"state": "dead"}).text
+        assert dead_rid in page and "ann.lee" not in page
+        detail = viewer.get(f"/dashboard/queues/{DASH_QUEUE}/messages/{dead_rid}").text
+        assert 'id="message-state">dead' in detail and "a***@example.com" in detail
+        # bad input: clear errors, no 500
+        assert viewer.get(f"/dashboard/queues/{DASH_QUEUE}/messages/nope").status_code == 404
+        assert viewer.get("/dashboard/queues/no-such-queue").status_code == 404
+        assert viewer.get("/dashboard/queues/bad%20name").status_code == 400
+        bad = viewer.get(f"/dashboard/queues/{DASH_QUEUE}", params={"state": "x"})
+        assert bad.status_code == 400
+        bad = viewer.get(f"/dashboard/queues/{DASH_QUEUE}", params={"cursor": "-1"})
+        assert bad.status_code == 400
+
+
+def test_ready_pages_cover_every_message_once(dash_url: str) -> None:
+    from workers.broker import broker
+
+    for i in range(120):
+        broker.enqueue(
+            dramatiq.Message(
+                queue_name=DASH_QUEUE_2,
+                actor_name="flaky_until_released",
+                args=(f"page-{i:03d}",),
+                kwargs={},
+                options={},
+            )
+        )
+    seen: list[str] = []
+    with sign_in(dash_url, VIEWER) as viewer:
+        url: str | None = f"/dashboard/queues/{DASH_QUEUE_2}"
+        while url:
+            page = viewer.get(url).text
+            seen += re.findall(r"page-(\d{3})", page)
+            match = re.search(r'href="([^"]+)" id="messages-next"', page)
+            url = html.unescape(match.group(1)) if match else None
+    assert seen == [f"{i:03d}" for i in range(120)]
+
+
+def test_workers_page_and_charts(
+    dash_url: str, dash_settings: Settings, redis_client: Any, inproc_worker: Any
+) -> None:
+    import os
+
+    redis_client.set("release:chart-1", "1")
+    flaky_until_released.send("chart-1")
+    flaky_until_released.send("chart-2", email="ann.lee@example.com")  # fails for good
+    assert wait_for(lambda: len(dead_ids(redis_client)) == 1)
+    [dead_rid] = dead_ids(redis_client)
+    with sign_in(dash_url, VIEWER) as viewer:
+        # the dead letter's page lists its attempt with the traceback, masked
+        detail = viewer.get(f"/dashboard/queues/{DASH_QUEUE}/messages/{dead_rid}").text
+        assert 'class="attempt"' in detail and "PermanentError" in detail
+        assert "Traceback (most recent call last)" in detail
+        assert "ann.lee" not in detail and "a***@example.com" in detail
+        # the worker's heartbeat (every few seconds) carries host, pid, threads and memory
+        assert wait_for(lambda: str(os.getpid()) in viewer.get("/dashboard/workers").text)
+        page = viewer.get("/dashboard/workers").text
+        assert 'class="worker"' in page and "MiB" in page
+        # charts per queue and actor, and from the hourly rollups
+        for params in (
+            {"queue": DASH_QUEUE},
+            {"actor": "flaky_until_released"},
+            {"queue": DASH_QUEUE, "range": "30d"},
+        ):
+            assert wait_for(
+                lambda p=params: (
+                    "2 finished, 1 failed" in viewer.get("/dashboard/charts", params=p).text
+                )
+            ), params
+        # the overview's per-minute totals count each message once (not again per actor)
+        from web.dashboard import broker_state
+
+        client = broker_state.broker_redis(dash_settings)
+        assert sum(total for _, total, _ in broker_state.per_minute(client, minutes=5)) == 2
+        page = viewer.get("/dashboard/charts", params={"queue": "payments", "range": "7d"}).text
+        assert "0 finished, 0 failed" in page
+        assert viewer.get("/dashboard/charts", params={"range": "1y"}).status_code == 400
+
+
+def test_schedule_page_lists_ticks_linked_to_the_runs_they_caused(
+    dash_url: str, dash_settings: Settings, sql: Any
+) -> None:
+    from schedules.schedule import PIPELINE_ACTOR, load_schedules
+
+    name = next(s.name for s in load_schedules(dash_settings) if s.actor == PIPELINE_ACTOR)
+    with sign_in(dash_url, VIEWER) as viewer:
+        page = viewer.get(f"/dashboard/schedules/{name}").text
+        assert "no-ticks" in page and "run-now" not in page
+        refused = viewer.post(f"/dashboard/schedules/{name}/trigger", data={"csrf": csrf_of(page)})
+        assert refused.status_code == 403
+    with sign_in(dash_url, OPERATOR) as operator:
+        page = operator.get(f"/dashboard/schedules/{name}").text
+        resp = operator.post(f"/dashboard/schedules/{name}/trigger", data={"csrf": csrf_of(page)})
+        assert "Schedule triggered" in flash_after(operator, resp)
+        [tick] = sql.execute(
+            "SELECT tick FROM schedule_ticks WHERE schedule = %s", (name,)
+        ).fetchone()
+        # the run the pipeline actor records for that tick
+        run_id = sql.execute(
+            "INSERT INTO pipeline_runs (pipeline, tick, started_at, status) "
+            "VALUES (%s, %s, now(), 'running') RETURNING id",
+            (name, tick),
+        ).fetchone()[0]
+        page = operator.get(f"/dashboard/schedules/{name}").text
+        assert f'href="/dashboard/pipelines/{run_id}"' in page and "manual" in page
+        assert OPERATOR[0] in page
+        assert operator.get("/dashboard/schedules/no-such").status_code == 404
+        bad = operator.get(f"/dashboard/schedules/{name}", params={"before": "x"})
+        assert bad.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("op", "schedule"), [("backup", "backup-full"), ("verify", "backup-drill")]
+)
+def test_back_up_now_and_verify_queue_the_backup_schedules(
+    dash_url: str, sql: Any, op: str, schedule: str
+) -> None:
+    with sign_in(dash_url, VIEWER) as viewer:
+        page = viewer.get("/dashboard/backups").text
+        assert f"{op}-now" not in page
+        assert (
+            viewer.post(f"/dashboard/backups/{op}", data={"csrf": csrf_of(page)}).status_code == 403
+        )
+    with sign_in(dash_url, OPERATOR) as operator:
+        page = operator.get("/dashboard/backups").text
+        resp = operator.post(f"/dashboard/backups/{op}", data={"csrf": csrf_of(page)})
+        assert "queued" in flash_after(operator, resp)
+        assert (
+            operator.post("/dashboard/backups/nope", data={"csrf": csrf_of(page)}).status_code
+            == 404
+        )
+    # a manual tick of the backup schedule, by the operator, with its outbox message
+    rows = sql.execute(
+        "SELECT t.kind, t.fired_by, o.actor FROM schedule_ticks t "
+        "JOIN outbox o ON o.id = t.outbox_id WHERE t.schedule = %s",
+        (schedule,),
+    ).fetchall()
+    assert [tuple(r) for r in rows] == [
+        ("manual", OPERATOR[0], "backup_full" if op == "backup" else "backup_drill")
+    ]
+    [row] = audit_rows(sql, f"dashboard.backup.{op}")
+    assert row[0] == OPERATOR[0] and row[3] == schedule

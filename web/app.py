@@ -10,8 +10,9 @@ import time
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,7 +21,8 @@ from core.settings import Settings
 from db.engine import get_database
 from db.redis import get_redis
 from web import webhooks
-from web.dashboard.views import dashboard_routes
+from web.dashboard.headers import SecurityHeaders
+from web.dashboard.views import WEB, dashboard_routes
 
 log = get_logger(__name__)
 
@@ -139,14 +141,19 @@ def create_app(settings: Settings) -> Starlette:
     async def root(request: Request) -> RedirectResponse:
         return RedirectResponse("/dashboard")
 
+    async def favicon(request: Request) -> FileResponse:
+        return FileResponse(WEB / "static" / "favicon.svg", media_type="image/svg+xml")
+
     app = Starlette(
+        middleware=[Middleware(SecurityHeaders)],
         routes=[
             Route("/", root),
+            Route("/favicon.ico", favicon),
             Route("/healthz", healthz),
             Route("/metrics", metrics),
             webhooks.route(settings),
             *dashboard_routes(settings),
-        ]
+        ],
     )
     app.add_middleware(RequestLimits, body_timeout_s=settings.web_body_timeout_s)
     return app

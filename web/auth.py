@@ -1,9 +1,10 @@
-"""Dashboard access: accounts from settings, scrypt password hashes, signed session cookies,
-CSRF tokens, a Redis sign-in rate limit, and the audit trail.
+"""Dashboard access: accounts from settings, scrypt password hashes, server-side sessions in
+Redis, CSRF tokens, sign-in limits, the client address behind trusted proxies, and the audit
+trail.
 
 Roles: ``viewer`` sees every page; ``operator`` may also act (retry, delete, pause, trigger,
-replay). Sessions are stateless signed cookies (HMAC-SHA256 over the JSON payload), so any web
-replica with the same ``TIDEMILL_SESSION_SECRET`` accepts them.
+replay). A session is a Redis record named by a random cookie, so signing out ends it on every
+web replica at once, and a copied cookie is worthless after sign-out.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 import time
@@ -121,47 +123,122 @@ class Session:
     role: str
     csrf: str
     expires: float
+    # the Redis key's id (a hash of the cookie), so flashes and sign-out can find the record
+    sid: str = ""
 
     @property
     def can_act(self) -> bool:
         return self.role == "operator"
 
 
-class SessionSigner:
-    """Signs and checks session cookies: ``base64(json).base64(hmac)``."""
+SESSION_PREFIX = "tidemill:dash:session:"
+USER_SESSIONS_PREFIX = "tidemill:dash:user_sessions:"
+FLASH_MAX_CHARS = 300
 
-    def __init__(self, secret: str | None, *, ttl_s: int) -> None:
-        if not secret:
-            log.warning("dashboard_session_secret_random")
-            secret = secrets.token_urlsafe(32)
-        self._key = hashlib.sha256(b"tidemill-session:" + secret.encode()).digest()
+
+def _sid(cookie: str) -> str:
+    # Redis holds a hash of the cookie, never the cookie: a read of Redis (a backup, MONITOR)
+    # does not hand out live sessions.
+    return hashlib.sha256(b"tidemill-session:" + cookie.encode()).hexdigest()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class SessionStore:
+    """Server-side sessions: the cookie is a random 256-bit token; the record lives in Redis
+    (``tidemill:dash:session:<sha256>``: user, role at sign-in, CSRF token, expiry, flash), and
+    each account's live sessions are listed in ``tidemill:dash:user_sessions:<name>``.
+
+    Signing out deletes the record, so a copied cookie is worth nothing afterwards; "sign out
+    everywhere" deletes every record of the account. Every web replica shares the Redis, so a
+    session ended on one is ended on all.
+    """
+
+    def __init__(self, client: Any, *, ttl_s: int) -> None:
+        self.client = client
         self.ttl_s = ttl_s
 
-    def _mac(self, payload: str) -> str:
-        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
-
-    def issue(self, account: Account, *, now: float | None = None) -> tuple[Session, str]:
+    def create(
+        self, account: Account, *, address: str, now: float | None = None
+    ) -> tuple[Session, str]:
+        """A new session (a new id every sign-in: a planted cookie is never promoted)."""
         now = time.time() if now is None else now
-        session = Session(account.name, account.role, secrets.token_urlsafe(24), now + self.ttl_s)
-        body = {"u": session.user, "r": session.role, "c": session.csrf, "e": session.expires}
-        payload = _b64(json.dumps(body, separators=(",", ":")).encode())
-        return session, f"{payload}.{self._mac(payload)}"
+        cookie = secrets.token_urlsafe(32)
+        sid = _sid(cookie)
+        session = Session(
+            account.name, account.role, secrets.token_urlsafe(24), now + self.ttl_s, sid
+        )
+        key = SESSION_PREFIX + sid
+        index = USER_SESSIONS_PREFIX + account.name
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(
+            key,
+            mapping={
+                "user": session.user,
+                "role": session.role,
+                "csrf": session.csrf,
+                "expires": repr(session.expires),
+                "created": repr(now),
+                "address": address,
+            },
+        )
+        pipe.expire(key, self.ttl_s)
+        pipe.sadd(index, sid)
+        pipe.expire(index, self.ttl_s)  # renewed by each sign-in; outlives every member
+        pipe.execute()
+        return session, cookie
 
     def load(self, cookie: str | None, *, now: float | None = None) -> Session | None:
-        if not cookie or "." not in cookie:
+        if not cookie or len(cookie) > 100:
             return None
-        payload, mac = cookie.rsplit(".", 1)
-        # bytes: compare_digest raises TypeError on non-ASCII str (a forged cookie would 500)
-        if not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
+        sid = _sid(cookie)
+        raw = self.client.hgetall(SESSION_PREFIX + sid)
+        if not raw:
             return None
+        record = {_text(k): _text(v) for k, v in raw.items()}
         try:
-            body = json.loads(_unb64(payload))
-            session = Session(str(body["u"]), str(body["r"]), str(body["c"]), float(body["e"]))
-        except (ValueError, KeyError, TypeError):
+            session = Session(
+                record["user"], record["role"], record["csrf"], float(record["expires"]), sid
+            )
+        except (KeyError, ValueError):
             return None
         if session.expires < (time.time() if now is None else now):
+            self.end(session)
             return None
         return session
+
+    def end(self, session: Session) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(SESSION_PREFIX + session.sid)
+        pipe.srem(USER_SESSIONS_PREFIX + session.user, session.sid)
+        pipe.execute()
+
+    def end_all(self, user: str) -> int:
+        """End every session of `user` (sign out everywhere; a removed or changed account)."""
+        index = USER_SESSIONS_PREFIX + user
+        sids = [_text(s) for s in self.client.smembers(index)]
+        pipe = self.client.pipeline(transaction=True)
+        for sid in sids:
+            pipe.delete(SESSION_PREFIX + sid)
+        pipe.delete(index)
+        results = pipe.execute()
+        return sum(int(r) for r in results[: len(sids)])
+
+    def flash(self, session: Session, message: str) -> None:
+        """A message shown once, on the next page this session loads."""
+        key = SESSION_PREFIX + session.sid
+        # only onto a live record: HSET on a deleted key would resurrect it without a TTL
+        if self.client.exists(key):
+            self.client.hset(key, "flash", message[:FLASH_MAX_CHARS])
+
+    def pop_flash(self, session: Session) -> str | None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hget(SESSION_PREFIX + session.sid, "flash")
+        pipe.hdel(SESSION_PREFIX + session.sid, "flash")
+        value, _ = pipe.execute()
+        return _text(value) if value else None
 
 
 def csrf_ok(expected: str | None, given: str | None) -> bool:
@@ -171,41 +248,191 @@ def csrf_ok(expected: str | None, given: str | None) -> bool:
     return hmac.compare_digest(str(expected).encode(), str(given).encode())
 
 
-class LoginLimiter:
-    """At most `max_failures` sign-in attempts per account and per client address within the
-    window (fixed windows in Redis: INCR + EXPIRE, shared by every web replica). A success
-    clears both counters, so only failures accumulate."""
+# --- client address -------------------------------------------------------------------------
 
-    def __init__(self, client: Any, *, max_failures: int, window_s: int) -> None:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_proxies(value: str | None) -> tuple[Network, ...]:
+    """TIDEMILL_TRUSTED_PROXIES: comma-separated addresses or CIDR blocks."""
+    nets: list[Network] = []
+    for entry in (value or "").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise SettingsError(
+                f"TIDEMILL_TRUSTED_PROXIES: {entry!r} is not an address or CIDR block"
+            ) from None
+    return tuple(nets)
+
+
+def _trusted(address: str, proxies: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in proxies)
+
+
+def client_address(peer: str | None, forwarded_for: list[str], proxies: tuple[Network, ...]) -> str:
+    """The address a request came from. X-Forwarded-For is believed only as far as the hops
+    we trust: from the right, skip our own proxies; the first hop that is not one of them is
+    the client (anything left of it is the client's to write, so it is never read)."""
+    address = peer or "unknown"
+    if not proxies or not _trusted(address, proxies):
+        return address
+    hops = [h.strip() for value in forwarded_for for h in value.split(",") if h.strip()]
+    for hop in reversed(hops[-20:]):  # bounded: a header of 10^4 hops costs no more
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return address  # garbage in a header our proxy wrote: stop at the last good hop
+        address = hop
+        if not _trusted(hop, proxies):
+            return hop
+    return address
+
+
+# --- sign-in limits -------------------------------------------------------------------------
+
+# KEYS: pair failures, address failures, account failures, pair's next-allowed time
+# ARGV: now, window_s, free failures per pair, address cap, account soft limit, max delay s,
+#       first delay s
+_ATTEMPT = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local free = tonumber(ARGV[3])
+local pair = tonumber(redis.call('GET', KEYS[1]) or '0')
+local addr = tonumber(redis.call('GET', KEYS[2]) or '0')
+local acct = tonumber(redis.call('GET', KEYS[3]) or '0')
+local nxt = tonumber(redis.call('GET', KEYS[4]) or '0')
+if now < nxt then return {'delay', tostring(math.ceil(nxt - now))} end
+if addr >= tonumber(ARGV[4]) then
+  return {'address', tostring(redis.call('TTL', KEYS[2]))}
+end
+if pair > 0 and acct >= tonumber(ARGV[5]) then
+  return {'account', tostring(redis.call('TTL', KEYS[3]))}
+end
+for i = 1, 3 do
+  redis.call('INCR', KEYS[i])
+  if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], window) end
+end
+local failures = pair + 1
+if failures >= free then
+  local delay = math.min(tonumber(ARGV[7]) * 2 ^ (failures - free), tonumber(ARGV[6]))
+  redis.call('SET', KEYS[4], tostring(now + delay), 'EX', math.ceil(delay) + 1)
+end
+return {'ok', '0'}
+"""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    reason: str  # ok | delay | address | account
+    retry_after_s: int
+
+
+class LoginLimiter:
+    """Sign-in limits that slow a guesser without locking the operator out.
+
+    - per (account, address): every attempt counts (before the slow password check, so
+      concurrent guesses cannot all slip through); from the `free`-th failure on, the pair
+      waits 1, 2, 4, ... seconds (at most `max_delay_s`) before its next attempt;
+    - per address: at most `address_cap` failures within the window, whatever the account;
+    - per account: past `account_soft` failures, only addresses that have failed for the
+      account are held; an address with no failure still gets its password checked, so an
+      attacker elsewhere never locks the operator out.
+
+    A success forgets the pair's failures. Counters live in Redis (shared by every replica)
+    and expire a window after their first failure. ``tidemill dashboard unlock NAME`` clears
+    an account's counters."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        free: int,
+        window_s: int,
+        address_cap: int = 50,
+        account_soft: int = 20,
+        max_delay_s: int = 300,
+        first_delay_s: float = 1.0,
+    ) -> None:
         self.client = client
-        self.max_failures = max_failures
+        self.free = free
         self.window_s = window_s
+        self.address_cap = address_cap
+        self.account_soft = account_soft
+        self.max_delay_s = max_delay_s
+        self.first_delay_s = first_delay_s
 
     @staticmethod
-    def _keys(user: str, address: str) -> tuple[str, str]:
-        digest = hashlib.sha256(user.lower().encode()).hexdigest()[:16]
-        return f"tidemill:login_failures:user:{digest}", f"tidemill:login_failures:ip:{address}"
+    def account_digest(user: str) -> str:
+        return hashlib.sha256(user.lower().encode()).hexdigest()[:16]
 
-    def attempt(self, user: str, address: str) -> bool:
-        """Count this attempt *before* the slow password check and say whether it may go on.
-        Checking first and counting after the check let concurrent POSTs all read the same
-        old count and all get their password checked (the limit was bypassed)."""
-        # MULTI/EXEC: INCR and EXPIRE land together, so a key never lives without a TTL
-        pipe = self.client.pipeline(transaction=True)
-        for key in self._keys(user, address):
-            pipe.incr(key)
-            pipe.expire(key, self.window_s, nx=True)
-        results = pipe.execute()
-        counts = results[0::2]
-        return all(int(c) <= self.max_failures for c in counts)
+    def _keys(self, user: str, address: str) -> list[str]:
+        a = self.account_digest(user)
+        return [
+            f"tidemill:login:pair:{a}:{address}",
+            f"tidemill:login:addr:{address}",
+            f"tidemill:login:acct:{a}",
+            f"tidemill:login:next:{a}:{address}",
+        ]
 
-    def blocked(self, user: str, address: str) -> bool:
-        """Read-only: would the next attempt be refused?"""
-        counts = self.client.mget(list(self._keys(user, address)))
-        return any(int(c or 0) >= self.max_failures for c in counts)
+    def attempt(self, user: str, address: str, *, now: float | None = None) -> Verdict:
+        """Say whether this attempt may have its password checked, and count it if so."""
+        now = time.time() if now is None else now
+        reason, wait = self.client.eval(
+            _ATTEMPT,
+            4,
+            *self._keys(user, address),
+            repr(now),
+            self.window_s,
+            self.free,
+            self.address_cap,
+            self.account_soft,
+            self.max_delay_s,
+            self.first_delay_s,
+        )
+        reason = _text(reason)
+        if reason == "ok":
+            return Verdict(True, reason, 0)
+        return Verdict(False, reason, max(int(float(_text(wait))), 1))
 
     def succeeded(self, user: str, address: str) -> None:
-        self.client.delete(*self._keys(user, address))
+        """The attempt was no failure: forget the pair, uncount it from address and account."""
+        pair, addr, acct, nxt = self._keys(user, address)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(pair, nxt)
+        pipe.decr(addr)
+        pipe.decr(acct)
+        pipe.execute()
+
+    def unlock(self, user: str) -> int:
+        """Forget every failure counted against `user` (all addresses); the number of keys."""
+        a = self.account_digest(user)
+        keys: list[Any] = [f"tidemill:login:acct:{a}"]
+        for pattern in (f"tidemill:login:pair:{a}:*", f"tidemill:login:next:{a}:*"):
+            keys.extend(self.client.scan_iter(match=pattern, count=1000))
+        return int(self.client.delete(*keys))
+
+    def unlock_address(self, address: str) -> int:
+        return int(self.client.delete(f"tidemill:login:addr:{address}"))
+
+
+def limiter_for(settings: Settings, client: Any) -> LoginLimiter:
+    return LoginLimiter(
+        client,
+        free=settings.login_max_failures,
+        window_s=settings.login_window_s,
+        address_cap=settings.login_address_cap,
+        account_soft=settings.login_account_soft_limit,
+        max_delay_s=settings.login_max_delay_s,
+    )
 
 
 def audit(

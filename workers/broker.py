@@ -26,6 +26,7 @@ from core.log import configure_logging
 from core.settings import Settings, SettingsError, get_settings, redact_url
 from workers.jobs import JobRecord
 from workers.middleware import FreezeImports, LogContext, UnitOfWorkMiddleware
+from workers.pause import QueuePause
 from workers.stats import Stats
 
 
@@ -80,6 +81,7 @@ def middleware(settings: Settings, *, metrics: bool = True) -> list[Middleware]:
     # and clears last, and the unit of work is closed before the retry decision is logged.
     stack: list[Middleware] = [
         LogContext(),
+        QueuePause(),  # before AgeLimit: a message held by a pause is not aged out by it
         AgeLimit(max_age=settings.max_age_ms),
         TimeLimit(time_limit=settings.time_limit_ms),
         ShutdownNotifications(),

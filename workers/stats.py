@@ -25,10 +25,13 @@ and the hashes never grow without bound, however steadily messages die.
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import socket
 import threading
 import time
+import traceback
 from collections import Counter
 from typing import Any
 
@@ -50,6 +53,36 @@ WORKERS_KEY = "tidemill:workers"
 WORKER_HEARTBEAT_S = 5.0
 # a worker silent this long is gone (killed, host lost): pruned, and not counted as live
 WORKER_MAX_AGE_S = 60.0
+
+
+WORKER_PREFIX = "tidemill:worker:"
+ATTEMPTS_PREFIX = "tidemill:attempts:"
+ATTEMPTS_KEPT = 20
+TRACEBACK_MAX_CHARS = 4000
+# hourly rollups of the per-minute counts (``tidemill:stats:h:<epoch hour>``, fields
+# ``processed:<queue>:<actor>`` …), kept 30 days: the charts' history past two hours
+HOURLY_PREFIX = "tidemill:stats:h:"
+HOURLY_TTL_S = 30 * 86400
+
+
+def hourly_key(hour: int) -> str:
+    return f"{HOURLY_PREFIX}{hour}"
+
+
+def attempts_key(message_id: str) -> str:
+    return f"{ATTEMPTS_PREFIX}{message_id}"
+
+
+def worker_key(member: str) -> str:
+    return f"{WORKER_PREFIX}{member}"
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def stats_key(minute: int) -> str:
@@ -118,12 +151,17 @@ class Stats(Middleware):
         self._flusher: threading.Thread | None = None
         # workers booted in this process and not yet shut down (tests run several in turn)
         self._workers = 0
+        self._threads = 0
+        self._booted_at = time.time()
         self._last_heartbeat = 0.0
+        self._current: dict[int, dict[str, Any]] = {}
 
-    def _count(self, broker: Any, field: str, queue: str) -> None:
+    def _count(self, broker: Any, field: str, queue: str, actor: str = "") -> None:
         minute = int(time.time() // 60)
         with self._lock:
             self._pending[(minute, f"{field}:{q_name(queue)}")] += 1
+            if actor:  # per actor too (the queue total stays as it was for old readers)
+                self._pending[(minute, f"{field}:{q_name(queue)}:{actor}")] += 1
             due = time.monotonic() - self._last_flush >= self.flush_interval_s or any(
                 m != minute for m, _ in self._pending
             )
@@ -158,14 +196,61 @@ class Stats(Middleware):
             for (minute, field), n in pending.items():
                 pipe.hincrby(stats_key(minute), field, n)
                 pipe.expire(stats_key(minute), STATS_TTL_S)
+                hour = minute // 60
+                pipe.hincrby(hourly_key(hour), field, n)
+                pipe.expire(hourly_key(hour), HOURLY_TTL_S)
             pipe.execute()
         except Exception as exc:  # counts are a nicety: never fail a message over them
             log.warning("stats_flush_failed", error=type(exc).__name__)
 
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        # what each worker thread is running now, for the workers page
+        self._current[threading.get_ident()] = {
+            "message_id": message.message_id,
+            "actor": message.actor_name,
+            "queue": q_name(message.queue_name),
+            "since": time.time(),
+        }
+
+    def after_skip_message(self, broker: Any, message: Any) -> None:
+        self._current.pop(threading.get_ident(), None)
+
     def after_process_message(
         self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
     ) -> None:
-        self._count(broker, "failed" if exception is not None else "processed", message.queue_name)
+        self._current.pop(threading.get_ident(), None)
+        if exception is not None:
+            self._record_attempt(broker, message, exception)
+        self._count(
+            broker,
+            "failed" if exception is not None else "processed",
+            message.queue_name,
+            message.actor_name,
+        )
+
+    def _record_attempt(self, broker: Any, message: Any, exc: BaseException) -> None:
+        """Each failed attempt, with its traceback (masked), by message id: the dashboard's
+        message page lists them (dramatiq keeps only the last traceback in the message)."""
+        client = _redis_of(broker)
+        if client is None:
+            return
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        attempt = {
+            "at": time.time(),
+            "retries": int(message.options.get("retries", 0) or 0),
+            "error": describe_error(exc),
+            "traceback": mask_personal(tb[-TRACEBACK_MAX_CHARS:]),
+            "worker": worker_id(),
+        }
+        key = attempts_key(message.message_id)
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.rpush(key, json.dumps(attempt))
+            pipe.ltrim(key, -ATTEMPTS_KEPT, -1)
+            pipe.expire(key, DEAD_ERRORS_TTL_S)  # as long as a dead letter can live, and a day
+            pipe.execute()
+        except Exception as err:
+            log.warning("attempt_record_failed", error=type(err).__name__)
 
     def after_nack(self, broker: Any, message: Any) -> None:
         client = _redis_of(broker)
@@ -180,7 +265,7 @@ class Stats(Middleware):
                 pipe.execute()
             except Exception as err:
                 log.warning("dead_error_record_failed", error=type(err).__name__)
-        self._count(broker, "dead", message.queue_name)
+        self._count(broker, "dead", message.queue_name, message.actor_name)
 
     def heartbeat(self, broker: Any) -> None:
         """Only while a worker runs in this process: enqueue-only processes never appear."""
@@ -190,11 +275,34 @@ class Stats(Middleware):
             return
         try:
             write_worker_heartbeat(client, worker_id())
+            self._write_details(client)
         except Exception as exc:  # a nicety like the counts: never fail the worker over it
             log.warning("worker_heartbeat_failed", error=type(exc).__name__)
 
+    def _write_details(self, client: Any) -> None:
+        """host, pid, threads, memory and the messages running now (``tidemill:worker:<id>``),
+        gone a little after the worker stops heartbeating."""
+        now = time.time()
+        current = sorted(self._current.values(), key=lambda c: c["since"])[:50]
+        client.set(
+            worker_key(worker_id()),
+            json.dumps(
+                {
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "threads": self._threads,
+                    "rss_bytes": _rss_bytes(),
+                    "booted_at": self._booted_at,
+                    "heartbeat_at": now,
+                    "current": current,
+                }
+            ),
+            ex=int(WORKER_MAX_AGE_S) * 2,
+        )
+
     def before_worker_boot(self, broker: Any, worker: Any) -> None:
         with self._lock:
+            self._threads += int(getattr(worker, "worker_threads", 0) or 0)
             self._workers += 1
             if self._flusher is None:
                 self._start_flusher(broker)
@@ -204,11 +312,13 @@ class Stats(Middleware):
         self.flush(broker)
         with self._lock:
             self._workers -= 1
+            self._threads -= int(getattr(worker, "worker_threads", 0) or 0)
             last = self._workers <= 0
         client = _redis_of(broker)
         if last and client is not None:
             try:
                 client.zrem(WORKERS_KEY, worker_id())
+                client.delete(worker_key(worker_id()))
             except Exception as exc:
                 log.warning("worker_heartbeat_failed", error=type(exc).__name__)
 

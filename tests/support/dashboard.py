@@ -4,6 +4,7 @@ Lua fetch + nack)."""
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import time
@@ -102,7 +103,12 @@ def audit_rows(sql: Any, action: str) -> list[Any]:
 @contextmanager
 def dashboard_env(**extra: str) -> Iterator[Settings]:
     """Settings with the two test accounts (and `extra` variables), restored afterwards."""
-    values = {"TIDEMILL_DASHBOARD_USERS": USERS_ENV, "TIDEMILL_SESSION_SECRET": "test-secret"}
+    # the test client is its own proxy: X-Forwarded-For from 127.0.0.1 stands for other addresses
+    values = {
+        "TIDEMILL_DASHBOARD_USERS": USERS_ENV,
+        "TIDEMILL_SESSION_SECRET": "test-secret",
+        "TIDEMILL_TRUSTED_PROXIES": "127.0.0.1",
+    }
     values.update(extra)
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
@@ -158,6 +164,17 @@ def page_csrf(client: httpx.Client, path: str = "/dashboard") -> str:
     resp = client.get(path)
     assert resp.status_code == 200, resp.status_code
     return csrf_of(resp.text)
+
+
+FLASH_DIV = re.compile(r'<div class="flash" id="flash">([^<]*)</div>')
+
+
+def flash_after(client: httpx.Client, resp: httpx.Response) -> str:
+    """Follow an action's redirect and return the flash the next page shows (or "")."""
+    assert resp.status_code == 303, (resp.status_code, resp.text[:300])
+    assert "done=" not in resp.headers["location"]  # never carried by the link
+    match = FLASH_DIV.search(client.get(resp.headers["location"]).text)
+    return html.unescape(match.group(1)) if match else ""
 
 
 def wait_for(predicate: Any, *, timeout: float = 20) -> bool:

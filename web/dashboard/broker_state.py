@@ -256,7 +256,9 @@ def per_minute(
     for m, row in zip(span, rows, strict=True):
         processed = failed = 0
         for k, v in (row or {}).items():
-            kind = str(k).split(":", 1)[0]
+            kind, *rest = str(k).split(":")
+            if len(rest) != 1:  # a per-actor field: its queue's total already counts it
+                continue
             if kind == "processed":
                 processed += int(v)
             elif kind == "failed":

@@ -181,20 +181,30 @@ def webhook_event(settings: Settings, event_id: str) -> Any | None:
 # --- pipelines --------------------------------------------------------------------------------
 
 
+RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
+
+
 def pipeline_runs(
-    settings: Settings, *, pipeline: str | None = None, before_id: int | None = None
+    settings: Settings,
+    *,
+    pipeline: str | None = None,
+    status: str | None = None,
+    before_id: int | None = None,
 ) -> list[Any]:
     where = ["TRUE"]
     params: dict[str, Any] = {"limit": PAGE}
     if pipeline:
         where.append("pipeline = :pipeline")
         params["pipeline"] = pipeline
+    if status:
+        where.append("status = :status")
+        params["status"] = status
     if before_id:
         where.append("id < :before_id")
         params["before_id"] = before_id
     sql = (
         "SELECT id, pipeline, tick, started_at, finished_at, status, rows_scanned, rows_affected, "
-        "bytes_written, objects, error, dry_run, "
+        "bytes_written, objects, error, dry_run, progress, "
         "EXTRACT(EPOCH FROM coalesce(finished_at, now()) - started_at) AS duration_s "
         f"FROM pipeline_runs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT :limit"
     )
@@ -275,12 +285,110 @@ def schedules(settings: Settings, *, now: datetime | None = None) -> list[Schedu
     ]
 
 
-def audit_entries(settings: Settings, *, limit: int = 100) -> list[Any]:
+def schedule_paused(settings: Settings, name: str) -> bool:
+    with _conn(settings) as conn:
+        row = conn.execute(
+            text("SELECT paused FROM schedule_state WHERE name = :n"), {"n": name}
+        ).first()
+    return bool(row and row[0])
+
+
+BACKUP_KINDS = {"backup_full": "full", "backup_base": "base"}
+
+
+def schedule_ticks(
+    settings: Settings,
+    schedule: Any,
+    *,
+    before: datetime | None = None,
+    limit: int = PAGE,
+) -> list[Any]:
+    """One schedule's ticks, newest first (a keyset page on the (schedule, tick) unique index),
+    each with what became of it: the outbox message, and the run it caused: the pipeline run
+    carrying the tick, or the backup / drill that started between this tick and the next."""
+    from schedules.schedule import PIPELINE_ACTOR
+
+    params: dict[str, Any] = {"s": schedule.name, "limit": limit, "before": before}
+    run_join = "NULL::bigint AS run_id, NULL::text AS run_status, NULL::text AS run_kind"
+    lateral = ""
+    if schedule.actor == PIPELINE_ACTOR:
+        run_join = "r.id AS run_id, r.status AS run_status, 'pipeline' AS run_kind"
+        lateral = (
+            "LEFT JOIN LATERAL (SELECT id, status FROM pipeline_runs "
+            "WHERE pipeline = t.schedule AND tick = t.tick ORDER BY id DESC LIMIT 1) r ON true"
+        )
+    else:
+        kind = BACKUP_KINDS.get(schedule.actor)
+        if schedule.actor == "backup_base" and schedule.kwargs.get("incremental"):
+            kind = "incremental"
+        table = None
+        with _conn(settings) as conn:
+            if kind and _exists(conn, "backups"):
+                table = "backups"
+            elif schedule.actor == "backup_drill" and _exists(conn, "backup_drills"):
+                table = "backup_drills"
+        if table:
+            kind_filter = "AND kind = :kind" if table == "backups" else ""
+            params["kind"] = kind
+            run_join = f"r.id AS run_id, r.status AS run_status, '{table}' AS run_kind"
+            lateral = (
+                f"LEFT JOIN LATERAL (SELECT id, status FROM {table} "
+                f"WHERE started_at >= t.tick {kind_filter} "
+                "AND (t.next_tick IS NULL OR started_at < t.next_tick) "
+                "ORDER BY started_at ASC LIMIT 1) r ON true"
+            )
+    # the cursor's condition only when there is one: `:before IS NULL OR …` hides the index
+    # range from a generic plan
+    page_filter = "AND tick < :before " if before is not None else ""
+    sql = (
+        "WITH t AS (SELECT id, schedule, tick, kind, fired_at, fired_by, outbox_id, "
+        "lag(tick) OVER (ORDER BY tick DESC) AS next_tick FROM ("
+        f"  SELECT * FROM schedule_ticks WHERE schedule = :s {page_filter}"
+        "  ORDER BY tick DESC LIMIT :limit) page) "
+        f"SELECT t.tick, t.kind, t.fired_at, t.fired_by, t.outbox_id, "
+        f"o.dispatched_at, o.last_error, {run_join} "
+        f"FROM t LEFT JOIN outbox o ON o.id = t.outbox_id {lateral} ORDER BY t.tick DESC"
+    )
+    with _conn(settings) as conn:
+        return _rows(conn, sql, params)
+
+
+def _like_prefix(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def audit_entries(
+    settings: Settings,
+    *,
+    actor: str | None = None,
+    action: str | None = None,
+    entity: str | None = None,
+    before: tuple[datetime, str] | None = None,
+    limit: int = PAGE,
+) -> list[Any]:
+    """The dashboard's audit rows, newest first, one keyset page on (performed_at, id).
+    `action` is a prefix (``dashboard.login`` finds every sign-in outcome); `entity` is an
+    exact entity id."""
+    where = ["action LIKE 'dashboard.%'"]
+    params: dict[str, Any] = {"limit": limit}
+    if actor:
+        where.append("actor = :actor")
+        params["actor"] = actor
+    if action:
+        where.append("action LIKE :action")
+        full = action if action.startswith("dashboard.") else f"dashboard.{action}"
+        params["action"] = _like_prefix(full)
+    if entity:
+        where.append("entity_id = :entity")
+        params["entity"] = entity
+    if before:
+        where.append("(performed_at, id) < (:before_at, CAST(:before_id AS uuid))")
+        params["before_at"], params["before_id"] = before
     with _conn(settings) as conn:
         return _rows(
             conn,
-            "SELECT performed_at, actor, action, entity_type, entity_id, details "
-            "FROM audit_logs WHERE action LIKE 'dashboard.%' "
+            "SELECT id, performed_at, actor, action, entity_type, entity_id, details "
+            f"FROM audit_logs WHERE {' AND '.join(where)} "
             "ORDER BY performed_at DESC, id DESC LIMIT :limit",
-            {"limit": limit},
+            params,
         )

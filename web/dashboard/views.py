@@ -1,53 +1,38 @@
-"""Dashboard pages and actions. Every page needs a signed session; every POST needs the
-session's CSRF token, an operator, and leaves an audit_logs row (refusals too)."""
+"""Dashboard pages and actions: overview, queues and dead letters, schedules, pipelines,
+backups, webhooks, audit; the operator pages are in ``operate``, signing in and out in
+``signin``, the plumbing in ``core``. Every page needs a server-side session; every POST needs
+the session's CSRF token, an operator, and leaves an audit_logs row (refusals too)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+import uuid
 from datetime import datetime
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode
+from urllib.parse import urlencode
 
 import redis
-import sqlalchemy.exc
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from core.log import get_logger, mask_personal
 from core.settings import Settings
-from db.engine import ServiceUnreachable
-from db.redis import get_redis
 from web import auth
 from web.dashboard import broker_state, store
 from web.dashboard.chart import per_minute_chart
+from web.dashboard.core import REFRESH_S, WEB, error_detail, local_target
+from web.dashboard.operate import Operate
+from web.dashboard.signin import SignIn
 
 log = get_logger("web.dashboard")
 
-WEB = Path(__file__).resolve().parent.parent
-MISSING = "-"
-TEMPLATES = Environment(
-    loader=FileSystemLoader(WEB / "templates"),
-    autoescape=select_autoescape(["html"]),
-)
-# a store that is down answers 503 with its name, not a bare 500; OSError covers the builtin
-# ConnectionError/TimeoutError a broker client raises outside redis-py's own errors
-STORE_ERRORS = (
-    redis.RedisError,
-    sqlalchemy.exc.DBAPIError,
-    ServiceUnreachable,
-    broker_state.RetryFailed,
-    OSError,
-)
-MAX_FORM_BYTES = 64 * 1024
+__all__ = ["REFRESH_S", "WEB", "Dashboard", "dashboard_routes"]
 SELECTION_TTL_S = 900
-REFRESH_S = 10
 # Sidekiq's page size: a screenful, and what the page costs does not grow with the dead set
 DEAD_PER_PAGE = 25
 
@@ -66,357 +51,13 @@ FLASH = {
 }
 
 
-def _fmt_age(seconds: float | None) -> str:
-    if seconds is None:
-        return MISSING
-    seconds = float(seconds)
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
+class Dashboard(SignIn, Operate):
+    """Every page and action; routes() lists them."""
 
-
-def _fmt_bytes(n: Any) -> str:
-    if n is None:
-        return MISSING
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
-def _fmt_time(value: Any) -> str:
-    if value is None:
-        return MISSING
-    if isinstance(value, datetime):
-        return f"{value:%Y-%m-%d %H:%M:%S %Z}".strip()
-    return str(value)
-
-
-TEMPLATES.filters["age"] = _fmt_age
-TEMPLATES.filters["bytes"] = _fmt_bytes
-TEMPLATES.filters["ts"] = _fmt_time
-TEMPLATES.filters["num"] = lambda n: MISSING if n is None else f"{int(n):,}"
-
-
-class Dashboard:
-    """The pages, bound to one settings object, account list and session key."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.accounts = auth.load_accounts(settings)
-        if not self.accounts:
-            log.warning("dashboard_no_accounts")
-        self.signer = auth.SessionSigner(settings.session_secret, ttl_s=settings.session_ttl_s)
-
-    # --- plumbing ----------------------------------------------------------------------------
-
-    @property
-    def redis(self) -> Any:
-        return get_redis(self.settings)
-
-    def limiter(self) -> auth.LoginLimiter:
-        return auth.LoginLimiter(
-            self.redis,
-            max_failures=self.settings.login_max_failures,
-            window_s=self.settings.login_window_s,
-        )
-
-    def session_of(self, request: Request) -> auth.Session | None:
-        session = self.signer.load(request.cookies.get(auth.SESSION_COOKIE))
-        if session is None:
-            return None
-        account = self.accounts.get(session.user)
-        if account is None:  # removed from settings since signing in
-            return None
-        # the role comes from the current settings, not from the cookie
-        return auth.Session(account.name, account.role, session.csrf, session.expires)
-
-    def render(
-        self,
-        request: Request,
-        template: str,
-        *,
-        session: auth.Session | None,
-        status_code: int = 200,
-        **context: Any,
-    ) -> HTMLResponse:
-        done = request.query_params.get("done")
-        flash = None
-        if done in FLASH:
-            # the query string is anyone's to write: only a number and a known status get into
-            # the message, never free text (a crafted link must not put words in our mouth)
-            n = request.query_params.get("n", "0")
-            status = request.query_params.get("status", "")
-            flash = FLASH[done].format(
-                n=int(n) if n.isascii() and n.isdigit() and len(n) < 10 else 0,
-                status=status if status in store.WEBHOOK_STATUSES else "?",
-            )
-        html = TEMPLATES.get_template(template).render(
-            session=session,
-            path=request.url.path,
-            flash=flash,
-            refresh_s=REFRESH_S,
-            **context,
-        )
-        response = HTMLResponse(html, status_code=status_code)
-        # pages carry CSRF tokens and operational data: never cached, never framed
-        response.headers["Cache-Control"] = "no-store"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Content-Security-Policy"] = (
-            "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
-        )
-        return response
-
-    @staticmethod
-    async def form(request: Request) -> dict[str, str]:
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                raise ValueError("form too large")
-        parsed = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-        return {k: v[-1] for k, v in parsed.items()}
-
-    def refuse(
-        self, request: Request, session: auth.Session | None, reason: str, status: int
-    ) -> HTMLResponse:
-        log.warning(
-            "dashboard_request_refused",
-            reason=reason,
-            path=request.url.path,
-            user=session.user if session else None,
-        )
-        return self.render(
-            request, "dashboard/refused.html", session=session, reason=reason, status_code=status
-        )
-
-    def page(
-        self, handler: Callable[[Request, auth.Session], Awaitable[Response]]
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            session = self.session_of(request)
-            if session is None:
-                target = quote(
-                    str(request.url.path) + ("?" + request.url.query if request.url.query else "")
-                )
-                return RedirectResponse(f"/dashboard/login?next={target}", status_code=303)
-            try:
-                return await handler(request, session)
-            except STORE_ERRORS as exc:
-                return self.unavailable(request, session, exc)
-
-        return endpoint
-
-    def unavailable(
-        self, request: Request, session: auth.Session | None, exc: Exception
-    ) -> HTMLResponse:
-        """Redis, Postgres or the broker is down: a 503 page that says which, not a bare 500."""
-        if isinstance(exc, broker_state.RetryFailed):
-            return self.refuse(
-                request,
-                session,
-                f"the broker failed after {exc.moved} letter(s) were retried "
-                f"({type(exc.error).__name__}); the other {len(exc.remaining)} are still "
-                "dead letters",
-                503,
-            )
-        if isinstance(exc, redis.RedisError):
-            store = "Redis"
-        elif isinstance(exc, OSError):
-            store = "The broker"
-        else:
-            store = "Postgres"
-        return self.refuse(
-            request, session, f"{store} is unreachable right now ({type(exc).__name__})", 503
-        )
-
-    def action(
-        self,
-        handler: Callable[[Request, auth.Session, dict[str, str]], Awaitable[Response]],
-        *,
-        name: str,
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            session = self.session_of(request)
-            if session is None:
-                return self.refuse(request, None, "not signed in", 401)
-            try:
-                form = await self.form(request)
-            except ValueError:
-                return self.refuse(request, session, "form too large", 413)
-            if not auth.csrf_ok(session.csrf, form.get("csrf")):
-                return self.refuse(request, session, "missing or wrong CSRF token", 403)
-            if not session.can_act:
-                await run_in_threadpool(
-                    auth.audit,
-                    self.settings,
-                    actor=session.user,
-                    action="dashboard.refused",
-                    entity_type="dashboard",
-                    entity_id=name,
-                    details={"role": session.role, "path": request.url.path},
-                )
-                return self.refuse(
-                    request,
-                    session,
-                    f"the {session.role} role cannot {name.replace('_', ' ')}",
-                    403,
-                )
-            try:
-                return await handler(request, session, form)
-            except STORE_ERRORS as exc:
-                return self.unavailable(request, session, exc)
-
-        return endpoint
-
-    def audit(
-        self,
-        session: auth.Session,
-        action: str,
-        entity_type: str,
-        entity_id: str | None,
-        **details: Any,
-    ) -> None:
-        auth.audit(
-            self.settings,
-            actor=session.user,
-            action=f"dashboard.{action}",
-            entity_type=entity_type,
-            entity_id=entity_id,
-            details=details,
-        )
-        log.info(
-            "dashboard_action",
-            action=action,
-            user=session.user,
-            entity=entity_type,
-            entity_id=entity_id,
-            **details,
-        )
-
-    # --- sign-in -------------------------------------------------------------------------------
-
-    async def login_form(self, request: Request) -> Response:
-        token = request.cookies.get(auth.LOGIN_CSRF_COOKIE) or secrets.token_urlsafe(24)
-        response = self.render(
-            request,
-            "dashboard/login.html",
-            session=None,
-            csrf=token,
-            next=request.query_params.get("next", "/dashboard"),
-            error=None,
-            no_accounts=not self.accounts,
-        )
-        self._set_cookie(request, response, auth.LOGIN_CSRF_COOKIE, token, max_age=3600)
-        return response
-
-    def _set_cookie(
-        self, request: Request, response: Response, name: str, value: str, *, max_age: int
-    ) -> None:
-        response.set_cookie(
-            name,
-            value,
-            max_age=max_age,
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-            path="/dashboard",
-        )
-
-    async def login(self, request: Request) -> Response:
-        try:
-            form = await self.form(request)
-        except ValueError:
-            return self.refuse(request, None, "form too large", 413)
-        cookie_token = request.cookies.get(auth.LOGIN_CSRF_COOKIE)
-        if not auth.csrf_ok(cookie_token, form.get("csrf")):
-            return self.refuse(request, None, "missing or wrong CSRF token", 403)
-        user = form.get("username", "").strip()[:100]
-        password = form.get("password", "")
-        address = request.client.host if request.client else "unknown"
-        target = form.get("next") or "/dashboard"
-        if not target.startswith("/dashboard") or target.startswith("//"):
-            target = "/dashboard"  # never an open redirect
-
-        def again(error: str, status: int) -> Response:
-            return self.render(
-                request,
-                "dashboard/login.html",
-                session=None,
-                csrf=cookie_token,
-                next=target,
-                error=error,
-                no_accounts=not self.accounts,
-                status_code=status,
-            )
-
-        limiter = self.limiter()
-        # counted before the password check, so concurrent guesses cannot all slip past
-        if not await run_in_threadpool(limiter.attempt, user, address):
-            log.warning("dashboard_login_rate_limited", user=user)
-            return again("Too many failed sign-ins; wait a few minutes.", 429)
-        account = self.accounts.get(user)
-        ok = await run_in_threadpool(
-            auth.verify_password, password, account.password_hash if account else auth.dummy_hash()
-        )
-        if account is None or not ok:
-            await run_in_threadpool(
-                auth.audit,
-                self.settings,
-                actor=user or None,  # type: ignore[arg-type]
-                action="dashboard.login_failed",
-                entity_type="dashboard_session",
-                details={"address": address, "known_account": account is not None},
-            )
-            log.warning("dashboard_login_failed", user=user, known_account=account is not None)
-            return again("Wrong name or password.", 401)
-        await run_in_threadpool(limiter.succeeded, user, address)
-        _, cookie = self.signer.issue(account)
-        await run_in_threadpool(
-            auth.audit,
-            self.settings,
-            actor=account.name,
-            action="dashboard.login",
-            entity_type="dashboard_session",
-            details={"address": address, "role": account.role},
-        )
-        log.info("dashboard_login", user=account.name, role=account.role)
-        response = RedirectResponse(target, status_code=303)
-        self._set_cookie(
-            request, response, auth.SESSION_COOKIE, cookie, max_age=self.settings.session_ttl_s
-        )
-        response.delete_cookie(auth.LOGIN_CSRF_COOKIE, path="/dashboard")
-        return response
-
-    async def logout(
-        self, request: Request, session: auth.Session, form: dict[str, str]
-    ) -> Response:
-        response = RedirectResponse("/dashboard/login", status_code=303)
-        response.delete_cookie(auth.SESSION_COOKIE, path="/dashboard")
-        return response
-
-    async def logout_endpoint(self, request: Request) -> Response:
-        # signing out is allowed for every role, but still needs the CSRF token
-        session = self.session_of(request)
-        if session is None:
-            return RedirectResponse("/dashboard/login", status_code=303)
-        form = await self.form(request)
-        if not auth.csrf_ok(session.csrf, form.get("csrf")):
-            return self.refuse(request, session, "missing or wrong CSRF token", 403)
-        await run_in_threadpool(
-            auth.audit,
-            self.settings,
-            actor=session.user,
-            action="dashboard.logout",
-            entity_type="dashboard_session",
-        )
-        return await self.logout(request, session, form)
+    def done(self, session: auth.Session, url: str, code: str, **fmt: Any) -> RedirectResponse:
+        """Flash FLASH[code] to this session and send the browser to `url`."""
+        self.flash(session, FLASH[code].format(**fmt))
+        return RedirectResponse(url, status_code=303)
 
     # --- overview ------------------------------------------------------------------------------
 
@@ -528,9 +169,7 @@ class Dashboard:
         if op not in ("retry", "delete"):
             return self.refuse(request, session, "unknown dead-letter action", 400)
         queue, rid = form.get("queue", ""), form.get("id", "")
-        back = form.get("back") or "/dashboard/queues"
-        if not back.startswith("/dashboard"):
-            back = "/dashboard/queues"
+        back = local_target(form.get("back"), "/dashboard/queues")
         if not queue or not rid:
             return self.refuse(request, session, "queue and id are required", 400)
 
@@ -558,12 +197,12 @@ class Dashboard:
                     "dead_letter",
                     f"{queue}/{rid}",
                     count=n,
-                    **_error_detail(error),
+                    **error_detail(error),
                 )
 
         n = await run_in_threadpool(run)
         code = ("retried" if op == "retry" else "deleted") if n else "gone"
-        return RedirectResponse(_with_flash(back, done=code, n=n), status_code=303)
+        return self.done(session, back, code, n=n)
 
     async def dead_select(
         self, request: Request, session: auth.Session, form: dict[str, str]
@@ -666,7 +305,7 @@ class Dashboard:
                     filter=meta["filter"],
                     selected=len(items),
                     done=n,
-                    **_error_detail(error),
+                    **error_detail(error),
                 )
             self.redis.delete(key, f"{key}:meta")  # used once, and only once it worked
             return meta["op"], n, len(items)
@@ -699,12 +338,10 @@ class Dashboard:
                 status_code=503,
             )
         if result is None:
-            return RedirectResponse("/dashboard/queues?done=bulk_expired", status_code=303)
+            return self.done(session, "/dashboard/queues", "bulk_expired")
         op, n, _selected = result
-        return RedirectResponse(
-            _with_flash("/dashboard/queues", done="retried" if op == "retry" else "deleted", n=n),
-            status_code=303,
-        )
+        code = "retried" if op == "retry" else "deleted"
+        return self.done(session, "/dashboard/queues", code, n=n)
 
     # --- schedules -----------------------------------------------------------------------------
 
@@ -733,21 +370,38 @@ class Dashboard:
             return {"pause": "paused", "resume": "resumed", "trigger": "triggered"}[op]
 
         code = await run_in_threadpool(run)
-        return RedirectResponse(f"/dashboard/schedules?done={code}", status_code=303)
+        return self.done(session, "/dashboard/schedules", code)
 
     # --- pipelines -----------------------------------------------------------------------------
 
     async def pipelines(self, request: Request, session: auth.Session) -> Response:
-        pipeline = request.query_params.get("pipeline") or None
+        pipeline = (request.query_params.get("pipeline") or "").strip()[:200] or None
+        status = request.query_params.get("status") or None
+        if status and status not in store.RUN_STATUSES:
+            return self.refuse(request, session, f"unknown status {status[:20]!r}", 400)
         before = request.query_params.get("before")
-        before_id = int(before) if before and before.isdigit() else None
+        before_id = int(before) if before and before.isdigit() and len(before) < 19 else None
         rows = await run_in_threadpool(
-            store.pipeline_runs, self.settings, pipeline=pipeline, before_id=before_id
+            functools.partial(
+                store.pipeline_runs,
+                self.settings,
+                pipeline=pipeline,
+                status=status,
+                before_id=before_id,
+            )
         )
         next_url = None
         if len(rows) == store.PAGE:
             next_url = "/dashboard/pipelines?" + urlencode(
-                {k: v for k, v in (("pipeline", pipeline), ("before", rows[-1]["id"])) if v}
+                {
+                    k: v
+                    for k, v in (
+                        ("pipeline", pipeline),
+                        ("status", status),
+                        ("before", rows[-1]["id"]),
+                    )
+                    if v
+                }
             )
         return self.render(
             request,
@@ -755,6 +409,8 @@ class Dashboard:
             session=session,
             rows=rows,
             pipeline=pipeline,
+            status=status,
+            statuses=store.RUN_STATUSES,
             next_url=next_url,
         )
 
@@ -869,15 +525,51 @@ class Dashboard:
             return "replay_queued", None
 
         code, status = await run_in_threadpool(run)
-        return RedirectResponse(
-            _with_flash("/dashboard/webhooks", done=code, status=status), status_code=303
-        )
+        return self.done(session, "/dashboard/webhooks", code, status=status)
 
     # --- audit ---------------------------------------------------------------------------------
 
     async def audit_page(self, request: Request, session: auth.Session) -> Response:
-        rows = await run_in_threadpool(store.audit_entries, self.settings)
-        return self.render(request, "dashboard/audit.html", session=session, rows=rows)
+        q = request.query_params
+
+        def clean(key: str) -> str | None:
+            return (q.get(key) or "").strip()[:200] or None
+
+        filters = {"actor": clean("actor"), "action": clean("action"), "entity": clean("entity")}
+        before = None
+        if q.get("before_at") and q.get("before_id"):
+            try:
+                before = (datetime.fromisoformat(q["before_at"]), str(uuid.UUID(q["before_id"])))
+            except ValueError:
+                return self.refuse(request, session, "bad page cursor", 400)
+        rows = await run_in_threadpool(
+            functools.partial(
+                store.audit_entries,
+                self.settings,
+                actor=filters["actor"],
+                action=filters["action"],
+                entity=filters["entity"],
+                before=before,
+            )
+        )
+        next_url = None
+        if len(rows) == store.PAGE:
+            last = rows[-1]
+            next_url = "/dashboard/audit?" + urlencode(
+                {
+                    **{k: v for k, v in filters.items() if v},
+                    "before_at": last["performed_at"].isoformat(),
+                    "before_id": str(last["id"]),
+                }
+            )
+        return self.render(
+            request,
+            "dashboard/audit.html",
+            session=session,
+            rows=rows,
+            filters=filters,
+            next_url=next_url,
+        )
 
     # --- routes --------------------------------------------------------------------------------
 
@@ -886,8 +578,18 @@ class Dashboard:
             Route("/dashboard", self.page(self.overview)),
             Route("/dashboard/login", self.login_form, methods=["GET"]),
             Route("/dashboard/login", self.login, methods=["POST"]),
-            Route("/dashboard/logout", self.logout_endpoint, methods=["POST"]),
+            Route("/dashboard/logout", self.logout, methods=["POST"]),
+            Route("/dashboard/logout-everywhere", self.logout_everywhere, methods=["POST"]),
             Route("/dashboard/queues", self.page(self.queues)),
+            Route("/dashboard/queues/{queue:str}", self.page(self.queue_page)),
+            Route("/dashboard/queues/{queue:str}/messages/{rid:str}", self.page(self.message_page)),
+            Route(
+                "/dashboard/queues/{queue:str}/{op:str}",
+                self.action(self.queue_pause, name="pause_queues"),
+                methods=["POST"],
+            ),
+            Route("/dashboard/workers", self.page(self.workers_page)),
+            Route("/dashboard/charts", self.page(self.charts_page)),
             Route(
                 "/dashboard/dead/{op:str}",
                 self.action(self.dead_one, name="change_dead_letters"),
@@ -904,6 +606,7 @@ class Dashboard:
                 methods=["POST"],
             ),
             Route("/dashboard/schedules", self.page(self.schedules)),
+            Route("/dashboard/schedules/{name:str}", self.page(self.schedule_page)),
             Route(
                 "/dashboard/schedules/{name:str}/{op:str}",
                 self.action(self.schedule_action, name="control_schedules"),
@@ -912,6 +615,11 @@ class Dashboard:
             Route("/dashboard/pipelines", self.page(self.pipelines)),
             Route("/dashboard/pipelines/{run_id:int}", self.page(self.pipeline_detail)),
             Route("/dashboard/backups", self.page(self.backups)),
+            Route(
+                "/dashboard/backups/{op:str}",
+                self.action(self.backup_action, name="start_backups"),
+                methods=["POST"],
+            ),
             Route("/dashboard/webhooks", self.page(self.webhooks)),
             Route(
                 "/dashboard/webhooks/{event_id:str}/replay",
@@ -943,20 +651,5 @@ _RUN_SHOWN = {
 }
 
 
-def _error_detail(error: BaseException | None) -> dict[str, str]:
-    """The audit field for a failed action: the error's type and (masked) text."""
-    if error is None:
-        return {}
-    return {"error": mask_personal(f"{type(error).__name__}: {error}")[:500]}
-
-
-def _with_flash(url: str, **params: Any) -> str:
-    sep = "&" if "?" in url else "?"
-    return f"{url}{sep}{urlencode({k: v for k, v in params.items() if v is not None})}"
-
-
 def dashboard_routes(settings: Settings) -> list[BaseRoute]:
     return Dashboard(settings).routes()
-
-
-__all__ = ["Dashboard", "dashboard_routes"]
