@@ -97,6 +97,17 @@ def _optional_url(*schemes: str) -> Callable[[str, str], str | None]:
     return parse
 
 
+def _broker_url(name: str, raw: str) -> str | None:
+    if raw and urlsplit(raw).scheme in {"amqp", "amqps"}:
+        # The dashboard, the rescue of dead workers' messages and the GDPR scrub all read the
+        # Redis broker's structures; see docs/scale-out.md for why RabbitMQ was dropped.
+        raise SettingsError(
+            f"{name}={redact_url(raw)!r}: RabbitMQ (amqp://) is not supported; use a redis:// "
+            "or rediss:// URL (or leave it unset to share REDIS_URL)"
+        )
+    return _optional_url("redis", "rediss")(name, raw)
+
+
 def _secrets(name: str, raw: str) -> tuple[str, ...]:
     secrets = tuple(s.strip() for s in raw.split(",") if s.strip())
     if not secrets:
@@ -135,6 +146,17 @@ FIELDS: tuple[Field, ...] = (
         "Postgres URL (postgresql://user:pass@host:port/db); unset: embedded Postgres",
         _optional_url("postgresql", "postgres", "postgresql+psycopg"),
     ),
+    # ---- issue #18 settings: FIELDS ----
+    Field(
+        "DATABASE_DIRECT_URL",
+        "database_direct_url",
+        "",
+        "Postgres URL bypassing a transaction-mode pooler (PgBouncer) for what needs a session: "
+        "the relay's LISTEN, leader and pipeline locks, migrations, backups; set when "
+        "DATABASE_URL is a pooler (server-side prepared statements are then off); unset: "
+        "DATABASE_URL",
+        _optional_url("postgresql", "postgres", "postgresql+psycopg"),
+    ),
     Field(
         "REDIS_URL",
         "redis_url",
@@ -146,8 +168,8 @@ FIELDS: tuple[Field, ...] = (
         "BROKER_URL",
         "broker_url",
         "",
-        "dramatiq broker: redis://, rediss:// or amqp:// (RabbitMQ); unset: REDIS_URL",
-        _optional_url("redis", "rediss", "amqp", "amqps"),
+        "dramatiq broker: redis:// or rediss:// (RabbitMQ is not supported); unset: REDIS_URL",
+        _broker_url,
     ),
     Field(
         "STORAGE_URL",
@@ -512,6 +534,8 @@ class Settings:
     env: str
     data_dir: Path
     database_url: str | None
+    # ---- issue #18 settings: Settings attributes ----
+    database_direct_url: str | None
     redis_url: str | None
     broker_url: str | None
     storage_url: str
@@ -634,7 +658,11 @@ class Settings:
         for field in FIELDS:
             value = getattr(self, field.attr)
             shown = "" if value is None else str(value)
-            if field.attr in {"database_url", "redis_url", "broker_url", "mail_url"} and shown:
+            if (
+                field.attr
+                in {"database_url", "database_direct_url", "redis_url", "broker_url", "mail_url"}
+                and shown
+            ):
                 shown = redact_url(shown)
             if field.attr == "stripe_webhook_secrets":
                 shown = ", ".join(secret[:10] + "…" for secret in value)

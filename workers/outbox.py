@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from core.log import get_logger
 from core.settings import Settings
-from db.engine import KEEPALIVES, UnitOfWork, get_database, libpq_url
+from db.engine import KEEPALIVES, UnitOfWork, direct_url, get_database, libpq_url
 from workers.base import actor
 
 log = get_logger(__name__)
@@ -176,7 +176,7 @@ class Relay:
         while not self.stopping.is_set():
             try:
                 with psycopg.connect(
-                    libpq_url(self.settings.database_url), autocommit=True, **KEEPALIVES
+                    libpq_url(direct_url(self.settings)), autocommit=True, **KEEPALIVES
                 ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._loop(conn)

@@ -58,3 +58,26 @@ def hold_then_write(uow: UnitOfWork, key: str) -> None:
             raise TimeoutError("never released")
         time.sleep(0.05)
     _record(uow, key)
+
+
+@actor(queue_name="hosts", max_retries=3, time_limit=120_000)
+def host_job(uow: UnitOfWork, key: str, work_s: float) -> None:
+    """One job of tests/test_many_hosts.py: `work_s` of work (no database session held, like a
+    call to a vendor), then its effect in one commit, made exactly once by the primary key of
+    the test's ``host_jobs`` table. Every attempt and every commit is noted in Redis with the
+    name of the host (network namespace) that ran it."""
+    import os
+
+    host = os.environ.get("TIDEMILL_TEST_HOST", "?")
+    r = get_redis()
+    r.rpush(f"hosts:started:{key}", host)
+    time.sleep(work_s)
+    inserted = uow.sql(
+        "INSERT INTO host_jobs (key, host) VALUES (%(k)s, %(h)s) ON CONFLICT (key) DO NOTHING "
+        "RETURNING key",
+        {"k": key, "h": host},
+    ).fetchone()
+    if inserted is not None:  # the one effect that must not double
+        uow.sql("UPDATE host_job_totals SET done = done + 1")
+    uow.commit()
+    r.rpush(f"hosts:committed:{key}", f"{host}:{int(inserted is not None)}")
