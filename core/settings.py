@@ -153,8 +153,8 @@ FIELDS: tuple[Field, ...] = (
         "",
         "Postgres URL bypassing a transaction-mode pooler (PgBouncer) for what needs a session: "
         "the relay's LISTEN, leader and pipeline locks, migrations, backups; set when "
-        "DATABASE_URL is a pooler (server-side prepared statements are then off); unset: "
-        "DATABASE_URL",
+        "DATABASE_URL is a pooler (server-side prepared statements are then off); must name "
+        "the same database as DATABASE_URL (otherwise ignored); unset: DATABASE_URL",
         _optional_url("postgresql", "postgres", "postgresql+psycopg"),
     ),
     Field(
@@ -639,6 +639,8 @@ class Settings:
         return dataclasses.replace(
             self,
             database_url=database_url or self.database_url,
+            # an embedded Postgres is nobody's pooler: its URL is the direct one
+            database_direct_url=None if database_url else self.database_direct_url,
             redis_url=redis_url or self.redis_url,
         )
 
@@ -647,6 +649,9 @@ class Settings:
         env = dict(os.environ)
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
+        env.pop("DATABASE_DIRECT_URL", None)
+        if self.database_direct_url:
+            env["DATABASE_DIRECT_URL"] = self.database_direct_url
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
         env["TIDEMILL_DATA_DIR"] = str(self.data_dir)

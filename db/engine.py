@@ -63,12 +63,24 @@ KEEPALIVES: dict[str, Any] = {
 }
 
 
+def _paired_direct_url(settings: Settings) -> str | None:
+    """DATABASE_DIRECT_URL when it names the same database as DATABASE_URL. A settings copy
+    pointed at another database (a restore drill's cluster, embedded servers) must never
+    reach the old one through a leftover direct URL."""
+    direct, url = settings.database_direct_url, settings.database_url
+    if not direct or not url or direct == url:
+        return None
+    if urlsplit(direct).path.strip("/") != urlsplit(url).path.strip("/"):
+        return None
+    return direct
+
+
 def direct_url(settings: Settings | None = None) -> str:
     """The URL for what needs a Postgres session of its own, which a transaction-mode pooler
     (PgBouncer) cannot give: LISTEN, session advisory locks, migrations, pg_dump and
     pg_basebackup, CREATE/DROP DATABASE. DATABASE_DIRECT_URL, else DATABASE_URL."""
     settings = settings or get_settings()
-    url = settings.database_direct_url or settings.database_url
+    url = _paired_direct_url(settings) or settings.database_url
     if url is None:
         raise ServiceUnreachable("DATABASE_URL is unset and no embedded Postgres is running")
     return url
@@ -76,10 +88,7 @@ def direct_url(settings: Settings | None = None) -> str:
 
 def pooled(settings: Settings | None = None) -> bool:
     """DATABASE_URL goes through a transaction-mode pooler: DATABASE_DIRECT_URL says so."""
-    settings = settings or get_settings()
-    return bool(settings.database_direct_url) and (
-        settings.database_direct_url != settings.database_url
-    )
+    return _paired_direct_url(settings or get_settings()) is not None
 
 
 # psycopg prepares a statement on the server after its fifth run on one connection. Behind a

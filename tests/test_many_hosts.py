@@ -159,19 +159,26 @@ def test_workers_on_separate_hosts_share_load_and_survive_a_cut_link(
     sql.execute("INSERT INTO host_job_totals VALUES (0)")
     procs: list[subprocess.Popen[bytes]] = []
     with network(HOSTS) as net, valkey_also_on(redis_client, BRIDGE_ADDR):
-        bouncer = PgBouncer(
-            tmp_path,
-            server_host="127.0.0.1",
-            server_port=servers.pg.port,
-            listen_addr=BRIDGE_ADDR,
-            session_databases={"tidemill_session": "tidemill_test"},
+        # Postgres listens on 127.0.0.1 only: the hosts reach it through two PgBouncers on the
+        # bridge, one pooling transactions (DATABASE_URL), one handing out whole sessions.
+        pooler, sessions = (
+            PgBouncer(
+                tmp_path,
+                server_host="127.0.0.1",
+                server_port=servers.pg.port,
+                listen_addr=BRIDGE_ADDR,
+                pool_mode=mode,
+            )
+            for mode in ("transaction", "session")
         )
-        bouncer.start()
+        bouncers = [pooler, sessions]
         try:
+            for bouncer in bouncers:
+                bouncer.start()
             base = dict(
                 os.environ,
-                DATABASE_URL=bouncer.url("tidemill_test"),
-                DATABASE_DIRECT_URL=bouncer.url("tidemill_session"),
+                DATABASE_URL=pooler.url("tidemill_test"),
+                DATABASE_DIRECT_URL=sessions.url("tidemill_test"),
                 REDIS_URL=f"redis://{BRIDGE_ADDR}:{servers.valkey.port}/0",
                 TIDEMILL_DATA_DIR=str(tmp_path / "data"),
                 TIDEMILL_HEARTBEAT_TIMEOUT_MS=str(HEARTBEAT_MS),
@@ -187,7 +194,8 @@ def test_workers_on_separate_hosts_share_load_and_survive_a_cut_link(
             for proc in procs:
                 if proc.poll() is None:
                     stop_process(proc, sig=signal.SIGKILL, group=True)
-            bouncer.stop()
+            for bouncer in bouncers:
+                bouncer.stop()
 
 
 def started_by(redis_client: Any, host: str) -> list[str]:

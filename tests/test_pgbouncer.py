@@ -7,6 +7,7 @@ session state (LISTEN, session advisory locks) does not stay with the client.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -129,5 +130,13 @@ def test_direct_url_falls_back_to_database_url() -> None:
         {"DATABASE_URL": "postgresql://u@bouncer:6432/x", "DATABASE_DIRECT_URL": url}
     )
     assert direct_url(settings) == url and pooled(settings)
+    # A copy pointed at another database (a drill's cluster, embedded servers) never reaches
+    # the old one through the leftover direct URL
+    other = dataclasses.replace(settings, database_url="postgresql://u@elsewhere:5432/y")
+    assert direct_url(other) == "postgresql://u@elsewhere:5432/y" and not pooled(other)
+    embedded = settings.with_urls(database_url="postgresql://postgres@127.0.0.1:5/x")
+    assert embedded.database_direct_url is None and "DATABASE_DIRECT_URL" not in (
+        embedded.child_env()
+    )
     with pytest.raises(SettingsError, match="DATABASE_DIRECT_URL"):
         Settings.from_env({"DATABASE_DIRECT_URL": "mysql://u@db/x"})

@@ -38,17 +38,17 @@ class PgBouncer:
         listen_addr: str = "127.0.0.1",
         port: int | None = None,
         pool_size: int = 20,
-        session_databases: dict[str, str] | None = None,
+        pool_mode: str = "transaction",
     ) -> None:
-        self.root = root / f"pgbouncer-{listen_addr}"
         self.server_host = server_host
         self.server_port = server_port
         self.listen_addr = listen_addr
         self.port = port or free_port(listen_addr)
+        self.root = root / f"pgbouncer-{listen_addr}-{self.port}"
         self.pool_size = pool_size
-        # alias -> real database name, pooled in session mode: a session of its own (LISTEN,
-        # session locks) for clients that can reach only this address.
-        self.session_databases = session_databases or {}
+        # "session": one server connection per client for as long as it stays connected, a
+        # direct URL for clients that can reach only this address (LISTEN, session locks).
+        self.pool_mode = pool_mode
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, database: str) -> str:
@@ -67,11 +67,6 @@ class PgBouncer:
             "\n".join(
                 [
                     "[databases]",
-                    *(
-                        f"{alias} = host={self.server_host} port={self.server_port} "
-                        f"dbname={name} pool_mode=session"
-                        for alias, name in self.session_databases.items()
-                    ),
                     # Any database name is routed to the same server: tests create and drop
                     # their databases freely.
                     f"* = host={self.server_host} port={self.server_port}",
@@ -83,7 +78,7 @@ class PgBouncer:
                     "auth_type = scram-sha-256",
                     f"auth_file = {self.root / 'userlist.txt'}",
                     f"admin_users = {USER}",
-                    "pool_mode = transaction",
+                    f"pool_mode = {self.pool_mode}",
                     f"default_pool_size = {self.pool_size}",
                     "max_client_conn = 1000",
                     "max_db_connections = 100",
