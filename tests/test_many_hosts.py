@@ -163,7 +163,9 @@ def test_workers_on_separate_hosts_share_load_and_survive_a_cut_link(
         # bridge, one pooling transactions (DATABASE_URL), one handing out whole sessions.
         pooler, sessions = (
             PgBouncer(
-                tmp_path,
+                # not tmp_path: a concurrent pytest run resets /tmp/pytest-of-root to 0700,
+                # which PgBouncer's unprivileged user could then not enter
+                servers.root,
                 server_host="127.0.0.1",
                 server_port=servers.pg.port,
                 listen_addr=BRIDGE_ADDR,
