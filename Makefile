@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: up test pytest lint fmt bench bench-quick install clean browser
+.PHONY: up test pytest lint fmt bench bench-quick install clean browser pgbouncer netns
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tidemill needs Python 3.11 or newer")'
@@ -29,7 +29,22 @@ browser:
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
-pytest: $(STAMP) browser
+# The suite runs the system under test through a real PgBouncer in transaction pooling mode
+# (tests/support/pgbouncer.py): Debian's package, installed like chromium above.
+pgbouncer:
+	@command -v pgbouncer >/dev/null 2>&1 || test -x /usr/sbin/pgbouncer || { \
+		echo "installing Debian's pgbouncer for the suite's pooled DATABASE_URL"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq pgbouncer; }
+
+# tests/test_many_hosts.py puts workers in network namespaces: `ip` from iproute2.
+netns:
+	@command -v ip >/dev/null 2>&1 || test -x /usr/sbin/ip || { \
+		echo "installing Debian's iproute2 for tests/test_many_hosts.py"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq iproute2; }
+
+pytest: $(STAMP) browser pgbouncer netns
 	$(BIN)/pytest
 
 lint: $(STAMP)

@@ -195,15 +195,17 @@ def migrate(
         # through `tidemill app attach` (issue 14).
         fail(f"TIDEMILL_APP={settings.app}: use `tidemill app attach {settings.app}`, not migrate")
     require_services(settings, broker=False)
-    assert settings.database_url
-    if settings.backup_before_migrate and current(settings.database_url) is not None:
+    from db.engine import direct_url
+
+    url = direct_url(settings)  # alembic's transactional DDL and lock: a session, not a pool
+    if settings.backup_before_migrate and current(url) is not None:
         # Bilten / Pomi: a backup before every migration. No backup, no migration. (An empty
         # database, revision None, has nothing to lose.)
         from core.cli_backup import backup_before_migrate
 
         backup_before_migrate(settings, revision)
-    upgrade(settings.database_url, revision)
-    print(f"database at revision {current(settings.database_url)}")
+    upgrade(url, revision)
+    print(f"database at revision {current(url)}")
 
 
 webhooks_app = typer.Typer(help="Stored Stripe webhook events.", no_args_is_help=True)

@@ -97,6 +97,17 @@ def _optional_url(*schemes: str) -> Callable[[str, str], str | None]:
     return parse
 
 
+def _broker_url(name: str, raw: str) -> str | None:
+    if raw and urlsplit(raw).scheme in {"amqp", "amqps"}:
+        # The dashboard, the rescue of dead workers' messages and the GDPR scrub all read the
+        # Redis broker's structures; see docs/scale-out.md for why RabbitMQ was dropped.
+        raise SettingsError(
+            f"{name}={redact_url(raw)!r}: RabbitMQ (amqp://) is not supported; use a redis:// "
+            "or rediss:// URL (or leave it unset to share REDIS_URL)"
+        )
+    return _optional_url("redis", "rediss")(name, raw)
+
+
 def _secrets(name: str, raw: str) -> tuple[str, ...]:
     secrets = tuple(s.strip() for s in raw.split(",") if s.strip())
     if not secrets:
@@ -143,6 +154,17 @@ FIELDS: tuple[Field, ...] = (
         "Postgres URL (postgresql://user:pass@host:port/db); unset: embedded Postgres",
         _optional_url("postgresql", "postgres", "postgresql+psycopg"),
     ),
+    # ---- issue #18 settings: FIELDS ----
+    Field(
+        "DATABASE_DIRECT_URL",
+        "database_direct_url",
+        "",
+        "Postgres URL bypassing a transaction-mode pooler (PgBouncer) for what needs a session: "
+        "the relay's LISTEN, leader and pipeline locks, migrations, backups; set when "
+        "DATABASE_URL is a pooler (server-side prepared statements are then off); must name "
+        "the same database as DATABASE_URL (otherwise ignored); unset: DATABASE_URL",
+        _optional_url("postgresql", "postgres", "postgresql+psycopg"),
+    ),
     Field(
         "REDIS_URL",
         "redis_url",
@@ -154,8 +176,8 @@ FIELDS: tuple[Field, ...] = (
         "BROKER_URL",
         "broker_url",
         "",
-        "dramatiq broker: redis://, rediss:// or amqp:// (RabbitMQ); unset: REDIS_URL",
-        _optional_url("redis", "rediss", "amqp", "amqps"),
+        "dramatiq broker: redis:// or rediss:// (RabbitMQ is not supported); unset: REDIS_URL",
+        _broker_url,
     ),
     Field(
         "STORAGE_URL",
@@ -627,6 +649,8 @@ class Settings:
     env: str
     data_dir: Path
     database_url: str | None
+    # ---- issue #18 settings: Settings attributes ----
+    database_direct_url: str | None
     redis_url: str | None
     broker_url: str | None
     storage_url: str
@@ -746,6 +770,8 @@ class Settings:
         return dataclasses.replace(
             self,
             database_url=database_url or self.database_url,
+            # an embedded Postgres is nobody's pooler: its URL is the direct one
+            database_direct_url=None if database_url else self.database_direct_url,
             redis_url=redis_url or self.redis_url,
         )
 
@@ -754,6 +780,9 @@ class Settings:
         env = dict(os.environ)
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
+        env.pop("DATABASE_DIRECT_URL", None)
+        if self.database_direct_url:
+            env["DATABASE_DIRECT_URL"] = self.database_direct_url
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
         env["TIDEMILL_DATA_DIR"] = str(self.data_dir)
@@ -765,7 +794,11 @@ class Settings:
         for field in FIELDS:
             value = getattr(self, field.attr)
             shown = "" if value is None else str(value)
-            if field.attr in {"database_url", "redis_url", "broker_url", "mail_url"} and shown:
+            if (
+                field.attr
+                in {"database_url", "database_direct_url", "redis_url", "broker_url", "mail_url"}
+                and shown
+            ):
                 shown = redact_url(shown)
             if field.attr == "stripe_webhook_secrets":
                 shown = ", ".join(secret[:10] + "…" for secret in value)

@@ -61,10 +61,10 @@ class Supervisor:
             ensure_port_free(self.settings.web_port, "TIDEMILL_WEB_PORT", self.settings.web_host)
             self.settings = settings = self.start_servers()
             require_services(settings)
-            assert settings.database_url
+            from db.engine import direct_url
             from db.migrate import upgrade
 
-            upgrade(settings.database_url)
+            upgrade(direct_url(settings))
             log.info("migrations_applied")
             if self.stopping.is_set():
                 return 0

@@ -63,9 +63,55 @@ KEEPALIVES: dict[str, Any] = {
 }
 
 
+def _paired_direct_url(settings: Settings) -> str | None:
+    """DATABASE_DIRECT_URL when it names the same database as DATABASE_URL. A settings copy
+    pointed at another database (a restore drill's cluster, embedded servers) must never
+    reach the old one through a leftover direct URL."""
+    direct, url = settings.database_direct_url, settings.database_url
+    if not direct or not url or direct == url:
+        return None
+    if urlsplit(direct).path.strip("/") != urlsplit(url).path.strip("/"):
+        return None
+    return direct
+
+
+def direct_url(settings: Settings | None = None) -> str:
+    """The URL for what needs a Postgres session of its own, which a transaction-mode pooler
+    (PgBouncer) cannot give: LISTEN, session advisory locks, migrations, pg_dump and
+    pg_basebackup, CREATE/DROP DATABASE. DATABASE_DIRECT_URL, else DATABASE_URL."""
+    settings = settings or get_settings()
+    url = _paired_direct_url(settings) or settings.database_url
+    if url is None:
+        raise ServiceUnreachable("DATABASE_URL is unset and no embedded Postgres is running")
+    return url
+
+
+def pooled(settings: Settings | None = None) -> bool:
+    """DATABASE_URL goes through a transaction-mode pooler: DATABASE_DIRECT_URL says so."""
+    return _paired_direct_url(settings or get_settings()) is not None
+
+
+# psycopg prepares a statement on the server after its fifth run on one connection. Behind a
+# transaction-mode pooler the next transaction may land on another server connection, where
+# the statement does not exist (PgBouncer 1.18, Debian 12's, cannot track prepared statements;
+# max_prepared_statements came in 1.21), so pooled connections never prepare.
+POOLED: dict[str, Any] = {"prepare_threshold": None}
+
+
+def connect_options(settings: Settings | None = None) -> dict[str, Any]:
+    """Keyword arguments for a psycopg connection to DATABASE_URL (pooled or not)."""
+    return dict(POOLED) if pooled(settings) else {}
+
+
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 20) -> None:
+    def __init__(self, url: str, *, pool_size: int = 20, pooled: bool = False) -> None:
         self.url = url
+        # Behind PgBouncer: no server-side prepares, and no startup `options` (PgBouncer refuses
+        # unknown startup parameters; its own server connections carry its keepalive settings).
+        connect_args = dict(KEEPALIVES)
+        if pooled:
+            del connect_args["options"]
+            connect_args.update(POOLED)
         # No pre-ping: it costs a round trip on every checkout. After a Postgres restart the
         # first statement on a stale connection fails, SQLAlchemy invalidates the pool, and the
         # message is retried (workers) or answered 503 (the webhook receiver), so nothing is
@@ -77,7 +123,7 @@ class Database:
             max_overflow=pool_size,
             pool_pre_ping=False,
             pool_recycle=1800,
-            connect_args=KEEPALIVES,
+            connect_args=connect_args,
         )
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -96,7 +142,9 @@ def get_database(settings: Settings | None = None) -> Database:
     with _lock:
         db = _databases.get(settings.database_url)
         if db is None:
-            db = _databases[settings.database_url] = Database(settings.database_url)
+            db = _databases[settings.database_url] = Database(
+                settings.database_url, pooled=pooled(settings)
+            )
         return db
 
 

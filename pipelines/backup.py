@@ -43,7 +43,7 @@ from core.log import get_logger
 from core.settings import Settings, get_settings
 from core.storage import Storage, open_storage
 from db.embedded import postgres_bin
-from db.engine import libpq_url
+from db.engine import direct_url, libpq_url
 
 log = get_logger(__name__)
 
@@ -572,7 +572,7 @@ def run_full_backup(
     """Take a logical backup of the database; returns once its manifest is stored."""
     settings = settings or get_settings()
     storage = storage or open_storage(settings=settings)
-    database_url = database_url or settings.database_url
+    database_url = database_url or (settings.database_url and direct_url(settings))
     if not database_url:
         raise BackupError("DATABASE_URL is unset and no embedded Postgres is running")
     started = datetime.now(UTC)

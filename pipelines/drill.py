@@ -21,7 +21,7 @@ from psycopg.types.json import Jsonb
 from core.log import get_logger
 from core.settings import Settings, get_settings
 from core.storage import Storage, open_storage
-from db.engine import libpq_url
+from db.engine import direct_url, libpq_url
 from pipelines.backup import (
     BackupError,
     CatalogEntry,
@@ -102,7 +102,7 @@ def run_drill(
         raise BackupError("--physical drills the latest base backup; --backup is for logical")
     settings = settings or get_settings()
     storage = storage or open_storage(settings=settings)
-    database_url = database_url or settings.database_url
+    database_url = database_url or (settings.database_url and direct_url(settings))
     if not database_url:
         raise BackupError("DATABASE_URL is unset and no embedded Postgres is running")
     drill_started = datetime.now(UTC)

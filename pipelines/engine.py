@@ -29,7 +29,7 @@ from psycopg import sql
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
-from db.engine import libpq_url
+from db.engine import direct_url, libpq_url
 from pipelines.policies import Policy, PolicyError, check_against_database, get_policy
 
 log = get_logger(__name__)
@@ -73,7 +73,7 @@ def connect(settings: Settings) -> psycopg.Connection[Any]:
         from db.engine import ServiceUnreachable
 
         raise ServiceUnreachable("DATABASE_URL is unset and no embedded Postgres is running")
-    return psycopg.connect(libpq_url(settings.database_url), autocommit=True)
+    return psycopg.connect(libpq_url(direct_url(settings)), autocommit=True)
 
 
 def lock_key(pipeline: str) -> str:

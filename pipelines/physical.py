@@ -40,7 +40,7 @@ from core.log import get_logger
 from core.settings import Settings, get_settings
 from core.storage import Storage, open_storage
 from db.embedded import postgres_bin
-from db.engine import libpq_url
+from db.engine import direct_url, libpq_url
 from pipelines.backup import (
     CHUNK,
     MANIFEST_FORMAT,
@@ -399,7 +399,7 @@ def run_base_backup(
     """Take a full (or, on PostgreSQL 17+, incremental) base backup of the cluster."""
     settings = settings or get_settings()
     storage = storage or open_storage(settings=settings)
-    database_url = database_url or settings.database_url
+    database_url = database_url or (settings.database_url and direct_url(settings))
     if not database_url:
         raise BackupError("DATABASE_URL is unset and no embedded Postgres is running")
     facts = server_facts(database_url)

@@ -28,7 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
-from db.engine import UnitOfWork, unit_of_work
+from db.engine import UnitOfWork, direct_url, unit_of_work
 from schedules.leader import Fence, LeaderLock, LockSessionUnit, NotLeader
 from schedules.misfire import MisfirePlan, baseline, latest_tick, plan_misfire
 from schedules.schedule import Schedule, check_actors, load_schedules
@@ -314,7 +314,7 @@ class Scheduler:
         self.retry_s = settings.scheduler_leader_retry_s
         self.job_grace_s = job_grace_s
         self.lock = LeaderLock(
-            settings.database_url,
+            direct_url(settings),
             identity=self.identity,
             # the leader's checks every retry_s keep its session busy well within this
             idle_timeout_s=max(5.0, 5 * self.retry_s),

@@ -3,6 +3,13 @@
 They start in ``pytest_configure``, before test modules are imported, because importing
 ``workers.broker`` builds the broker from the environment. Each test that asks for ``db`` gets
 a fresh database cloned from a migrated template, and an empty Redis.
+
+A real PgBouncer in transaction pooling mode sits in front of Postgres (tests/support/
+pgbouncer.py): DATABASE_URL points at it, so the system under test (web, workers, relay drains,
+scheduler fires, subprocesses) runs pooled, and DATABASE_DIRECT_URL points at Postgres for what
+needs a session. The ``db`` fixture and the tests' own arranging and asserting connections use
+the direct URL: they are the test's hands, not the system under test. TIDEMILL_TEST_PGBOUNCER=0
+runs the suite without it.
 """
 
 from __future__ import annotations
@@ -28,21 +35,29 @@ class Servers:
     def __init__(self) -> None:
         from core.proc import free_port
         from db.embedded import EmbeddedPostgres, EmbeddedValkey
+        from tests.support.pgbouncer import PgBouncer
 
         self.root = Path(tempfile.mkdtemp(prefix="tidemill-test-"))
         self.pg = EmbeddedPostgres(self.root, port=free_port())
         self.valkey = EmbeddedValkey(self.root, port=free_port())
+        self.bouncer: PgBouncer | None = None
+        if os.environ.get("TIDEMILL_TEST_PGBOUNCER", "1") != "0":
+            self.bouncer = PgBouncer(self.root, server_host="127.0.0.1", server_port=self.pg.port)
 
     def start(self) -> None:
         from db.migrate import upgrade
 
         self.pg.start()
         self.valkey.start()
+        if self.bouncer is not None:
+            self.bouncer.start()
         with psycopg.connect(self.pg.url("postgres"), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
         upgrade(self.pg.url(TEMPLATE_DB))
 
     def stop(self) -> None:
+        if self.bouncer is not None:
+            self.bouncer.stop()
         self.valkey.stop()
         self.pg.stop()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -53,7 +68,13 @@ class Servers:
 
     @property
     def database_url(self) -> str:
+        """Postgres itself: a session of its own (the tests' hands, LISTEN, locks, pg_dump)."""
         return self.pg.url(TEST_DB)
+
+    @property
+    def pooled_url(self) -> str:
+        """What the system under test gets as DATABASE_URL: PgBouncer when it runs."""
+        return self.bouncer.url(TEST_DB) if self.bouncer is not None else self.database_url
 
     @property
     def redis_url(self) -> str:
@@ -77,7 +98,8 @@ def pytest_configure(config: pytest.Config) -> None:
     _servers.start()
     os.environ.update(
         {
-            "DATABASE_URL": _servers.database_url,
+            "DATABASE_URL": _servers.pooled_url,
+            "DATABASE_DIRECT_URL": _servers.database_url,
             "REDIS_URL": _servers.redis_url,
             "TIDEMILL_DATA_DIR": str(_servers.root / "data"),
             "TIDEMILL_ENV": "test",
@@ -102,6 +124,8 @@ def _recreate_test_database() -> None:
     from db.schema import search_path
 
     assert _servers is not None
+    if _servers.bouncer is not None:
+        _servers.bouncer.kill_database(TEST_DB)  # its pooled connections die with the database
     with psycopg.connect(_servers.admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{TEST_DB}" TEMPLATE "{TEMPLATE_DB}"')

@@ -22,8 +22,19 @@ def test_defaults_with_nothing_set_mean_embedded_servers(tmp_path: Path) -> None
 def test_broker_defaults_to_redis_url() -> None:
     s = Settings.from_env({"REDIS_URL": "redis://cache:6379/0"})
     assert s.effective_broker_url == "redis://cache:6379/0"
-    s = Settings.from_env({"REDIS_URL": "redis://cache:6379/0", "BROKER_URL": "amqp://mq:5672"})
-    assert s.effective_broker_url == "amqp://mq:5672"
+    s = Settings.from_env({"REDIS_URL": "redis://cache:6379/0", "BROKER_URL": "redis://mq:6379/1"})
+    assert s.effective_broker_url == "redis://mq:6379/1"
+
+
+@pytest.mark.parametrize("url", ["amqp://u:hunter2@mq:5672", "amqps://mq:5671/vhost"])
+def test_rabbitmq_urls_are_refused_with_the_reason(url: str) -> None:
+    # RabbitMQ was dropped (docs/scale-out.md): a leftover amqp:// URL fails at start-up,
+    # naming the variable, instead of running workers the dashboard and rescue cannot see.
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"BROKER_URL": url})
+    message = str(err.value)
+    assert "BROKER_URL" in message and "RabbitMQ" in message and "redis://" in message
+    assert "hunter2" not in message
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from core.log import get_logger
 from core.settings import Settings
-from db.engine import libpq_url
+from db.engine import connect_options, libpq_url
 
 log = get_logger(__name__)
 
@@ -302,6 +302,7 @@ class EventWriter:
     def __init__(self, settings: Settings) -> None:
         assert settings.database_url
         self.url = libpq_url(settings.database_url)
+        self.options = connect_options(settings)  # no server-side prepares behind PgBouncer
         self.queue: asyncio.Queue[tuple[StripeEvent, asyncio.Future[bool]]] = asyncio.Queue()
         self.conn: psycopg.AsyncConnection[Any] | None = None
         self.task = asyncio.get_running_loop().create_task(self._run(), name="webhook-writer")
@@ -340,7 +341,7 @@ class EventWriter:
     async def _write(self, events: list[StripeEvent]) -> set[str]:
         if self.conn is None or self.conn.closed:
             self.conn = await psycopg.AsyncConnection.connect(
-                self.url, autocommit=True, connect_timeout=5
+                self.url, autocommit=True, connect_timeout=5, **self.options
             )
         try:
             cursor = await self.conn.execute(_STORE_EVENTS, _batch_params(events))

@@ -120,10 +120,7 @@ def build_broker(settings: Settings, *, metrics: bool = True) -> dramatiq.Broker
             heartbeat_timeout=settings.heartbeat_timeout_ms,
             maintenance_chance=settings.redis_maintenance_chance,
         )
-    if scheme in {"amqp", "amqps"}:
-        from dramatiq.brokers.rabbitmq import RabbitmqBroker
-
-        return RabbitmqBroker(url=url, middleware=mw)
+    # No RabbitMQ: settings refuse amqp:// (docs/scale-out.md says why).
     raise SettingsError(f"BROKER_URL={redact_url(url)!r}: unsupported scheme {scheme!r}")
 
 

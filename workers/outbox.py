@@ -26,7 +26,7 @@ from sqlalchemy import text
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
-from db.engine import KEEPALIVES, UnitOfWork, get_database, libpq_url
+from db.engine import KEEPALIVES, UnitOfWork, direct_url, get_database, libpq_url
 from workers.base import actor
 from workers.jobs import COALESCED_ACTORS, redeliver_after_s
 
@@ -199,7 +199,7 @@ class Relay:
         while not self.stopping.is_set():
             try:
                 with psycopg.connect(
-                    libpq_url(self.settings.database_url), autocommit=True, **KEEPALIVES
+                    libpq_url(direct_url(self.settings)), autocommit=True, **KEEPALIVES
                 ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._loop(conn)

@@ -81,3 +81,26 @@ def retry_later_then_write(uow: UnitOfWork, key: str, delay_ms: int) -> None:
 def hold_then_write_default_limit(uow: UnitOfWork, key: str) -> None:
     """hold_then_write with the default time limit, so the default redelivery deadline applies."""
     _hold_then_write(uow, key)
+
+
+@actor(queue_name="hosts", max_retries=3, time_limit=120_000)
+def host_job(uow: UnitOfWork, key: str, work_s: float) -> None:
+    """One job of tests/test_many_hosts.py: `work_s` of work (no database session held, like a
+    call to a vendor), then its effect in one commit, made exactly once by the primary key of
+    the test's ``host_jobs`` table. Every attempt and every commit is noted in Redis with the
+    name of the host (network namespace) that ran it."""
+    import os
+
+    host = os.environ.get("TIDEMILL_TEST_HOST", "?")
+    r = get_redis()
+    r.rpush(f"hosts:started:{key}", host)
+    time.sleep(work_s)
+    inserted = uow.sql(
+        "INSERT INTO host_jobs (key, host) VALUES (%(k)s, %(h)s) ON CONFLICT (key) DO NOTHING "
+        "RETURNING key",
+        {"k": key, "h": host},
+    ).fetchone()
+    if inserted is not None:  # the one effect that must not double
+        uow.sql("UPDATE host_job_totals SET done = done + 1")
+    uow.commit()
+    r.rpush(f"hosts:committed:{key}", f"{host}:{int(inserted is not None)}")

@@ -71,6 +71,7 @@ class ArchivedCluster:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["DATABASE_URL"] = self.url
+        env.pop("DATABASE_DIRECT_URL", None)  # this cluster is not behind the suite's pooler
         env["STORAGE_URL"] = self.storage_url
         return env
 
@@ -90,7 +91,10 @@ def start_archived_cluster(*, timeout_s: int = 60) -> ArchivedCluster:
     )
     pg.start()
     settings = dataclasses.replace(
-        Settings.from_env(), database_url=pg.url(), storage_url=storage_url
+        Settings.from_env(),
+        database_url=pg.url(),
+        database_direct_url=None,
+        storage_url=storage_url,
     )
     return ArchivedCluster(pg=pg, root=root, objects=objects, settings=settings)
 
