@@ -513,7 +513,8 @@ def subscription_id_of(event: Event) -> str | None:
     return str(sub)[:255] if sub else None
 
 
-def _ts(value: Any) -> datetime | None:
+def stripe_time(value: Any) -> datetime | None:
+    """A Stripe timestamp (epoch seconds) as an aware datetime; None when absent or absurd."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 253_402_300_799:
         return None
     return datetime.fromtimestamp(value, UTC)
@@ -749,10 +750,10 @@ def subscription_event(uow: UnitOfWork, event: Event) -> None:
             "status": state["status"],
             "sub_id": sub_id,
             "customer": state["customer"],
-            "period_start": _ts(state["period_start"]),
-            "period_end": _ts(state["period_end"]),
+            "period_start": stripe_time(state["period_start"]),
+            "period_end": stripe_time(state["period_end"]),
             "cancel": state["cancel_at_period_end"],
-            "event_created": _ts(state["event_created"]),
+            "event_created": stripe_time(state["event_created"]),
             "event_id": event["id"],
         },
     )

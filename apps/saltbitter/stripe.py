@@ -4,7 +4,7 @@ tier of the user's entitled subscription, else 'free'.
 
 Events arrive in any order and more than once: like tidemill's Lovendo effects, every applied
 event of the subscription is re-folded in (created, id) order under a per-subscription lock
-(``fold_subscription`` from workers/stripe_effects.py), so the row is the same whatever the
+(``plan_subscription`` from workers/stripe_effects.py), so the row is the same whatever the
 order the events came in."""
 
 from __future__ import annotations
@@ -59,7 +59,14 @@ def _uuid(value: Any) -> uuid.UUID | None:
 
 
 def apply_stripe_event(uow: UnitOfWork, event: Mapping[str, Any]) -> str | None:
-    from workers.stripe_effects import ENTITLED, fold_subscription, subscription_id_of
+    from core.settings import get_settings
+    from workers.stripe_effects import (
+        ENTITLED,
+        fetch_subscription,
+        plan_subscription,
+        stripe_time,
+        subscription_id_of,
+    )
 
     kind = event["type"]
     if not (kind.startswith("customer.subscription.") or kind.startswith("invoice.")):
@@ -69,8 +76,8 @@ def apply_stripe_event(uow: UnitOfWork, event: Mapping[str, Any]) -> str | None:
         return "ignored"
     uow.sql(_SUBSCRIPTION_LOCK, {"key": f"subscription:{sub_id}"})
     payloads = [r.payload for r in uow.sql(_EVENTS, {"sub_id": sub_id, "event_id": event["id"]})]
-    state = fold_subscription(sorted(payloads, key=lambda e: (e["created"], e["id"])))
-    if "tier" not in state:
+    state = plan_subscription(payloads, current=fetch_subscription(get_settings(), sub_id))
+    if state is None:
         return "processed"  # invoices only so far: the subscription event folds them in
     row = uow.sql(
         _USER,
@@ -89,8 +96,8 @@ def apply_stripe_event(uow: UnitOfWork, event: Mapping[str, Any]) -> str | None:
             "sub_id": sub_id,
             "customer": state["customer"],
             "status": state["status"],
-            "period_start": state["period_start"],
-            "period_end": state["period_end"],
+            "period_start": stripe_time(state["period_start"]),
+            "period_end": stripe_time(state["period_end"]),
             "cancel": state["cancel_at_period_end"],
         },
     )
