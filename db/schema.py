@@ -44,6 +44,8 @@ TIDEMILL_TABLES: tuple[str, ...] = (
     "schedule_state",
     "backups",
     "backup_drills",
+    "job_counters",
+    "user_balances",
 )
 
 # Tables the app may own (Lovendo's seed has ``audit_logs``); `attach` creates tidemill's own
