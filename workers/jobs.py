@@ -144,21 +144,23 @@ class DoneMarker:
             ids, self._pending = self._pending, []
         if not ids:
             return 0
-        try:
-            if self._conn is None or self._conn.closed:
-                url = get_settings().database_url
-                assert url is not None
-                self._conn = psycopg.connect(libpq_url(url), autocommit=True, **KEEPALIVES)
-            self._conn.execute(_MARK_DONE, {"ids": ids, "scrub": sorted(COALESCED_ACTORS)})
-        except Exception as exc:  # Postgres away: keep them for the next flush
-            log.warning("job_done_flush_failed", jobs=len(ids), error=type(exc).__name__)
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-            with self._lock:
-                self._pending[:0] = ids[: self.max_pending]
-            return 0
-        return len(ids)
+        for attempt in (1, 2):  # a second try on a fresh connection: the old one went stale
+            try:
+                if self._conn is None or self._conn.closed:
+                    url = get_settings().database_url
+                    assert url is not None
+                    self._conn = psycopg.connect(libpq_url(url), autocommit=True, **KEEPALIVES)
+                self._conn.execute(_MARK_DONE, {"ids": ids, "scrub": sorted(COALESCED_ACTORS)})
+                return len(ids)
+            except Exception as exc:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                if attempt == 2:
+                    # Postgres away: the rows stay not done and the rescuer sends them again
+                    # (their actor wrote nothing to Postgres: running it again is a retry).
+                    log.warning("job_done_flush_failed", jobs=len(ids), error=type(exc).__name__)
+        return 0
 
 
 done_marker = DoneMarker()
