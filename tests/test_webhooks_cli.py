@@ -113,3 +113,17 @@ def test_stripe_send_walks_a_payment_through_the_running_system(running_system, 
 def test_stripe_send_rejects_an_unknown_type(db) -> None:
     result = run_cli("stripe", "send", "payment_intent.teleported")
     assert result.returncode == 2 and "unknown type" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("webhooks", "list", "--status", "bogus"), "unknown status 'bogus'"),
+        (("stripe", "send", "charge.dispute.closed", "--outcome", "maybe"), "unknown outcome"),
+        (("stripe", "send", "payment_intent.succeeded", "--currency", "xyz"), "unknown currency"),
+    ],
+)
+def test_cli_choices_are_validated(db, args, message) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
