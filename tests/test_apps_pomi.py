@@ -18,7 +18,11 @@ import pytest
 
 import workers.actors  # noqa: F401  (every actor the triggers name)
 from tests.conftest import Servers, run_cli
+from tests.support import smtp as _smtp
 from tests.support.apps import create_app_database, pump, serving
+from tests.support.smtp import SmtpServer
+
+smtp_server = _smtp.smtp_server
 
 DB = "app_pomi"
 
@@ -44,8 +48,16 @@ def run_policy(name: str) -> None:
 
 
 @pytest.mark.slow
-def test_pomi_end_to_end(pomi: tuple[str, str], inproc_worker: Any, redis_client: Any) -> None:
+def test_pomi_end_to_end(
+    pomi: tuple[str, str],
+    inproc_worker: Any,
+    redis_client: Any,
+    smtp_server: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     url, attach_output = pomi
+    monkeypatch.setenv("MAIL_URL", smtp_server.url)
+    monkeypatch.setenv("MAIL_FROM", "Pomi <hello@pomi.test>")
     # --- a backup was taken before attach touched the app's schema ---
     assert "backup before changing the app's schema" in attach_output
     with psycopg.connect(url, autocommit=True) as sql:
@@ -65,6 +77,9 @@ def test_pomi_end_to_end(pomi: tuple[str, str], inproc_worker: Any, redis_client
         )
         pump(sql, inproc_worker)
         assert redis_client.exists(*keys) == 0
+        # the welcome e-mail, in the user's language (Amharic), once
+        welcome = smtp_server.to("abeba@pomi.test")
+        assert [m["Subject"] for m in welcome] == ["እንኳን ወደ ፖሚ በደህና መጡ፣ abeba!"]
         for key in [*keys, "user:email:new@pomi.test"]:
             redis_client.set(key, "cached")
         redis_client.set("user:email:other@pomi.test", "kept")
@@ -129,15 +144,18 @@ def test_pomi_end_to_end(pomi: tuple[str, str], inproc_worker: Any, redis_client
         pump(sql, inproc_worker)
         redis_client.set(f"user:{gone}", "cached")
         redis_client.set("user:username:gone", "cached")
+        # one as the scheduler's CLI would, as a process; the rest in this process (faster)
+        run_policy("deleted-users-purge")
+        from pipelines.engine import run_pipeline
+
         for policy in (
             "email-verifications-expire",
             "auth-tokens-expire",
-            "deleted-users-purge",
             "deleted-listings-purge",
             "deleted-businesses-purge",
             "deleted-events-purge",
         ):
-            run_policy(policy)
+            run_pipeline(policy)
         pump(sql, inproc_worker)
         assert [r[0] for r in sql.execute("SELECT code FROM email_verifications")] == ["NEW1"]
         assert [r[0] for r in sql.execute("SELECT token FROM auth_tokens")] == ["tok-new"]
@@ -147,6 +165,7 @@ def test_pomi_end_to_end(pomi: tuple[str, str], inproc_worker: Any, redis_client
         names = [r[0] for r in sql.execute("SELECT business_name FROM businesses")]
         assert names == ["Open Cafe"]
         assert [r[0] for r in sql.execute("SELECT title FROM events")] == ["Buna"]
+        assert smtp_server.to("gone@pomi.test") == []  # inserted deleted: no welcome
         # the purge's DELETE went through the users trigger: the purged user's keys are gone
         assert redis_client.exists(f"user:{gone}", "user:username:gone") == 0
         runs: dict[str, str] = dict(

@@ -42,4 +42,6 @@ def apply_stripe_event(uow: UnitOfWork, event: Mapping[str, Any]) -> str | None:
     resp = json.dumps({"event": event["id"], "status": pi.get("status")})
     sql = _COMPLETE if kind == "payment_intent.succeeded" else _FAIL
     uow.sql(sql, {"id": payment, "pi": pi["id"], "resp": resp})
+    if uow.sql("SELECT 1 FROM payments WHERE id = %(id)s", {"id": payment}).fetchone() is None:
+        return "ignored"  # names no Bilten payment (another system's intent, or a typo)
     return "processed"

@@ -1,5 +1,6 @@
 """Pomi (seed 004, community app).
 
+- A welcome e-mail to each new user, in their language (en, am).
 - The key map of "Redis Cache Keys" (``user:{id}``, ``user:email:…``, ``user:username:…``,
   ``event:{id}``, ``events:upcoming``, ``event:rsvps:{id}``) is invalidated on change.
 - Expired e-mail verifications and auth tokens go; soft-deleted rows (users, events,
@@ -10,7 +11,7 @@
 
 from __future__ import annotations
 
-from apps.profile import Backups, Profile, Users
+from apps.profile import Backups, Profile, Rule, Users
 from db.cache_keys import APP_CACHE
 
 PROFILE = Profile(
@@ -21,6 +22,18 @@ PROFILE = Profile(
         names=("concat_ws(' ', first_name, last_name)", "username"),
         language="language",
         deleted="deleted_at IS NOT NULL OR status = 'deleted'",
+    ),
+    # the welcome e-mail (tidemill's welcome actor, Pomi's templates: English and Amharic)
+    rules=(
+        Rule(
+            name="pomi_welcome",
+            table="users",
+            on="insert",
+            actor="send_welcome_email",
+            queue="emails",
+            args=("n.id::text",),
+            where="n.deleted_at IS NULL AND n.status IS DISTINCT FROM 'deleted'",
+        ),
     ),
     cache=APP_CACHE["pomi"],
     policies="pomi.toml",
