@@ -229,6 +229,16 @@ class EmbeddedPostgres:
             ]
         )
 
+    def _default_summaries(self) -> None:
+        """summarize_wal = on in postgresql.conf (not on the command line, so that ALTER
+        SYSTEM can still turn it off): WAL summaries cost one small background process, and
+        without them `backup base --incremental` cannot run at all (PostgreSQL 17+)."""
+        conf = self.pgdata / "postgresql.conf"
+        text = conf.read_text()
+        if "# tidemill: incremental backups" not in text:
+            with open(conf, "a") as fh:
+                fh.write("\nsummarize_wal = on  # tidemill: incremental backups\n")
+
     def start(self, *, timeout: float = 60.0) -> str:
         ensure_port_free(self.port, self.setting)
         self._initdb()
@@ -239,9 +249,7 @@ class EmbeddedPostgres:
             for name, value in self.archive.server_options().items():
                 extra += ["-c", f"{name}={value}"]
         else:
-            # WAL summaries cost one small background process; without them
-            # `backup base --incremental` cannot run at all (PostgreSQL 17+).
-            extra += ["-c", "summarize_wal=on"]
+            self._default_summaries()
         logf = open(self.logfile, "ab")  # noqa: SIM115 - handed to the child
         self.proc = spawn(
             [

@@ -93,11 +93,27 @@ def summarize_wal(servers) -> Iterator[None]:
         conn.execute("SELECT pg_reload_conf()")
 
 
-def test_incremental_ticks_without_summaries_are_skipped(sql, inproc_worker, storage_env) -> None:
+@pytest.fixture
+def no_summaries(servers) -> Iterator[None]:
+    """The embedded server runs with summarize_wal on (issue #16); a server without it."""
+    import psycopg
+
+    with psycopg.connect(servers.admin_url, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET summarize_wal = off")
+        conn.execute("SELECT pg_reload_conf()")
+    yield
+    with psycopg.connect(servers.admin_url, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM RESET summarize_wal")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def test_incremental_ticks_without_summaries_are_skipped(
+    sql, inproc_worker, storage_env, no_summaries
+) -> None:
     from workers.broker import broker
 
-    # The suite's server runs with summarize_wal off: no incremental is possible, and an
-    # hourly full base backup would be far too heavy: the tick does nothing, with a warning.
+    # A server with summarize_wal off: no incremental is possible, and an hourly full base
+    # backup would be far too heavy: the tick does nothing, with a warning.
     with structlog.testing.capture_logs() as logs:
         backups.backup_base.send(tick="2026-11-23T04:30:00+00:00", incremental=True)
         broker.join("backups", timeout=120_000)
