@@ -152,6 +152,35 @@ def test_the_forwarded_header_is_ignored_from_an_untrusted_peer(db: str) -> None
         parse_proxies("10.0.0.0/33")
 
 
+HOPS = st.sampled_from(["10.0.0.1", "10.9.9.9", "127.0.0.1", "198.51.100.7", "203.0.113.9", "x"])
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(peer=HOPS, header=st.lists(HOPS, max_size=8), split=st.booleans())
+def test_the_client_address_is_never_one_the_client_wrote_past_an_untrusted_hop(
+    peer: str, header: list[str], split: bool
+) -> None:
+    from web.auth import client_address, parse_proxies
+
+    proxies = parse_proxies("10.0.0.0/8,127.0.0.1")
+    values = [", ".join(header[:2]), ", ".join(header[2:])] if split else [", ".join(header)]
+    got = client_address(peer, values, proxies)
+    trusted = {"10.0.0.1", "10.9.9.9", "127.0.0.1"}
+    if peer not in trusted:
+        assert got == peer  # a client that is not our proxy is its own address
+        return
+    assert got == peer or got in header
+    # the answer is the rightmost hop that is not ours; hops left of it are never believed
+    chain = [peer, *reversed(header)]
+    for i, hop in enumerate(chain):
+        if hop not in trusted:
+            expected = hop if hop != "x" else chain[i - 1]
+            assert got == expected
+            break
+    else:
+        assert got == chain[-1]
+
+
 def test_login_limiter_pair_delay_address_cap_and_account_soft_limit(
     dash_settings: Settings,
 ) -> None:
