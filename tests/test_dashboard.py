@@ -152,6 +152,35 @@ def test_the_forwarded_header_is_ignored_from_an_untrusted_peer(db: str) -> None
         parse_proxies("10.0.0.0/33")
 
 
+HOPS = st.sampled_from(["10.0.0.1", "10.9.9.9", "127.0.0.1", "198.51.100.7", "203.0.113.9", "x"])
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(peer=HOPS, header=st.lists(HOPS, max_size=8), split=st.booleans())
+def test_the_client_address_is_never_one_the_client_wrote_past_an_untrusted_hop(
+    peer: str, header: list[str], split: bool
+) -> None:
+    from web.auth import client_address, parse_proxies
+
+    proxies = parse_proxies("10.0.0.0/8,127.0.0.1")
+    values = [", ".join(header[:2]), ", ".join(header[2:])] if split else [", ".join(header)]
+    got = client_address(peer, values, proxies)
+    trusted = {"10.0.0.1", "10.9.9.9", "127.0.0.1"}
+    if peer not in trusted:
+        assert got == peer  # a client that is not our proxy is its own address
+        return
+    assert got == peer or got in header
+    # the answer is the rightmost hop that is not ours; hops left of it are never believed
+    chain = [peer, *reversed(header)]
+    for i, hop in enumerate(chain):
+        if hop not in trusted:
+            expected = hop if hop != "x" else chain[i - 1]
+            assert got == expected
+            break
+    else:
+        assert got == chain[-1]
+
+
 def test_login_limiter_pair_delay_address_cap_and_account_soft_limit(
     dash_settings: Settings,
 ) -> None:
@@ -1407,3 +1436,63 @@ def test_back_up_now_and_verify_queue_the_backup_schedules(
     ]
     [row] = audit_rows(sql, f"dashboard.backup.{op}")
     assert row[0] == OPERATOR[0] and row[3] == schedule
+
+
+@pytest.mark.slow
+def test_a_pause_holds_through_sigkilled_worker_processes_and_loses_nothing(
+    db: str, sql: Any, redis_client: Any
+) -> None:
+    """Real worker processes (two replicas), SIGKILLed while holding a paused queue's message,
+    and a new one started: nothing runs until the resume, then the message runs once."""
+    import os
+    import signal
+    import subprocess
+
+    from core.proc import stop_process
+    from tests.conftest import start_cli
+    from tests.support import actors
+    from workers.broker import broker
+    from workers.pause import pause_queue, resume_queue
+
+    def start() -> subprocess.Popen[bytes]:
+        return start_cli(
+            "worker", "tests.support.actors", "--processes", "1", "--threads", "2",
+            "--queue", "tests", env=env,
+        )  # fmt: skip
+
+    def done() -> int:
+        return int(
+            sql.execute("SELECT count(*) FROM audit_logs WHERE entity_id = 'pz1'").fetchone()[0]
+        )
+
+    broker.flush_all()
+    env = dict(
+        os.environ,
+        TIDEMILL_HEARTBEAT_TIMEOUT_MS="2000",  # a killed worker's messages come back fast
+        TIDEMILL_REDIS_MAINTENANCE_CHANCE="1000000",
+    )
+    client = support.redis_broker.client
+    assert pause_queue(client, "tests", by="test")
+    actors.write_row.send("pz1")
+    workers = [start(), start()]
+    try:
+        # a worker fetched it and put it back to the delayed set, unrun
+        assert wait_for(lambda: client.hlen("dramatiq:tests.DQ.msgs") >= 1, timeout=90)
+        time.sleep(7)  # past a recheck: it came back and was held again
+        assert done() == 0
+    finally:
+        for w in workers:
+            stop_process(w, sig=signal.SIGKILL, group=True)
+    replacement = start()
+    try:
+        time.sleep(8)  # the killed workers' held messages are requeued; still paused
+        assert done() == 0
+        assert resume_queue(client, "tests")
+        assert wait_for(lambda: done() == 1, timeout=90)
+        assert wait_for(
+            lambda: client.hlen("dramatiq:tests.msgs") + client.hlen("dramatiq:tests.DQ.msgs") == 0,
+            timeout=60,
+        )
+    finally:
+        stop_process(replacement, sig=signal.SIGTERM, group=True)
+    assert done() == 1

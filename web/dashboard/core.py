@@ -43,6 +43,20 @@ STORE_ERRORS = (
 )
 MAX_FORM_BYTES = 64 * 1024
 REFRESH_S = 10
+FLASH = {
+    "retried": "Retried {n} dead letter(s): back on their queue.",
+    "deleted": "Deleted {n} dead letter(s).",
+    "gone": "Nothing done: the dead letter is no longer there (retried or deleted meanwhile).",
+    "bulk_expired": "That selection expired; select again.",
+    "paused": "Schedule paused.",
+    "resumed": "Schedule resumed.",
+    "triggered": "Schedule triggered (manual tick queued).",
+    "unknown_schedule": "No such schedule.",
+    "replay_queued": "Replay queued: a payments worker will process the event shortly.",
+    "already_applied": "Nothing to replay: the event is already {status}.",
+    "unknown_event": "No such webhook event.",
+}
+
 # an unauthenticated refusal (CSRF on the sign-in form, a held sign-in) is audited at most
 # once per address and reason in this many seconds: a flood of POSTs cannot flood the table
 AUDIT_THROTTLE_S = 10
@@ -159,6 +173,11 @@ class DashboardBase:
 
     def flash(self, session: auth.Session, message: str) -> None:
         self.sessions.flash(session, message)
+
+    def done(self, session: auth.Session, url: str, code: str, **fmt: Any) -> RedirectResponse:
+        """Flash FLASH[code] to this session and send the browser to `url`."""
+        self.flash(session, FLASH[code].format(**fmt))
+        return RedirectResponse(url, status_code=303)
 
     def render(
         self,
