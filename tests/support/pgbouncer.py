@@ -85,6 +85,14 @@ class PgBouncer:
                     # psycopg sends no startup options on pooled URLs; other clients (e.g.
                     # psql's extra_float_digits) are tolerated.
                     "ignore_startup_parameters = extra_float_digits",
+                    # As deploy/pgbouncer/pgbouncer.ini: a client on a vanished host is noticed
+                    # within about a minute, which ends its transaction and frees its row locks
+                    # (the server-side keepalives of db.engine.KEEPALIVES now reach only
+                    # PgBouncer, so PgBouncer must do this for its clients).
+                    "tcp_keepalive = 1",
+                    "tcp_keepidle = 30",
+                    "tcp_keepintvl = 10",
+                    "tcp_keepcnt = 3",
                     "server_check_delay = 0",
                     "server_login_retry = 1",
                     f"logfile = {self.root / 'pgbouncer.log'}",
