@@ -280,3 +280,65 @@ def run_scenario(net: Network, sql: Any, redis_client: Any, actors: Any, tmp_pat
     figures["h0_in_flight_at_cut"] = len(in_flight)
     print(f"\nmany hosts: {figures}")
     (tmp_path / "figures.txt").write_text(repr(figures))
+
+
+def test_a_cut_off_host_loses_its_open_transaction_and_row_locks(
+    servers, db, sql, redis_client
+) -> None:
+    """Through PgBouncer, Postgres's own keepalives watch PgBouncer, not the vanished client:
+    PgBouncer's client keepalives must end the transaction (here shortened to ~4 s)."""
+    reason = _can_admin_network()
+    if reason:
+        pytest.skip(reason)
+    from tests.support.pgbouncer import PgBouncer
+
+    sql.execute("CREATE TABLE host_locks (id int PRIMARY KEY, v int NOT NULL)")
+    sql.execute("INSERT INTO host_locks VALUES (1, 0)")
+    holder: subprocess.Popen[str] | None = None
+    with network(1) as net:
+        bouncer = PgBouncer(
+            servers.root,
+            server_host="127.0.0.1",
+            server_port=servers.pg.port,
+            listen_addr=BRIDGE_ADDR,
+            keepalive=(2, 1, 2),
+        )
+        try:
+            bouncer.start()
+            # Given a client on the host that locked a row and went quiet inside its transaction
+            script = (
+                "import sys, time, psycopg\n"
+                "conn = psycopg.connect(sys.argv[1])\n"
+                "conn.execute('SELECT v FROM host_locks WHERE id = 1 FOR UPDATE')\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(300)\n"
+            )
+            holder = subprocess.Popen(
+                ["ip", "netns", "exec", net.namespaces[0], sys.executable, "-c", script,
+                 bouncer.url("tidemill_test")],
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )  # fmt: skip
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+            sql.execute("SET lock_timeout = '500ms'")
+            with pytest.raises(Exception, match="lock timeout"):  # the control: it is held
+                sql.execute("UPDATE host_locks SET v = 1 WHERE id = 1")
+            # When its link goes down
+            net.cut(0)
+            cut_at = time.monotonic()
+
+            def updated() -> bool:
+                try:
+                    sql.execute("UPDATE host_locks SET v = 2 WHERE id = 1")
+                    return True
+                except Exception:
+                    return False
+
+            # Then PgBouncer gives up on it, its server connection closes, and the lock is free
+            assert wait_until(updated, timeout=60, interval=0.5), "the row stayed locked"
+            print(f"\nrow lock of a cut-off client freed after {time.monotonic() - cut_at:.1f} s")
+        finally:
+            if holder is not None and holder.poll() is None:
+                stop_process(holder, sig=signal.SIGKILL, group=True)  # type: ignore[arg-type]
+            bouncer.stop()

@@ -140,3 +140,28 @@ def test_direct_url_falls_back_to_database_url() -> None:
     )
     with pytest.raises(SettingsError, match="DATABASE_DIRECT_URL"):
         Settings.from_env({"DATABASE_DIRECT_URL": "mysql://u@db/x"})
+
+
+def test_the_leader_lock_needs_the_direct_url(servers, db) -> None:
+    from schedules.leader import LeaderLock
+
+    settings = get_settings()
+    # The control: through the pooler, a session lock stays with a server connection that
+    # the next client is handed, and advisory locks are re-entrant for their session, so two
+    # "replicas" both become leader (and both fences name the same backend)
+    pooled_locks = [
+        LeaderLock(settings.database_url or "", key=4242, identity=f"p{i}") for i in range(2)
+    ]
+    try:
+        assert [lock.try_acquire() for lock in pooled_locks] == [True, True]
+    finally:
+        for lock in pooled_locks:
+            lock.release()
+    # The scheduler's way (schedules/scheduler.py): the direct URL, one leader
+    direct_locks = [LeaderLock(direct_url(settings), key=4243, identity=f"d{i}") for i in range(2)]
+    try:
+        assert [lock.try_acquire() for lock in direct_locks] == [True, False]
+        assert direct_locks[0].check()
+    finally:
+        for lock in direct_locks:
+            lock.release()

@@ -106,6 +106,12 @@ def run_handover(sql, tmp_path: Path, *, retry_s: float, way: str) -> None:
         for proc, _ in procs.values():
             with contextlib.suppress(ProcessLookupError):
                 signal_group(proc.pid, signal.SIGCONT)
+        # Stop both at once: one after the other, the replica still running takes the lock the
+        # first one released on exit and fires a tick before its own stop (seen through
+        # PgBouncer, where an exit took 2 s), which the assertions below count as a double.
+        for proc, _ in procs.values():
+            signal_group(proc.pid, signal.SIGTERM)
+        for proc, _ in procs.values():
             stop_process(proc, sig=signal.SIGTERM, group=True)
 
     old = [r for r in rows if r[3].endswith(f":{first_pid}")]

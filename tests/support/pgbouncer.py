@@ -39,6 +39,7 @@ class PgBouncer:
         port: int | None = None,
         pool_size: int = 20,
         pool_mode: str = "transaction",
+        keepalive: tuple[int, int, int] = (30, 10, 3),
     ) -> None:
         self.server_host = server_host
         self.server_port = server_port
@@ -49,6 +50,7 @@ class PgBouncer:
         # "session": one server connection per client for as long as it stays connected, a
         # direct URL for clients that can reach only this address (LISTEN, session locks).
         self.pool_mode = pool_mode
+        self.keepalive = keepalive  # idle s, interval s, probes
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, database: str) -> str:
@@ -85,6 +87,14 @@ class PgBouncer:
                     # psycopg sends no startup options on pooled URLs; other clients (e.g.
                     # psql's extra_float_digits) are tolerated.
                     "ignore_startup_parameters = extra_float_digits",
+                    # As deploy/pgbouncer/pgbouncer.ini: a client on a vanished host is noticed
+                    # within about a minute, which ends its transaction and frees its row locks
+                    # (the server-side keepalives of db.engine.KEEPALIVES now reach only
+                    # PgBouncer, so PgBouncer must do this for its clients).
+                    "tcp_keepalive = 1",
+                    f"tcp_keepidle = {self.keepalive[0]}",
+                    f"tcp_keepintvl = {self.keepalive[1]}",
+                    f"tcp_keepcnt = {self.keepalive[2]}",
                     "server_check_delay = 0",
                     "server_login_retry = 1",
                     f"logfile = {self.root / 'pgbouncer.log'}",
