@@ -29,8 +29,9 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "policies"
 # delete / expire: batch-delete old rows (expire is for rows whose life ended: tokens, codes);
 # archive: stream rows to object storage, delete them once stored and verified;
 # erase-users: GDPR hard delete of users soft-deleted longer than the age;
-# partitions: create future monthly partitions of a partitioned table.
-ACTIONS = ("delete", "expire", "archive", "erase-users", "partitions")
+# partitions: create future monthly partitions of a partitioned table;
+# expire-exports: GDPR exports past their download window leave storage and the catalogue.
+ACTIONS = ("delete", "expire", "archive", "erase-users", "partitions", "expire-exports")
 FORMATS = ("csv", "jsonl")
 MISFIRES = ("once", "skip")
 STORAGE_CLASSES = (
@@ -167,6 +168,8 @@ def _policy(raw: Mapping[str, Any], where: str) -> Policy:
         kwargs.update(age_column=age_column, key_column=key_column)
     if action == "erase-users" and table != "users":
         raise PolicyError(f"{where}: erase-users works on table 'users', not {table!r}")
+    if action == "expire-exports" and table != "gdpr_exports":
+        raise PolicyError(f"{where}: expire-exports works on table 'gdpr_exports', not {table!r}")
     schedule = need("schedule", str)
     tz = raw.get("timezone", "UTC")
     try:
