@@ -168,7 +168,13 @@ def _logical_restore(
         target = _scratch_url(database_url, scratch)
         result.restore_seconds = restore_logical(storage, entry, target)
         with psycopg.connect(target, autocommit=True) as conn:
-            return count_rows(conn)
+            counts = count_rows(conn)
+        # GDPR (#15): the erasures recorded since the backup, as on every restore; after the
+        # count, so the count still checks the backup against its manifest.
+        from pipelines.gdpr import reapply_erasures
+
+        reapply_erasures(target, since=entry.started_at, storage=storage)
+        return counts
     finally:
         with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
             conn.execute(

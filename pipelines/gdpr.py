@@ -517,9 +517,10 @@ def _glob_escape(value: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in value)
 
 
-# tidemill's own Redis namespaces whose values may carry a user (dashboard selections of dead
-# letters, per-day dead-letter error texts): entries that mention the user are removed.
-OWN_NAMESPACES = ("tidemill:*", "dramatiq:*.errors*", "dramatiq:*:errors*")
+# tidemill's own Redis namespace, whose values may carry a user (dashboard selections of dead
+# letters, per-day dead-letter error texts, workers/stats.py): entries that mention the user
+# are removed. dramatiq's own keys are handled message by message (_drop_dramatiq_messages).
+OWN_NAMESPACES = ("tidemill:*",)
 
 
 def _drop_redis_keys(user: dict[str, Any], settings: Settings) -> int:
