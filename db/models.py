@@ -485,6 +485,8 @@ class Outbox(Base):
     __tablename__ = "outbox"
     __table_args__ = (
         Index("ix_outbox_pending", "id", postgresql_where=text("dispatched_at IS NULL")),
+        # issue #20: the outbox-prune policy's keyset order
+        Index("ix_outbox_dispatched_at_id", "dispatched_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

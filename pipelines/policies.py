@@ -67,6 +67,11 @@ _KNOWN_KEYS = {
 }
 
 
+# Stripe retries an undelivered event for up to 3 days; a day more for clocks and backlogs.
+WEBHOOK_DEDUP_MIN = timedelta(days=4)
+_REFERENCE = datetime(2001, 1, 31, tzinfo=zoneinfo.ZoneInfo("UTC"))  # any fixed instant
+
+
 class PolicyError(ValueError):
     """A policy file or policy that cannot be used; the message names the file and policy."""
 
@@ -168,6 +173,17 @@ def _policy(raw: Mapping[str, Any], where: str) -> Policy:
         kwargs.update(age_column=age_column, key_column=key_column)
     if action == "erase-users" and table != "users":
         raise PolicyError(f"{where}: erase-users works on table 'users', not {table!r}")
+    if (
+        table == "webhook_events"
+        and action in ("delete", "expire", "archive")
+        and kwargs["age"].cutoff(_REFERENCE) > _REFERENCE - WEBHOOK_DEDUP_MIN
+    ):
+        # The event-id dedup is the row itself: an event gone from webhook_events before
+        # Stripe stops retrying it would be accepted and applied again.
+        raise PolicyError(
+            f"{where}: webhook_events rows must be kept at least {WEBHOOK_DEDUP_MIN.days} days "
+            "(Stripe retries an event for up to 3 days; the event-id dedup needs the row)"
+        )
     if action == "expire-exports" and table != "gdpr_exports":
         raise PolicyError(f"{where}: expire-exports works on table 'gdpr_exports', not {table!r}")
     schedule = need("schedule", str)

@@ -86,9 +86,13 @@ def _mentions(text: str, needles: list[str]) -> bool:
     return any(n in low for n in needles)
 
 
-def _scrub(value: Any, needles: list[str]) -> Any:
+def _scrub(value: Any, needles: list[str], customer: bool = False) -> Any:
     if isinstance(value, dict):
-        is_customer = value.get("object") == "customer"
+        is_customer = customer or value.get("object") == "customer"
+        # An event's data: previous_attributes hold old values of data.object's fields, so a
+        # Customer's old name or address is as personal as its new one.
+        inner = value.get("object")
+        previous_of_customer = isinstance(inner, dict) and inner.get("object") == "customer"
         out: dict[str, Any] = {}
         for key, item in value.items():
             if (
@@ -98,10 +102,13 @@ def _scrub(value: Any, needles: list[str]) -> Any:
             ):
                 out[key] = None
             else:
-                out[key] = _scrub(item, needles)
+                nested = is_customer and key in ("shipping",)
+                if key == "previous_attributes" and previous_of_customer:
+                    nested = True
+                out[key] = _scrub(item, needles, nested)
         return out
     if isinstance(value, list):
-        return [_scrub(item, needles) for item in value]
+        return [_scrub(item, needles, customer) for item in value]
     if isinstance(value, str) and needles and _mentions(value, needles):
         return None
     return value

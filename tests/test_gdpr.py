@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.storage import open_storage
 from pipelines.engine import run_pipeline
@@ -844,3 +846,158 @@ def test_exports_expire_after_their_window_and_go_with_the_erase(
     assert erase(b["id"], by="test").exports_deleted == 1
     assert not storage.exists(second.key)
     assert sql.execute("SELECT count(*) FROM gdpr_exports").fetchone()[0] == 0
+
+
+def test_erase_scrubs_stripe_payloads_live_and_archived_keeping_the_ledger_ids(
+    sql, redis_client, file_storage
+) -> None:
+    """Personal data where Stripe puts it (billing_details, receipt_email, shipping,
+    customer_details, customer_email/name/phone/address, the Customer object and its
+    previous_attributes) leaves stored events and their archives; ids and amounts stay."""
+    from tests.support.lifecycle import scan_storage, stored_texts
+
+    p = _person(sql, redis_client, deleted_days_ago=31)
+    tag_old, tag_new = uuid.uuid4().hex[:6], uuid.uuid4().hex[:6]
+    old_ids = _add_stripe_events(sql, p, days_ago=40, tag=tag_old)
+    new_ids = _add_stripe_events(sql, p, days_ago=1, tag=tag_new)
+    # and someone else's event, which must stay as it was
+    bystander = {
+        "id": "evt_other",
+        "data": {"object": {"id": "ch_other", "receipt_email": "someone@example.net"}},
+    }
+    sql.execute(
+        "INSERT INTO webhook_events (id, type, created, livemode, payload, status) "
+        "VALUES ('evt_other', 'charge.succeeded', now(), false, %s, 'processed')",
+        (json.dumps(bystander),),
+    )
+    assert run_pipeline("webhook-events-archive").stats.rows_affected == len(old_ids)
+    street = f"{tag_new} Quartermain Lane 42"
+    needles = [
+        p["email"],
+        p["phone"],
+        p["full_name"],
+        p["username"],
+        street,
+        f"{tag_old} Quartermain Lane 42",
+    ]
+    assert scan_storage(file_storage, needles)  # the archive holds them before the erase
+
+    result = erase(p["id"], by="test")
+
+    assert result.counts["webhook_events:scrubbed"] == len(new_ids) + 1  # + _person's own
+    assert result.archives_rewritten == 1
+    payloads = {
+        r[0]: r[1] for r in sql.execute("SELECT id, payload FROM webhook_events").fetchall()
+    }
+    assert payloads["evt_other"] == bystander
+    charge = payloads[f"evt_ch_{tag_new}"]["data"]["object"]
+    assert charge["billing_details"] is None and charge["receipt_email"] is None
+    assert charge["shipping"] is None
+    # the ledger's ids and amounts are kept
+    assert (charge["id"], charge["payment_intent"], charge["amount"]) == (
+        f"ch_{tag_new}",
+        f"pi_{tag_new}",
+        2500,
+    )
+    session = payloads[f"evt_cs_{tag_new}"]["data"]["object"]
+    assert session["customer_details"] is None and session["customer_email"] is None
+    assert session["collected_information"] is None and session["id"] == f"cs_{tag_new}"
+    invoice = payloads[f"evt_in_{tag_new}"]["data"]["object"]
+    assert [
+        invoice[k]
+        for k in (
+            "customer_email",
+            "customer_name",
+            "customer_phone",
+            "customer_address",
+            "customer_shipping",
+        )
+    ] == [None] * 5
+    assert invoice["charge"] == f"ch_{tag_new}"
+    customer = payloads[f"evt_cu_{tag_new}"]["data"]
+    assert [customer["object"][k] for k in ("email", "name", "phone", "address")] == [None] * 4
+    assert customer["previous_attributes"] == {"email": None, "address": None}
+    # nothing of the person is left in the table or in any stored object
+    assert _scan_postgres(sql, needles) == []
+    assert scan_storage(file_storage, needles) == []
+    # and the archived events are all still there, with their ids
+    archived = [
+        json.loads(line)
+        for key, data in stored_texts(file_storage).items()
+        if key.startswith("webhook_events/")
+        for line in data.decode().splitlines()
+    ]
+    assert sorted(e["id"] for e in archived) == sorted(old_ids)
+    old_charge = next(e for e in archived if e["id"] == f"evt_ch_{tag_old}")
+    assert old_charge["payload"]["data"]["object"]["payment_intent"] == f"pi_{tag_old}"
+    assert old_charge["payload"]["data"]["object"]["billing_details"] is None
+
+
+_json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.sampled_from(["ch_1", "pi_2", "eur", "x"])
+)
+_keys = st.sampled_from(
+    [
+        "id",
+        "object",
+        "data",
+        "metadata",
+        "description",
+        "name",
+        "email",
+        "billing_details",
+        "items",
+        "note",
+        "customer",
+        "previous_attributes",
+        "address",
+    ]
+)
+
+
+@given(
+    doc=st.recursive(
+        _json_leaf,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=4), st.dictionaries(_keys, inner, max_size=5)
+        ),
+        max_leaves=25,
+    ),
+    spots=st.lists(st.integers(min_value=0, max_value=30), max_size=4),
+)
+@settings(max_examples=200, deadline=None)
+def test_scrubbed_payloads_hold_no_identifier_wherever_it_was_put(
+    doc: Any, spots: list[int]
+) -> None:
+    """Identifiers planted anywhere in any JSON shape (inside ids, metadata, lists, free
+    text, mixed case) never survive scrub_stripe; strings without them are kept."""
+    from pipelines.scrub import scrub_stripe
+
+    needles = ["zelda@example.org", "Zelda Quartermain", "+491500099"]
+    leaves: list[tuple[Any, Any]] = []
+
+    def collect(node: Any) -> None:
+        items = (
+            node.items()
+            if isinstance(node, dict)
+            else enumerate(node)
+            if isinstance(node, list)
+            else []
+        )
+        for k, v in list(items):
+            if isinstance(v, (dict, list)):
+                collect(v)
+            else:
+                leaves.append((node, k))
+
+    collect(doc)
+    for i, spot in enumerate(spots):
+        if leaves:
+            node, k = leaves[spot % len(leaves)]
+            node[k] = f"note {needles[i % 3].upper() if i % 2 else needles[i % 3]} end"
+    scrubbed = scrub_stripe(doc, needles)
+    out = json.dumps(scrubbed).lower()
+    assert not any(n.lower() in out for n in needles)
+    # ids the ledger needs are kept: an "id" without an identifier in it is untouched
+    if isinstance(doc, dict) and isinstance(doc.get("id"), str) and "note" not in doc["id"]:
+        assert scrubbed["id"] == doc["id"]

@@ -89,8 +89,12 @@ def upgrade() -> None:
         op.f("ix_gdpr_exports_expires_at"), "gdpr_exports", ["expires_at"], unique=False
     )
 
+    # issue #20: the outbox-prune policy walks relayed rows in (dispatched_at, id) order.
+    op.create_index("ix_outbox_dispatched_at_id", "outbox", ["dispatched_at", "id"], unique=False)
+
 
 def downgrade() -> None:
+    op.drop_index("ix_outbox_dispatched_at_id", table_name="outbox")
     op.drop_table("gdpr_exports")
     op.drop_table("archive_superseded")
     op.drop_table("archive_subjects")
