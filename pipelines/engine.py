@@ -96,6 +96,10 @@ def _recover(meta: psycopg.Connection[Any], policy: Policy, settings: Settings) 
         ).fetchall()
         for (run_id,) in unfinished:
             write_manifest(meta, settings, policy, run_id)
+        # Old objects an erase replaced but could not delete yet (a crash in between).
+        from core.storage import open_storage
+
+        archive.sweep_superseded(meta, open_storage(settings=settings))
     return ids
 
 

@@ -83,7 +83,7 @@ def _arrange(sql: Any, name: str, cutoff: datetime) -> tuple[str, set[str], set[
             _event(sql, old, "received"),  # not processed yet
         }
         return "webhook_events", go, stay
-    if name == "outbox-prune":
+    if name == "outbox-relayed-prune":
         go = {_outbox(sql, old), _outbox(sql, old)}
         stay = {_outbox(sql, young), _outbox(sql, None), _outbox(sql, old, "unknown actor")}
         return "outbox", go, stay
@@ -106,7 +106,7 @@ def _arrange(sql: Any, name: str, cutoff: datetime) -> tuple[str, set[str], set[
 
 OWN = [
     "webhook-events-archive",
-    "outbox-prune",
+    "outbox-relayed-prune",
     "schedule-ticks-prune",
     "pipeline-runs-prune",
     "email-deliveries-prune",
@@ -140,7 +140,7 @@ def test_the_default_horizons_are_documented_and_outlast_stripes_retries() -> No
     events = get_policy("webhook-events-archive")
     # Stripe retries for up to 3 days: the dedup window (the row's life) is far longer
     assert events.cutoff(NOW) <= NOW - timedelta(days=30)
-    assert get_policy("outbox-prune").cutoff(NOW) == NOW - timedelta(hours=1)
+    assert get_policy("outbox-relayed-prune").cutoff(NOW) == NOW - timedelta(hours=1)
 
 
 @pytest.mark.parametrize("age", ["1 day", "3 days", "72 hours", "4319 minutes"])
