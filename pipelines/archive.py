@@ -531,6 +531,7 @@ def restore_object(
             # Rows of users erased since the archive was written come back as the erase left
             # the live tables: deleted, detached (legal hold) or anonymized.
             erased = erase_erased_users(conn, sql.Identifier("restore_rows"), table)
+            _detach_from_deleted_parents(conn, sql.Identifier("restore_rows"), table)
             col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
             inserted = conn.execute(
                 sql.SQL(
@@ -598,6 +599,23 @@ def load_object(
     return read, hashed.hash.hexdigest(), cols
 
 
+def _detach_from_deleted_parents(conn: Any, relation: sql.Composable, table: str) -> int:
+    """References whose parent row is gone, on ``ON DELETE SET NULL`` foreign keys: NULL, as
+    the live row got when the parent was deleted (an erased user's moment, say)."""
+    total = 0
+    for fk in scrub.foreign_keys(conn):
+        if fk.child != table or fk.on_delete not in ("n", "d") or len(fk.child_cols) != 1:
+            continue
+        col, pcol = sql.Identifier(fk.child_cols[0]), sql.Identifier(fk.parent_cols[0])
+        total += conn.execute(
+            sql.SQL(
+                "UPDATE {r} SET {c} = NULL WHERE {c} IS NOT NULL AND NOT EXISTS "
+                "(SELECT 1 FROM {p} WHERE {p}.{pc} = {r}.{c})"
+            ).format(r=relation, c=col, p=sql.Identifier("public", fk.parent), pc=pcol)
+        ).rowcount
+    return total
+
+
 def erase_erased_users(conn: Any, relation: sql.Composable, table: str) -> int:
     """Apply recorded erasures (``erasures``) to rows in ``relation`` that reference an erased
     user through a foreign key; returns how many rows were deleted, detached or anonymized."""
@@ -605,6 +623,8 @@ def erase_erased_users(conn: Any, relation: sql.Composable, table: str) -> int:
     cols = scrub.user_columns(fks, table)
     if not cols:
         return 0
+    if table == "messages":
+        scrub.ensure_tombstone(conn)  # rewritten archives sign anonymized messages with it
     found = sql.SQL(" UNION ").join(
         sql.SQL("SELECT DISTINCT {c} AS uid FROM {r} WHERE {c} IS NOT NULL").format(
             c=sql.Identifier(c), r=relation

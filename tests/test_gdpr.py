@@ -604,16 +604,21 @@ def _old_rows(sql, p: dict[str, Any]) -> None:
     add_messages(
         sql, conversation=conv, sender=p["other"], n=3, start=NOW - 3 * YEARS, content="hello"
     )
+    # the user's old payment was for their own moment, which the erase deletes: a restored
+    # copy must not point at it (ON DELETE SET NULL, as the live row)
+    moment = sql.execute("SELECT id FROM moments WHERE user_id = %s", (p["id"],)).fetchone()[0]
     for who, text in ((p["id"], f"Payment by {p['full_name']}"), (p["other"], "other pays")):
         sql.execute(
             "INSERT INTO transactions (user_id, type, amount, description, metadata, "
-            "stripe_payment_intent_id, created_at) VALUES (%s, 'payment', 40, %s, %s, %s, %s)",
+            "stripe_payment_intent_id, created_at, moment_id) "
+            "VALUES (%s, 'payment', 40, %s, %s, %s, %s, %s)",
             (
                 who,
                 text,
                 json.dumps({"email": p["email"] if who == p["id"] else "x"}),
                 f"pi_old_{uuid.uuid4().hex[:8]}",
                 NOW - 8 * YEARS,
+                moment,
             ),
         )
     sql.execute(
