@@ -891,8 +891,15 @@ def run_expire_exports(ctx: RunContext) -> ExpirePlan:
                 break
             for _export_id, key in rows:
                 ctx.storage.delete(key)
+            # The compliance trail (SaltBitter) records the deletion with the export it names.
             conn.execute(
-                "DELETE FROM gdpr_exports WHERE export_id = ANY(%s)", ([r[0] for r in rows],)
+                "WITH gone AS (DELETE FROM gdpr_exports WHERE export_id = ANY(%s) "
+                "RETURNING user_id, export_id) "
+                "INSERT INTO compliance_logs (user_id, subject_ref, action_type, metadata) "
+                "SELECT user_id, 'export:' || export_id, 'data_export_deleted', "
+                "jsonb_build_object('reason', 'download window ended', 'by', %s::text) "
+                "FROM gone",
+                ([r[0] for r in rows], ctx.by or f"pipeline:{ctx.policy.name}"),
             )
         ctx.advance(scanned=len(rows), affected=len(rows), objects=len(rows))
     return plan

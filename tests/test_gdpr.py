@@ -843,6 +843,10 @@ def test_exports_expire_after_their_window_and_go_with_the_erase(
     late = run_pipeline("gdpr-exports-expire", now=first.expires_at + timedelta(minutes=1))
     assert late.stats.rows_affected == 1
     assert not storage.exists(first.key) and storage.exists(second.key)
+    assert sql.execute(
+        "SELECT user_id::text, subject_ref FROM compliance_logs "
+        "WHERE action_type = 'data_export_deleted'"
+    ).fetchall() == [(a["id"], f"export:{first.export_id}")]
     assert sql.execute("SELECT count(*) FROM gdpr_exports").fetchone()[0] == 1
     # the other export goes with its user's erase, before its window ends
     sql.execute(
