@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import IO, Any
 
+import psycopg
 import zstandard
 from psycopg import sql
 
@@ -521,7 +522,9 @@ def restore_object(
             raise ArchiveError(f"table {table!r} does not exist")
         target = sql.Identifier("public", table)
         with conn.transaction():
-            read, digest, cols = load_object(conn, storage, key, fmt, table, "restore_rows")
+            read, digest, cols = load_object(
+                conn, storage, key, fmt, table, "restore_rows", expected=expected
+            )
             if expected is not None and digest != expected:
                 log.error("archive_restore_checksum_mismatch", key=key, source=source)
                 raise ArchiveError(
@@ -551,11 +554,22 @@ def restore_object(
 
 
 def load_object(
-    conn: Any, storage: Any, key: str, fmt: str, table: str, temp: str
+    conn: Any,
+    storage: Any,
+    key: str,
+    fmt: str,
+    table: str,
+    temp: str,
+    *,
+    expected: str | None = None,
 ) -> tuple[int, str, list[str]]:
     """Load an archived object's rows into a new temp table ``temp`` shaped like the live
     ``table`` (dropped at commit). Returns (rows read, sha256 of the stored bytes, the
-    object's columns). The whole object is read, so the digest covers all of it."""
+    object's columns). The whole object is read, so the digest covers all of it.
+
+    A damaged object may fail to decompress or to parse before its digest can be compared:
+    then the rest is read to finish the digest, and a digest that differs from ``expected``
+    raises ArchiveError (damaged) rather than the parse error it caused."""
     target = sql.Identifier("public", table)
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
@@ -564,39 +578,51 @@ def load_object(
     )
     with storage.open(key) as raw:
         hashed = _Verify(raw)
-        data = _decompressed(hashed)  # type: ignore[arg-type]
-        cur = conn.cursor()
-        if fmt == "csv":
-            header = data.readline()
-            cols = next(iter(_csv_rows(header)))
-            col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
-            with cur.copy(
-                sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
-                    sql.Identifier(temp), col_ids
-                )
-            ) as copy:
-                for chunk in _chunks(data):
-                    copy.write(chunk)
-            read = cur.rowcount
-        else:
-            docs = sql.Identifier(f"{temp}_docs")
-            conn.execute(sql.SQL("CREATE TEMP TABLE {} (doc jsonb) ON COMMIT DROP").format(docs))
-            with cur.copy(
-                sql.SQL("COPY {} (doc) FROM STDIN ({})").format(docs, sql.SQL(_JSONL_COPY))
-            ) as copy:
-                for chunk in _chunks(data):
-                    copy.write(chunk)
-            read = cur.rowcount
-            conn.execute(
-                sql.SQL(
-                    "INSERT INTO {tmp} SELECT r.* FROM {d}, "
-                    "jsonb_populate_record(NULL::{t}, {d}.doc) r"
-                ).format(tmp=sql.Identifier(temp), d=docs, t=target)
-            )
-            cols = [c["name"] for c in columns(conn, table)]
+        try:
+            read, cols = _copy_in(conn, hashed, fmt, table, temp)
+        except (psycopg.Error, zstandard.ZstdError, UnicodeDecodeError, ValueError) as exc:
+            while hashed.read(1 << 20):
+                pass
+            digest = hashed.hash.hexdigest()
+            if expected is not None and digest != expected:
+                raise ArchiveError(
+                    f"{key}: sha256 {digest} differs from the recorded {expected}; the object "
+                    f"is damaged ({type(exc).__name__} while reading it)"
+                ) from None
+            raise
         while hashed.read(1 << 20):  # to the end, so the hash covers the whole object
             pass
     return read, hashed.hash.hexdigest(), cols
+
+
+def _copy_in(conn: Any, hashed: _Verify, fmt: str, table: str, temp: str) -> tuple[int, list[str]]:
+    target = sql.Identifier("public", table)
+    data = _decompressed(hashed)  # type: ignore[arg-type]
+    cur = conn.cursor()
+    if fmt == "csv":
+        header = data.readline()
+        cols = next(iter(_csv_rows(header)))
+        col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
+        with cur.copy(
+            sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(sql.Identifier(temp), col_ids)
+        ) as copy:
+            for chunk in _chunks(data):
+                copy.write(chunk)
+        return cur.rowcount, cols
+    docs = sql.Identifier(f"{temp}_docs")
+    conn.execute(sql.SQL("CREATE TEMP TABLE {} (doc jsonb) ON COMMIT DROP").format(docs))
+    with cur.copy(
+        sql.SQL("COPY {} (doc) FROM STDIN ({})").format(docs, sql.SQL(_JSONL_COPY))
+    ) as copy:
+        for chunk in _chunks(data):
+            copy.write(chunk)
+    read = cur.rowcount
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {tmp} SELECT r.* FROM {d}, jsonb_populate_record(NULL::{t}, {d}.doc) r"
+        ).format(tmp=sql.Identifier(temp), d=docs, t=target)
+    )
+    return read, [c["name"] for c in columns(conn, table)]
 
 
 def _detach_from_deleted_parents(conn: Any, relation: sql.Composable, table: str) -> int:
@@ -724,7 +750,9 @@ def rewrite_for_erasure(
     ):
         new_key = _erased_key(key, fmt, tag)
         with conn.transaction():
-            read, digest, cols = load_object(conn, storage, key, fmt, table, "erase_rows")
+            read, digest, cols = load_object(
+                conn, storage, key, fmt, table, "erase_rows", expected=sha
+            )
             if digest != sha:
                 raise ArchiveError(
                     f"{key}: sha256 {digest} differs from the catalogue's {sha}; the object "
