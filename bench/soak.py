@@ -265,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     for mark in MARKS_MIN:
         if samples[-1]["minute"] + 0.5 >= mark:
             marks.append(min(samples, key=lambda s: abs(s["minute"] - mark)))
-    if not marks:
-        marks = [samples[-1]]
+    if not marks or marks[-1] is not samples[-1]:
+        marks.append(samples[-1])  # and where the run ended
     print("\nat minute " + ", ".join(f"{s['minute']:.0f}" for s in marks))
     for name in samples[-1]["rss_mb"]:
         print(f"  rss {name:<20}" + "".join(f"{s['rss_mb'].get(name, 0):>10.1f}" for s in marks))
