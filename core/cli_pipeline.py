@@ -92,6 +92,7 @@ def run_command(
     batch_size: Annotated[
         int | None, typer.Option(help="override the policy's batch size", min=1)
     ] = None,
+    by: ByOpt = None,
 ) -> None:
     """Run one pipeline now, with a progress bar; --dry-run prints what it would do."""
     import dataclasses
@@ -128,7 +129,12 @@ def run_command(
 
         try:
             result = run_pipeline(
-                name, settings=settings, dry_run=dry_run, progress=progress, policy=policy
+                name,
+                settings=settings,
+                dry_run=dry_run,
+                progress=progress,
+                policy=policy,
+                by=_by(by),
             )
         except PipelineBusy as exc:
             fail(str(exc), code=3)
@@ -141,7 +147,7 @@ def run_command(
     plan = result.plan
     lines = plan.lines() if hasattr(plan, "lines") else [str(line) for line in (plan or [])]
     if dry_run:
-        print(f"dry run of {name} (run {result.run_id}): nothing changed")
+        print(f"dry run of {name}: nothing changed")
         for line in lines:
             print(f"  {line}")
         return
@@ -242,12 +248,14 @@ def archive_restore(
             help="restore even without a recorded sha256 (catalogue or run manifest) to check",
         ),
     ] = False,
+    by: ByOpt = None,
 ) -> None:
     """Load archived rows back into a table; rows already present are skipped.
 
     Each object's sha256 is checked against the archive_objects catalogue or, in a database
     that has no row for it, against its run manifest in storage; with neither it is refused
-    unless --no-verify."""
+    unless --no-verify. Rows of users erased since come back as the erase left them
+    (deleted, detached or anonymized); the count is printed."""
     from core.storage import StorageError, open_storage
     from pipelines.archive import ArchiveError, manifest_objects, objects_of_run, restore_object
     from pipelines.engine import connect
@@ -270,7 +278,7 @@ def archive_restore(
         wanted += of_run
     if not wanted:
         fail("name at least one KEY or --run ID")
-    total = 0
+    total = erased = 0
     for key in wanted:
         try:
             res = restore_object(
@@ -285,8 +293,25 @@ def archive_restore(
         except (ArchiveError, StorageError) as exc:
             fail(str(exc), code=1)
         total += res.rows_inserted
-        print(f"{key}: {res.rows_read} rows read, {res.rows_inserted} inserted into {res.table}")
-    print(f"restored {total} row(s) from {len(wanted)} object(s)")
+        erased += res.rows_of_erased_users
+        print(
+            f"{key}: {res.rows_read} rows read, {res.rows_inserted} inserted into {res.table}, "
+            f"{res.rows_of_erased_users} of erased users skipped or anonymized"
+        )
+    with connect(settings) as conn:
+        conn.execute(
+            "INSERT INTO audit_logs (action, entity_type, entity_id, actor, details) "
+            "VALUES ('archive_restore', 'archive', %s, %s, %s)",
+            (
+                f"run:{run}" if run is not None else f"{len(wanted)} object(s)",
+                _by(by),
+                json.dumps({"objects": wanted, "rows": total, "rows_of_erased_users": erased}),
+            ),
+        )
+    print(
+        f"restored {total} row(s) from {len(wanted)} object(s); "
+        f"{erased} row(s) of erased users skipped or anonymized"
+    )
 
 
 @gdpr_app.command("erase")
@@ -306,21 +331,31 @@ def gdpr_erase(
     from pipelines.gdpr import NotEligible, UserNotFound, erase, request_erasure
 
     settings = cli_settings()
-    require_services(settings, broker=False)
+    require_services(settings, broker=False, redis=not dry_run)
     try:
+        # Both build their plan first; with --dry-run they return it, read on READ ONLY
+        # sessions, so no branch here or there can write.
         if request:
-            when = request_erasure(user_id, settings=settings)
-            print(f"erasure requested; the user can be erased from {when.isoformat()}")
-            return
-        result = erase(user_id, settings=settings, by=_by(by), dry_run=dry_run)
+            plan = request_erasure(user_id, settings=settings, by=_by(by), dry_run=dry_run)
+            lines = plan.lines()
+        else:
+            result = erase(user_id, settings=settings, by=_by(by), dry_run=dry_run)
+            lines = result.steps
     except (UserNotFound, NotEligible) as exc:
         fail(str(exc))
     if dry_run:
         print("dry run: nothing changed; the erase would:")
-        for line in result.steps:
+        for line in lines:
             print(f"  {line}")
         return
-    print(f"erased ({result.reference}); {result.redis_keys} Redis key(s) removed")
+    if request:
+        print(f"erasure requested; the user can be erased from {plan.erasable_at.isoformat()}")
+        return
+    print(
+        f"erased ({result.reference}); {result.redis_keys} Redis key(s) removed, "
+        f"{result.exports_deleted} export(s) deleted, {result.archives_rewritten} archived "
+        "object(s) rewritten"
+    )
     print(json.dumps(result.counts, indent=1, sort_keys=True))
 
 
@@ -342,4 +377,7 @@ def gdpr_export(
         fail(str(exc))
     except StorageError as exc:
         fail(str(exc), code=1)
-    print(f"{result.key} ({result.size} bytes, sha256 {result.sha256})")
+    until = (
+        f", downloadable until {result.expires_at:%Y-%m-%d %H:%M} UTC" if result.expires_at else ""
+    )
+    print(f"{result.key} ({result.size} bytes, sha256 {result.sha256}{until})")

@@ -443,6 +443,21 @@ FIELDS: tuple[Field, ...] = (
         "days a soft-deleted user can still be restored before GDPR erase removes them",
         _pos_int,
     ),
+    Field(
+        "TIDEMILL_GDPR_EXPORT_TTL_DAYS",
+        "gdpr_export_ttl_days",
+        "7",
+        "download window of a GDPR export; the gdpr-exports-expire pipeline deletes it after",
+        _pos_int,
+    ),
+    Field(
+        "TIDEMILL_GDPR_REDIS_PATTERNS",
+        "gdpr_redis_patterns",
+        "",
+        "extra Redis key patterns erased with a user, comma-separated templates over the "
+        "user's columns, glob allowed (e.g. 'feed:{id}:*,otp:{phone}')",
+        _str,
+    ),
     # ---- issue #6 settings: FIELDS ----
     Field(
         "TIDEMILL_SCHEDULER_LEADER_RETRY_S",
@@ -699,6 +714,8 @@ class Settings:
     pipeline_lock_timeout_ms: int
     pipeline_statement_timeout_ms: int
     gdpr_grace_days: int
+    gdpr_export_ttl_days: int
+    gdpr_redis_patterns: str | None
     # ---- issue #6 settings: Settings attributes ----
     scheduler_leader_retry_s: float
     schedules_extra: str | None

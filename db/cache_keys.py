@@ -106,6 +106,16 @@ APP_CACHE: dict[str, tuple[CachedTable, ...]] = {
 }
 
 
+# Every key the apps (through this map) or tidemill derive from one user, as templates over the
+# user's columns with glob wildcards: GDPR erase removes them all (pipelines.gdpr.redis_patterns;
+# apps add theirs with TIDEMILL_GDPR_REDIS_PATTERNS).
+USER_KEY_PATTERNS: tuple[str, ...] = (
+    *CACHE_MAP["users"].keys,
+    "matches:recent:{id}",  # Perfect Match: the user's recent-match list
+    "session:{id}:*",  # the apps' per-device sessions
+)
+
+
 class UnknownCachedTable(LookupError):
     """A change names a table the map does not know (a trigger installed without a map entry)."""
 

@@ -516,6 +516,10 @@ class Outbox(Base):
             ),
         ),
         Index("ix_outbox_dead", "id", postgresql_where=text("dead_at IS NOT NULL")),
+        # issue #20: the outbox-prune policy's keyset order (done rows only)
+        Index(
+            "ix_outbox_done_at_id", "done_at", "id", postgresql_where=text("done_at IS NOT NULL")
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -765,6 +769,62 @@ class BackupDrill(Base):
 # webhook events and pipeline runs whatever their status, so an index leads with the time.
 Index("ix_webhook_events_received_at_id", WebhookEvent.received_at, WebhookEvent.id)
 Index("ix_pipeline_runs_started_at_id", PipelineRun.started_at, PipelineRun.id)
+
+
+# ---- issue #15: GDPR lifecycle (erasure records, archive subject index, exports) ----
+
+
+class Erasure(Base):
+    """A completed erasure, kept for good: a restore re-applies those after its backup. No
+    personal data: the subject is a salted sha256 of the user id (pipelines.gdpr.subject_hash)."""
+
+    __tablename__ = "erasures"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    reference: Mapped[str] = mapped_column(unique=True)
+    subject_hash: Mapped[str]
+    erased_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+    erased_by: Mapped[str | None]
+
+
+class ArchiveSubject(Base):
+    """Which archive object holds rows of which subject (user id, Stripe customer id)."""
+
+    __tablename__ = "archive_subjects"
+
+    subject: Mapped[str] = mapped_column(primary_key=True)
+    object_id: Mapped[int] = mapped_column(
+        BigInteger,
+        ForeignKey("archive_objects.id", ondelete="CASCADE"),
+        primary_key=True,
+        index=True,
+    )
+
+
+class ArchiveSuperseded(Base):
+    """An archive object an erase replaced with a rewritten one, until it is deleted."""
+
+    __tablename__ = "archive_superseded"
+
+    storage_url: Mapped[str] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(primary_key=True)
+    since: Mapped[datetime] = now_col()
+
+
+class GdprExport(Base):
+    """A GDPR export in storage and its download window."""
+
+    __tablename__ = "gdpr_exports"
+
+    export_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(index=True)
+    key: Mapped[str]
+    storage_url: Mapped[str]
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str]
+    created_at: Mapped[datetime] = now_col()
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    requested_by: Mapped[str | None]
 
 
 # issue 14: tidemill's own tables live in the tidemill schema (db/schema.py).

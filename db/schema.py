@@ -46,6 +46,10 @@ TIDEMILL_TABLES: tuple[str, ...] = (
     "backup_drills",
     "job_counters",
     "user_balances",
+    "erasures",
+    "archive_subjects",
+    "archive_superseded",
+    "gdpr_exports",
 )
 
 # Tables the app may own (Lovendo's seed has ``audit_logs``); `attach` creates tidemill's own

@@ -25,12 +25,15 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import IO, Any
 
+import psycopg
 import zstandard
 from psycopg import sql
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
 from pipelines import partitions as parts
+from pipelines import scrub
+from pipelines.context import RunContext, connect
 from pipelines.policies import Policy
 from pipelines.purge import (
     Key,
@@ -156,7 +159,7 @@ def _copy_statement(policy: Policy) -> sql.Composable:
     return sql.SQL("COPY ({d}) TO STDOUT (FORMAT csv, HEADER true)").format(d=delete)
 
 
-def run(ctx: Any) -> ArchivePlan:
+def run(ctx: RunContext) -> ArchivePlan:
     policy: Policy = ctx.policy
     cutoff = ctx.cutoff
     state = scan_state(ctx.work, policy, cutoff, exact=ctx.dry_run)
@@ -166,6 +169,7 @@ def run(ctx: Any) -> ArchivePlan:
     if ctx.dry_run:
         return plan
     version = schema_version(ctx.work)
+    exprs = subject_expressions(ctx.work, policy.table)
     statement = _copy_statement(policy)
     after: Key | None = None
     while True:
@@ -181,6 +185,7 @@ def run(ctx: Any) -> ArchivePlan:
             ).fetchone():
                 # Rows later inserted into an already archived range: never overwrite.
                 key = key.replace(f".{policy.format}.zst", f".r{ctx.run_id}.{policy.format}.zst")
+            subjects = _subjects_of_batch(conn, policy, range_params(cutoff, lo, hi), exprs)
             ctx.note_pending(key)
             rows, put = _stream_batch(ctx, conn, statement, range_params(cutoff, lo, hi), key)
             stored = ctx.storage.sha256(key)
@@ -191,10 +196,10 @@ def run(ctx: Any) -> ArchivePlan:
                 )
             if policy.storage_class:
                 ctx.storage.set_storage_class(key, policy.storage_class)
-            conn.execute(
+            object_row = conn.execute(
                 "INSERT INTO archive_objects (run_id, pipeline, table_name, key, format, rows, "
                 "size_bytes, sha256, first_key, last_key, storage_url, schema_version) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
                 (
                     ctx.run_id,
                     policy.name,
@@ -209,7 +214,14 @@ def run(ctx: Any) -> ArchivePlan:
                     ctx.storage.url,
                     version,
                 ),
-            )
+            ).fetchone()
+            assert object_row is not None
+            if subjects:
+                conn.cursor().executemany(
+                    "INSERT INTO archive_subjects (subject, object_id) VALUES (%s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    [(subject, object_row[0]) for subject in subjects],
+                )
         after = hi
         log.info("archive_batch_committed", table=policy.table, key=key, rows=rows)
         ctx.advance(
@@ -223,12 +235,51 @@ def run(ctx: Any) -> ArchivePlan:
     return plan
 
 
+# Subjects (Stripe customer ids) found in tables that reference users without a foreign key.
+SUBJECT_EXPRESSIONS: dict[str, tuple[str, ...]] = {
+    "webhook_events": (
+        "payload #>> '{data,object,customer}'",
+        "CASE WHEN payload #>> '{data,object,object}' = 'customer' "
+        "THEN payload #>> '{data,object,id}' END",
+    ),
+    "audit_logs": ("entity_id", "actor"),
+}
+
+
+def subject_expressions(conn: Any, table: str) -> list[str]:
+    """SQL expressions over ``table``'s rows that name a subject an erase looks for: every
+    column referencing ``users`` (found in the catalog), plus SUBJECT_EXPRESSIONS."""
+    cols = scrub.user_columns(scrub.foreign_keys(conn), table)
+    return [f'"{c}"::text' for c in cols] + list(SUBJECT_EXPRESSIONS.get(table, ()))
+
+
+def _subjects_of_batch(
+    conn: Any, policy: Policy, params: dict[str, Any], exprs: list[str]
+) -> list[str]:
+    """The subjects of the batch's rows, read before the DELETE, for the archive_subjects
+    index: an erase later rewrites exactly the objects that hold its user."""
+    if not exprs:
+        return []
+    union = sql.SQL(" UNION ").join(
+        sql.SQL("SELECT ({e}) AS s FROM {t} WHERE {w}").format(
+            e=sql.SQL(e),
+            t=sql.Identifier("public", policy.table),
+            w=range_where(policy),
+        )
+        for e in exprs
+    )
+    rows = conn.execute(
+        sql.SQL("SELECT DISTINCT s FROM ({u}) x WHERE s IS NOT NULL").format(u=union), params
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
 def _key_json(policy: Policy, key: Key) -> dict[str, str]:
     return {policy.age_column: str(key[0]), policy.key_column: str(key[1])}
 
 
 def _stream_batch(
-    ctx: Any, conn: Any, statement: sql.Composable, params: dict[str, Any], key: str
+    ctx: RunContext, conn: Any, statement: sql.Composable, params: dict[str, Any], key: str
 ) -> tuple[int, Any]:
     # Written in the default class and moved to the policy's class only after verification:
     # a GLACIER object cannot be read back to check it.
@@ -265,7 +316,7 @@ def _stream_batch(
     return rows, put
 
 
-def _drop_empty_partitions(ctx: Any, policy: Policy, cutoff: datetime) -> None:
+def _drop_empty_partitions(ctx: RunContext, policy: Policy, cutoff: datetime) -> None:
     """Months entirely below the cutoff are empty once archived: drop them."""
     if policy.filter or policy.age_column != "created_at":
         return
@@ -360,6 +411,7 @@ class RestoreResult:
     table: str
     rows_read: int
     rows_inserted: int
+    rows_of_erased_users: int = 0  # deleted, detached or anonymized as the erase left them
 
 
 def _decompressed(raw: IO[bytes]) -> IO[bytes]:
@@ -433,7 +485,6 @@ def restore_object(
     storage (``manifest_sha256`` when the caller already read it). With neither, the restore
     is refused unless ``verify=False``."""
     from core.storage import open_storage
-    from pipelines.engine import connect
 
     settings = settings or get_settings()
     storage = open_storage(settings=settings)
@@ -469,77 +520,170 @@ def restore_object(
             log.warning("archive_restore_rejected", reason="no such table", table=table)
             raise ArchiveError(f"table {table!r} does not exist")
         target = sql.Identifier("public", table)
-        if expected is not None and (stored := storage.sha256(key)) != expected:
-            # Checksum before parsing (of the stored bytes: ciphertext when encrypted): a
-            # damaged object is one clear line, not a parse error from its garbage.
-            log.error("archive_restore_checksum_mismatch", key=key, source=source)
-            raise ArchiveError(
-                f"{key}: sha256 {stored[:16]}… differs from the recorded {expected[:16]}… "
-                f"({source}); the object is damaged, nothing restored"
+        with conn.transaction():
+            read, digest, cols = load_object(
+                conn, storage, key, fmt, table, "restore_rows", expected=expected
             )
-        with storage.open(key) as raw, conn.transaction():
-            hashed = _Verify(raw)
-            data = _decompressed(hashed)  # type: ignore[arg-type]
-            if fmt == "csv":
-                header = data.readline()
-                cols = next(iter(_csv_rows(header)))
-                conn.execute(
-                    sql.SQL(
-                        "CREATE TEMP TABLE restore_rows (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP"
-                    ).format(target)
-                )
-                col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
-                cur = conn.cursor()
-                with cur.copy(
-                    sql.SQL("COPY restore_rows ({}) FROM STDIN (FORMAT csv)").format(col_ids)
-                ) as copy:
-                    for chunk in _chunks(data):
-                        copy.write(chunk)
-                read = cur.rowcount
-                inserted = conn.execute(
-                    sql.SQL(
-                        "INSERT INTO {t} ({c}) SELECT {c} FROM restore_rows ON CONFLICT DO NOTHING"
-                    ).format(t=target, c=col_ids)
-                ).rowcount
-            else:
-                conn.execute("CREATE TEMP TABLE restore_rows (doc jsonb) ON COMMIT DROP")
-                cur = conn.cursor()
-                with cur.copy(
-                    sql.SQL("COPY restore_rows (doc) FROM STDIN ({})").format(sql.SQL(_JSONL_COPY))
-                ) as copy:
-                    for chunk in _chunks(data):
-                        copy.write(chunk)
-                read = cur.rowcount
-                inserted = conn.execute(
-                    sql.SQL(
-                        "INSERT INTO {t} SELECT r.* FROM restore_rows, "
-                        "jsonb_populate_record(NULL::{t}, restore_rows.doc) r "
-                        "ON CONFLICT DO NOTHING"
-                    ).format(t=target)
-                ).rowcount
-            # Read to the end so the hash covers the whole object before we commit.
-            while hashed.read(1 << 20):
-                pass
-            # (an encrypted object was checked above; here the hash is of the plaintext)
-            if (
-                expected is not None
-                and storage.keyring is None
-                and hashed.hash.hexdigest() != expected
-            ):
+            if expected is not None and digest != expected:
                 log.error("archive_restore_checksum_mismatch", key=key, source=source)
                 raise ArchiveError(
-                    f"{key}: sha256 {hashed.hash.hexdigest()} differs from the recorded "
+                    f"{key}: sha256 {digest} differs from the recorded "
                     f"{expected} ({source}); nothing restored"
                 )
+            # Rows of users erased since the archive was written come back as the erase left
+            # the live tables: deleted, detached (legal hold) or anonymized.
+            erased = erase_erased_users(conn, sql.Identifier("restore_rows"), table)
+            _detach_from_deleted_parents(conn, sql.Identifier("restore_rows"), table)
+            col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
+            inserted = conn.execute(
+                sql.SQL(
+                    "INSERT INTO {t} ({c}) SELECT {c} FROM restore_rows ON CONFLICT DO NOTHING"
+                ).format(t=target, c=col_ids)
+            ).rowcount
     log.info(
         "archive_restored",
         key=key,
         table=table,
         rows_read=read,
         rows_inserted=inserted,
+        rows_of_erased_users=erased,
         verified=source if expected is not None else "no",
     )
-    return RestoreResult(key, table, read, inserted)
+    return RestoreResult(key, table, read, inserted, erased)
+
+
+def load_object(
+    conn: Any,
+    storage: Any,
+    key: str,
+    fmt: str,
+    table: str,
+    temp: str,
+    *,
+    expected: str | None = None,
+) -> tuple[int, str, list[str]]:
+    """Load an archived object's rows into a new temp table ``temp`` shaped like the live
+    ``table`` (dropped at commit). Returns (rows read, sha256 of the stored bytes, the
+    object's columns). The whole object is read, so the digest covers all of it.
+
+    A damaged object may fail to decompress or to parse before its digest can be compared:
+    then the rest is read to finish the digest, and a digest that differs from ``expected``
+    raises ArchiveError (damaged) rather than the parse error it caused."""
+    target = sql.Identifier("public", table)
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
+            sql.Identifier(temp), target
+        )
+    )
+    stored_digest: str | None = None
+    if getattr(storage, "keyring", None) is not None:
+        # Encrypted at rest: the stream below is plaintext, the recorded digest is of the
+        # stored (sealed) bytes, so check those before anything is parsed.
+        stored_digest = storage.sha256(key)
+        if expected is not None and stored_digest != expected:
+            raise ArchiveError(
+                f"{key}: sha256 {stored_digest} differs from the recorded {expected}; the "
+                "object is damaged, nothing read"
+            )
+    with storage.open(key) as raw:
+        hashed = _Verify(raw)
+        try:
+            read, cols = _copy_in(conn, hashed, fmt, table, temp)
+        except (psycopg.Error, zstandard.ZstdError, UnicodeDecodeError, ValueError) as exc:
+            while hashed.read(1 << 20):
+                pass
+            digest = stored_digest or hashed.hash.hexdigest()
+            if expected is not None and digest != expected:
+                raise ArchiveError(
+                    f"{key}: sha256 {digest} differs from the recorded {expected}; the object "
+                    f"is damaged ({type(exc).__name__} while reading it)"
+                ) from None
+            raise
+        while hashed.read(1 << 20):  # to the end, so the hash covers the whole object
+            pass
+    return read, stored_digest or hashed.hash.hexdigest(), cols
+
+
+def _copy_in(conn: Any, hashed: _Verify, fmt: str, table: str, temp: str) -> tuple[int, list[str]]:
+    target = sql.Identifier("public", table)
+    data = _decompressed(hashed)  # type: ignore[arg-type]
+    cur = conn.cursor()
+    if fmt == "csv":
+        header = data.readline()
+        cols = next(iter(_csv_rows(header)))
+        col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
+        with cur.copy(
+            sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(sql.Identifier(temp), col_ids)
+        ) as copy:
+            for chunk in _chunks(data):
+                copy.write(chunk)
+        return cur.rowcount, cols
+    docs = sql.Identifier(f"{temp}_docs")
+    conn.execute(sql.SQL("CREATE TEMP TABLE {} (doc jsonb) ON COMMIT DROP").format(docs))
+    with cur.copy(
+        sql.SQL("COPY {} (doc) FROM STDIN ({})").format(docs, sql.SQL(_JSONL_COPY))
+    ) as copy:
+        for chunk in _chunks(data):
+            copy.write(chunk)
+    read = cur.rowcount
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {tmp} SELECT r.* FROM {d}, jsonb_populate_record(NULL::{t}, {d}.doc) r"
+        ).format(tmp=sql.Identifier(temp), d=docs, t=target)
+    )
+    return read, [c["name"] for c in columns(conn, table)]
+
+
+def _detach_from_deleted_parents(conn: Any, relation: sql.Composable, table: str) -> int:
+    """References whose parent row is gone, on ``ON DELETE SET NULL`` foreign keys: NULL, as
+    the live row got when the parent was deleted (an erased user's moment, say)."""
+    total = 0
+    for fk in scrub.foreign_keys(conn):
+        if fk.child != table or fk.on_delete not in ("n", "d") or len(fk.child_cols) != 1:
+            continue
+        col, pcol = sql.Identifier(fk.child_cols[0]), sql.Identifier(fk.parent_cols[0])
+        total += conn.execute(
+            sql.SQL(
+                "UPDATE {r} SET {c} = NULL WHERE {c} IS NOT NULL AND NOT EXISTS "
+                "(SELECT 1 FROM {p} WHERE {p}.{pc} = {r}.{c})"
+            ).format(r=relation, c=col, p=sql.Identifier("public", fk.parent), pc=pcol)
+        ).rowcount
+    return total
+
+
+def erase_erased_users(conn: Any, relation: sql.Composable, table: str) -> int:
+    """Apply recorded erasures (``erasures``) to rows in ``relation`` that reference an erased
+    user through a foreign key; returns how many rows were deleted, detached or anonymized."""
+    fks = scrub.foreign_keys(conn)
+    cols = scrub.user_columns(fks, table)
+    if not cols:
+        return 0
+    if table == "messages":
+        scrub.ensure_tombstone(conn)  # rewritten archives sign anonymized messages with it
+    found = sql.SQL(" UNION ").join(
+        sql.SQL("SELECT DISTINCT {c} AS uid FROM {r} WHERE {c} IS NOT NULL").format(
+            c=sql.Identifier(c), r=relation
+        )
+        for c in cols
+    )
+    erased = conn.execute(
+        sql.SQL(
+            "SELECT uid FROM ({f}) x WHERE "
+            + scrub.SUBJECT_HASH_SQL.format("uid")
+            + " IN (SELECT subject_hash FROM erasures)"
+        ).format(f=found)
+    ).fetchall()
+    if not erased:
+        return 0
+    scrub.ensure_tombstone(conn)  # anonymized messages are signed by it
+    scrub_cols = scrub.scrub_columns(conn)
+    total = 0
+    for (uid,) in erased:
+        counts = scrub.erase_rows(
+            conn, relation, table, user={"id": uid}, fks=fks, scrub_cols=scrub_cols
+        )
+        total += sum(counts.values())
+    return total
 
 
 def _csv_rows(line: bytes) -> Iterator[list[str]]:
@@ -560,3 +704,252 @@ def objects_of_run(conn: Any, run_id: int) -> list[str]:
             "SELECT key FROM archive_objects WHERE run_id = %s ORDER BY id", (run_id,)
         ).fetchall()
     ]
+
+
+# ------------------------------------------------------------------------ erase in archives
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    table: str
+    old_key: str
+    new_key: str
+    rows_before: int
+    rows_after: int
+    changed: dict[str, int]
+
+
+def objects_holding(conn: Any, storage_url: str, subjects: list[str]) -> list[tuple[Any, ...]]:
+    """Catalogue rows (id, key, table, format, sha256, run_id, pipeline) of the objects the
+    archive_subjects index says hold rows of ``subjects``."""
+    return list(
+        conn.execute(
+            "SELECT o.id, o.key, o.table_name, o.format, o.sha256, o.run_id, o.pipeline "
+            "FROM archive_objects o WHERE o.storage_url = %s AND o.id IN "
+            "(SELECT object_id FROM archive_subjects WHERE subject = ANY(%s)) ORDER BY o.id",
+            (storage_url, subjects),
+        ).fetchall()
+    )
+
+
+def rewrite_for_erasure(
+    conn: Any,
+    storage: Any,
+    user: dict[str, Any],
+    *,
+    subjects: list[str],
+    settings: Settings,
+    tag: str,
+) -> list[Rewritten]:
+    """Rewrite every archived object that holds rows of ``user`` without them (or with the
+    personal fields cleared, for legal-hold rows), exactly as the live erase treats the rows.
+
+    Per object: load it into a temp table (its sha256 checked against the catalogue), apply
+    the erase to the copy, write a new object, read it back (sha256) and scan it decompressed
+    for the user's identifiers; then, in one transaction, point the catalogue at the new
+    object and queue the old one in ``archive_superseded``; then update the run manifest and
+    delete the old object. A crash at any point leaves either the old object catalogued (the
+    next erase redoes it) or the old one queued for deletion (``sweep_superseded``)."""
+    done = []
+    fks = scrub.foreign_keys(conn)
+    scrub_cols = scrub.scrub_columns(conn)
+    needles = scrub.identifiers(user)
+    for object_id, key, table, fmt, sha, run_id, pipeline in objects_holding(
+        conn, storage.url, subjects
+    ):
+        new_key = _erased_key(key, fmt, tag)
+        with conn.transaction():
+            read, digest, cols = load_object(
+                conn, storage, key, fmt, table, "erase_rows", expected=sha
+            )
+            if digest != sha:
+                raise ArchiveError(
+                    f"{key}: sha256 {digest} differs from the catalogue's {sha}; the object "
+                    "is damaged and was not rewritten"
+                )
+            temp = sql.Identifier("erase_rows")
+            changed = scrub.erase_rows(conn, temp, table, user=user, fks=fks, scrub_cols=scrub_cols)
+            changed["other_mentions"] = _clear_mentions(conn, "erase_rows", needles)
+            if any(changed.values()):
+                scrub.ensure_tombstone(conn)
+            rows, put = _write_rows(conn, storage, "erase_rows", cols, fmt, new_key)
+            stored = storage.sha256(new_key)
+            if stored != put.sha256:
+                storage.delete(new_key)
+                raise ArchiveError(f"{new_key} reads back as {stored}, not {put.sha256}")
+            left = scrub.contains_any(_read_decompressed(storage, new_key), needles)
+            if left:
+                storage.delete(new_key)
+                raise ArchiveError(
+                    f"{new_key}: {len(left)} identifier(s) of the user are still in the "
+                    "rewritten object; the old object is kept"
+                )
+            storage_class = _policy_storage_class(pipeline, settings)
+            if storage_class:
+                storage.set_storage_class(new_key, storage_class)
+            conn.execute(
+                "UPDATE archive_objects SET key = %s, sha256 = %s, size_bytes = %s, rows = %s "
+                "WHERE id = %s",
+                (new_key, put.sha256, put.size, rows, object_id),
+            )
+            conn.execute(
+                "INSERT INTO archive_superseded (storage_url, key) VALUES (%s, %s) "
+                "ON CONFLICT DO NOTHING",
+                (storage.url, key),
+            )
+            conn.execute(
+                "DELETE FROM archive_subjects WHERE object_id = %s AND subject = ANY(%s)",
+                (object_id, subjects),
+            )
+        _update_manifest(conn, storage, table, run_id, key, new_key, put, rows)
+        sweep_superseded(conn, storage)
+        log.info(
+            "archive_object_rewritten_for_erasure",
+            table=table,
+            old_key=key,
+            new_key=new_key,
+            rows_before=read,
+            rows_after=rows,
+        )
+        done.append(Rewritten(table, key, new_key, read, rows, changed))
+    return done
+
+
+def _erased_key(key: str, fmt: str, tag: str) -> str:
+    suffix = f".{fmt}.zst"
+    base = key[: -len(suffix)] if key.endswith(suffix) else key
+    base = base.split(".e-", 1)[0]  # a rewritten object rewritten again: one tag, the newest
+    return f"{base}.e-{tag}{suffix}"
+
+
+def _clear_mentions(conn: Any, temp: str, needles: list[str]) -> int:
+    """Other rows that still mention the user (free text naming them): the mentioning
+    column is cleared (NULL, or '[redacted]' where NULL is not allowed)."""
+    pats = [scrub.like(n) for n in needles]
+    cols = conn.execute(
+        "SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute "
+        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+        (f"pg_temp.{temp}",),
+    ).fetchall()
+    total = 0
+    for name, kind, notnull in cols:
+        if kind not in ("text", "character varying", "jsonb", "json", "text[]"):
+            continue
+        if notnull and kind != "text":
+            continue
+        value = sql.SQL("'[redacted]'") if notnull else sql.SQL("NULL")
+        total += conn.execute(
+            sql.SQL("UPDATE {t} SET {c} = {v} WHERE {c}::text ILIKE ANY(%s)").format(
+                t=sql.Identifier(temp), c=sql.Identifier(name), v=value
+            ),
+            (pats,),
+        ).rowcount
+    return total
+
+
+def _write_rows(
+    conn: Any, storage: Any, temp: str, cols: list[str], fmt: str, key: str
+) -> tuple[int, Any]:
+    """The temp table's rows as an archive object (the format the archive wrote)."""
+    t = sql.Identifier(temp)
+    col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
+    with storage.writer(key) as writer:
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(writer, closefd=False)
+        cur = conn.cursor()
+        rows = 0
+        if fmt == "jsonl":
+            with cur.copy(
+                sql.SQL(
+                    "COPY (SELECT row_to_json(x)::text FROM (SELECT {c} FROM {t}) x) TO STDOUT"
+                ).format(c=col_ids, t=t)
+            ) as copy:
+                copy.set_types(["text"])
+                for (text,) in copy.rows():
+                    compressor.write(text.encode() + b"\n")
+                    rows += 1
+        else:
+            with cur.copy(
+                sql.SQL("COPY (SELECT {c} FROM {t}) TO STDOUT (FORMAT csv, HEADER true)").format(
+                    c=col_ids, t=t
+                )
+            ) as copy:
+                for chunk in copy:
+                    compressor.write(chunk)
+            rows = cur.rowcount
+        compressor.flush(zstandard.FLUSH_FRAME)
+        compressor.close()
+    put = writer.result
+    if put is None:
+        raise ArchiveError(f"storage returned no result for {key}")
+    return rows, put
+
+
+def _read_decompressed(storage: Any, key: str) -> bytes:
+    with storage.open(key) as raw:
+        return bytes(_decompressed(raw).read())
+
+
+def _policy_storage_class(pipeline: str, settings: Settings) -> str | None:
+    from pipelines.policies import PolicyError, UnknownPipeline, get_policy
+
+    try:
+        return get_policy(pipeline, settings).storage_class
+    except (UnknownPipeline, PolicyError):
+        return None
+
+
+def _update_manifest(
+    conn: Any,
+    storage: Any,
+    table: str,
+    run_id: int | None,
+    old_key: str,
+    new_key: str,
+    put: Any,
+    rows: int,
+) -> None:
+    """The run manifest lists the rewritten object in place of the old one."""
+    mkey = None
+    if run_id is not None:
+        row = conn.execute(
+            "SELECT manifest_key FROM pipeline_runs WHERE id = %s", (run_id,)
+        ).fetchone()
+        mkey = row[0] if row else None
+    candidates = (
+        [mkey]
+        if mkey
+        else [i.key for i in storage.list(f"manifests/{table}/") if i.key.endswith(".json")]
+    )
+    for candidate in candidates:
+        try:
+            doc = json.loads(storage.get_bytes(candidate))
+        except (ValueError, OSError, FileNotFoundError):
+            continue
+        objects = doc.get("objects") or []
+        hit = [o for o in objects if o.get("key") == old_key]
+        if not hit:
+            continue
+        for o in hit:
+            o.update(key=new_key, sha256=put.sha256, size=put.size, rows=rows)
+        doc["rows"] = sum(int(o.get("rows") or 0) for o in objects)
+        doc["bytes"] = sum(int(o.get("size") or 0) for o in objects)
+        doc["rewritten_at"] = datetime.now(UTC).isoformat()
+        storage.put_bytes(candidate, json.dumps(doc, indent=1).encode())
+        return
+
+
+def sweep_superseded(conn: Any, storage: Any) -> int:
+    """Delete old objects that rewritten ones replaced (left by a crash or just queued)."""
+    keys = [
+        r[0]
+        for r in conn.execute(
+            "SELECT key FROM archive_superseded WHERE storage_url = %s", (storage.url,)
+        ).fetchall()
+    ]
+    for key in keys:
+        storage.delete(key)
+        conn.execute(
+            "DELETE FROM archive_superseded WHERE storage_url = %s AND key = %s",
+            (storage.url, key),
+        )
+    return len(keys)

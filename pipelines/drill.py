@@ -176,6 +176,11 @@ def _logical_restore(
         with psycopg.connect(target) as conn:
             sums = table_checksums(conn, sample=int(entry.manifest.get("checksum_sample") or 1))
         result.checksums = {name: c["sum"] for name, c in sums.items()}
+        # GDPR (#15): the erasures recorded since the backup, as on every restore; after the
+        # checksums, so they still check the backup against its manifest.
+        from pipelines.gdpr import reapply_erasures
+
+        reapply_erasures(target, since=entry.started_at, storage=storage)
         return {name: c["rows"] for name, c in sums.items()}
     finally:
         with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:

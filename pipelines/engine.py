@@ -16,43 +16,30 @@ more: a batch either committed or did not, and the next run starts from the olde
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
-from db.engine import direct_url, libpq_url
+from pipelines import archive, gdpr, purge
+from pipelines.archive import remove_orphan, write_manifest
+from pipelines.context import (
+    PipelineBusy,
+    PipelineError,
+    ProgressFn,
+    RunContext,
+    RunStats,
+    connect,
+)
 from pipelines.policies import Policy, PolicyError, check_against_database, get_policy
 
+__all__ = ["PipelineBusy", "PipelineError", "RunResult", "connect", "history", "run_pipeline"]
+
 log = get_logger(__name__)
-
-ProgressFn = Callable[[int, int | None], None]  # (rows affected so far, rows expected)
-
-
-class PipelineError(Exception):
-    """Root of the pipelines' own errors."""
-
-
-class PipelineBusy(PipelineError):
-    """Another run of the same pipeline holds its lock."""
-
-
-@dataclass
-class RunStats:
-    rows_scanned: int = 0
-    rows_affected: int = 0
-    bytes_written: int = 0
-    objects: int = 0
-    batches: int = 0
-    max_txn_s: float = 0.0
 
 
 @dataclass
@@ -68,145 +55,8 @@ class RunResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def connect(settings: Settings) -> psycopg.Connection[Any]:
-    if settings.database_url is None:
-        from db.engine import ServiceUnreachable
-
-        raise ServiceUnreachable("DATABASE_URL is unset and no embedded Postgres is running")
-    return psycopg.connect(libpq_url(direct_url(settings)), autocommit=True)
-
-
 def lock_key(pipeline: str) -> str:
     return f"tidemill.pipeline:{pipeline}"
-
-
-class RunContext:
-    """What an action needs: the policy, a work connection, the run row, counters."""
-
-    def __init__(
-        self,
-        *,
-        policy: Policy,
-        settings: Settings,
-        meta: psycopg.Connection[Any],
-        work: psycopg.Connection[Any],
-        run_id: int,
-        now: datetime,
-        dry_run: bool,
-        progress: ProgressFn | None,
-        after_batch: Callable[[RunContext], None] | None = None,
-    ) -> None:
-        self.policy = policy
-        self.settings = settings
-        self.meta = meta
-        self.work = work
-        self.run_id = run_id
-        self.now = now
-        self.dry_run = dry_run
-        self.stats = RunStats()
-        self.expected: int | None = None
-        self._progress = progress
-        self._after_batch = after_batch
-        self._storage: Any = None
-        self._last_log = time.monotonic()
-        self._last_saved = 0.0
-
-    @property
-    def cutoff(self) -> datetime:
-        return self.policy.cutoff(self.now)
-
-    @property
-    def storage(self) -> Any:
-        if self._storage is None:
-            from core.storage import open_storage
-
-            self._storage = open_storage(settings=self.settings)
-        return self._storage
-
-    @contextmanager
-    def batch(self, *, durable: bool = True) -> Iterator[psycopg.Connection[Any]]:
-        """One short transaction with the pipeline's lock and statement timeouts.
-
-        ``durable=False`` skips the wait for the WAL flush at commit (synchronous_commit off):
-        only for work that is safe to redo, e.g. a purge batch, which a server crash can at
-        worst undo, so that the next run deletes those rows again.
-        """
-        started = time.monotonic()
-        with self.work.transaction():
-            if not durable:
-                self.work.execute("SET LOCAL synchronous_commit = off")
-            self.work.execute(
-                sql.SQL("SET LOCAL lock_timeout = {}").format(
-                    sql.Literal(self.settings.pipeline_lock_timeout_ms)
-                )
-            )
-            self.work.execute(
-                sql.SQL("SET LOCAL statement_timeout = {}").format(
-                    sql.Literal(self.settings.pipeline_statement_timeout_ms)
-                )
-            )
-            yield self.work
-        self.stats.max_txn_s = max(self.stats.max_txn_s, time.monotonic() - started)
-
-    def note_pending(self, key: str) -> None:
-        """Committed before an upload starts: if we die before the batch commits, the next run
-        knows which object may be an orphan."""
-        self.meta.execute(
-            "UPDATE pipeline_runs SET progress = coalesce(progress, '{}'::jsonb) || "
-            "jsonb_build_object('pending', %s::text) WHERE id = %s",
-            (key, self.run_id),
-        )
-
-    def advance(
-        self,
-        *,
-        scanned: int,
-        affected: int,
-        bytes_written: int = 0,
-        objects: int = 0,
-        cursor: dict[str, Any] | None = None,
-    ) -> None:
-        s = self.stats
-        s.rows_scanned += scanned
-        s.rows_affected += affected
-        s.bytes_written += bytes_written
-        s.objects += objects
-        s.batches += 1
-        if self._progress is not None:
-            self._progress(s.rows_affected, self.expected)
-        if self._after_batch is not None:
-            self._after_batch(self)
-        # The run row is a progress report, not the truth (the tables are): refreshing it
-        # once a second spares a commit per batch.
-        if time.monotonic() - self._last_saved < 1.0:
-            return
-        self._last_saved = time.monotonic()
-        progress = {"batches": s.batches}
-        if cursor is not None:
-            progress["cursor"] = cursor  # type: ignore[assignment]
-        self.meta.execute(
-            "UPDATE pipeline_runs SET rows_scanned = %s, rows_affected = %s, "
-            "bytes_written = %s, objects = %s, "
-            "progress = coalesce(progress, '{}'::jsonb) || %s::jsonb WHERE id = %s",
-            (
-                s.rows_scanned,
-                s.rows_affected,
-                s.bytes_written,
-                s.objects,
-                json.dumps(progress, default=str),
-                self.run_id,
-            ),
-        )
-        if time.monotonic() - self._last_log >= 5:
-            self._last_log = time.monotonic()
-            log.info(
-                "pipeline_progress",
-                pipeline=self.policy.name,
-                run_id=self.run_id,
-                rows_affected=s.rows_affected,
-                expected=self.expected,
-                batches=s.batches,
-            )
 
 
 def _recover(meta: psycopg.Connection[Any], policy: Policy, settings: Settings) -> list[int]:
@@ -222,8 +72,6 @@ def _recover(meta: psycopg.Connection[Any], policy: Policy, settings: Settings) 
         ids.append(run_id)
         log.warning("pipeline_run_interrupted", pipeline=policy.name, run_id=run_id)
     if policy.action == "archive":
-        from pipelines.archive import remove_orphan, write_manifest
-
         # A run that died, or failed after an upload (read-back mismatch, storage-class move or
         # catalogue insert failing) and could not remove its object then, left it pending: its
         # rows are still in Postgres, so the object goes before they are archived again (unless
@@ -248,6 +96,10 @@ def _recover(meta: psycopg.Connection[Any], policy: Policy, settings: Settings) 
         ).fetchall()
         for (run_id,) in unfinished:
             write_manifest(meta, settings, policy, run_id)
+        # Old objects an erase replaced but could not delete yet (a crash in between).
+        from core.storage import open_storage
+
+        archive.sweep_superseded(meta, open_storage(settings=settings))
     return ids
 
 
@@ -261,8 +113,6 @@ def _remove_failed_upload(
     meta: psycopg.Connection[Any], settings: Settings, policy: Policy, run_id: int
 ) -> None:
     """Best effort, in the failure handler: the object of the batch that did not commit."""
-    from pipelines.archive import remove_orphan
-
     row = meta.execute(
         "SELECT progress->>'pending' FROM pipeline_runs WHERE id = %s", (run_id,)
     ).fetchone()
@@ -289,13 +139,18 @@ def run_pipeline(
     progress: ProgressFn | None = None,
     policy: Policy | None = None,
     after_batch: Callable[[RunContext], None] | None = None,
+    by: str | None = None,
 ) -> RunResult:
     """Run one policy now. Raises PipelineBusy if it is already running; records any failure
     in its ``pipeline_runs`` row and re-raises it."""
     settings = settings or get_settings()
     policy = policy or get_policy(name, settings)
     now = now or datetime.now(UTC)
-    with connect(settings) as meta, connect(settings) as work:
+    # A dry run works on READ ONLY sessions and writes no run row: it changes nothing.
+    with (
+        connect(settings, read_only=dry_run) as meta,
+        connect(settings, read_only=dry_run) as work,
+    ):
         got = meta.execute(
             "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (lock_key(policy.name),)
         ).fetchone()
@@ -307,23 +162,27 @@ def run_pipeline(
         except PolicyError as exc:
             log.error("pipeline_policy_rejected", pipeline=policy.name, error=str(exc))
             raise
+        run_id = 0
         if not dry_run:
             _recover(meta, policy, settings)
-        row = meta.execute(
-            "INSERT INTO pipeline_runs (pipeline, tick, dry_run) VALUES (%s, %s, %s) RETURNING id",
-            (policy.name, tick, dry_run),
-        ).fetchone()
-        assert row is not None
+            row = meta.execute(
+                "INSERT INTO pipeline_runs (pipeline, tick, dry_run, progress) "
+                "VALUES (%s, %s, false, jsonb_build_object('by', %s::text)) RETURNING id",
+                (policy.name, tick, by or "scheduler"),
+            ).fetchone()
+            assert row is not None
+            run_id = int(row[0])
         ctx = RunContext(
             policy=policy,
             settings=settings,
             meta=meta,
             work=work,
-            run_id=row[0],
+            run_id=run_id,
             now=now,
             dry_run=dry_run,
             progress=progress,
             after_batch=after_batch,
+            by=by,
         )
         log.info(
             "pipeline_started",
@@ -339,6 +198,9 @@ def run_pipeline(
             result.plan = _dispatch(ctx, result)
         except BaseException as exc:
             error = _describe(exc)
+            if dry_run:
+                log.error("pipeline_dry_run_failed", pipeline=policy.name, error=error)
+                raise
             meta.execute(
                 "UPDATE pipeline_runs SET status = 'failed', finished_at = now(), error = %s, "
                 "rows_scanned = %s, rows_affected = %s, bytes_written = %s, objects = %s "
@@ -353,8 +215,6 @@ def run_pipeline(
                 ),
             )
             if policy.action == "archive" and not dry_run:
-                from pipelines.archive import write_manifest
-
                 try:
                     # Not when the work connection broke: its COMMIT may have gone through
                     # unseen, so the next run decides (by then the catalogue says).
@@ -378,10 +238,12 @@ def run_pipeline(
                 rows_affected=ctx.stats.rows_affected,
             )
             raise
+        if dry_run:
+            result.status = "dry-run"
+            log.info("pipeline_dry_run", pipeline=policy.name, expected=ctx.expected)
+            return result
         manifest_key = None
-        if policy.action == "archive" and not dry_run:
-            from pipelines.archive import write_manifest
-
+        if policy.action == "archive":
             manifest_key = write_manifest(meta, settings, policy, ctx.run_id)
         meta.execute(
             "UPDATE pipeline_runs SET status = 'succeeded', finished_at = now(), "
@@ -419,20 +281,14 @@ def _describe(exc: BaseException) -> str:
 def _dispatch(ctx: RunContext, result: RunResult) -> Any:
     action = ctx.policy.action
     if action in ("delete", "expire"):
-        from pipelines import purge
-
         return purge.run(ctx)
     if action == "archive":
-        from pipelines import archive
-
         return archive.run(ctx)
     if action == "erase-users":
-        from pipelines import gdpr
-
         return gdpr.run_erase_policy(ctx)
+    if action == "expire-exports":
+        return gdpr.run_expire_exports(ctx)
     if action == "partitions":
-        from pipelines import purge
-
         return purge.run_partition_maintenance(ctx)
     raise PipelineError(f"unknown action {action!r}")
 

@@ -32,29 +32,43 @@ from psycopg import sql
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
+from pipelines import archive
+from pipelines.context import RunContext, connect
+from pipelines.scrub import (
+    KEEP_ANONYMIZED,
+    KEEP_COLUMNS,
+    MENTIONS,
+    MESSAGE_DELETED,
+    SUBJECT_HASH_SQL,
+    TOMBSTONE_EMAIL,
+    TOMBSTONE_ID,
+    ForeignKey,
+    ensure_tombstone,
+    foreign_keys,
+    identifiers,
+    like,
+    scrub_columns,
+    scrub_webhook_payloads,
+    subject_hash,
+)
+
+__all__ = [
+    "MESSAGE_DELETED",
+    "TOMBSTONE_EMAIL",
+    "TOMBSTONE_ID",
+    "ErasePlan",
+    "GdprError",
+    "NotEligible",
+    "UserNotFound",
+    "erase",
+    "export",
+    "foreign_keys",
+    "plan_erase",
+    "reapply_erasures",
+    "request_erasure",
+]
 
 log = get_logger(__name__)
-
-TOMBSTONE_ID = uuid.UUID("00000000-0000-0000-0000-000000000000")
-TOMBSTONE_EMAIL = "deleted-user@deleted.local"
-MESSAGE_DELETED = "[Message deleted]"  # Lovendo's delete_user_data
-
-# (child table, FK column) -> what to do instead of following ON DELETE.
-KEEP_ANONYMIZED = {("messages", "sender_id")}
-# Columns kept on rows detached from the user: what the legal hold or the ledger needs.
-KEEP_COLUMNS = {
-    "transactions": {
-        "type",
-        "amount",
-        "currency",
-        "status",
-        "stripe_payment_intent_id",
-        "stripe_charge_id",
-        "dispute_status",
-    },
-    "ledger_entries": {"source_id", "kind", "currency", "stripe_charge_id", "stripe_event_id"},
-    "compliance_logs": {"action_type", "subject_ref"},
-}
 
 
 class GdprError(Exception):
@@ -70,42 +84,11 @@ class NotEligible(GdprError):
 
 
 @dataclass(frozen=True)
-class ForeignKey:
-    child: str
-    child_cols: tuple[str, ...]
-    parent: str
-    parent_cols: tuple[str, ...]
-    on_delete: str  # pg_constraint.confdeltype: a, r, c, n, d
-
-
-@dataclass(frozen=True)
 class Step:
     table: str
     action: str  # delete | detach | anonymize
     via: str  # human-readable path, e.g. "moments.user_id -> requests.moment_id"
     statement: sql.Composed | sql.SQL = field(compare=False)
-
-
-def foreign_keys(conn: Any) -> list[ForeignKey]:
-    """Every foreign key between tables of the public schema (partition clones excluded)."""
-    rows = conn.execute(
-        """
-        SELECT cc.relname, pc.relname, c.confdeltype,
-               ARRAY(SELECT a.attname FROM unnest(c.conkey) WITH ORDINALITY k(n, o)
-                     JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n
-                     ORDER BY k.o),
-               ARRAY(SELECT a.attname FROM unnest(c.confkey) WITH ORDINALITY k(n, o)
-                     JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n
-                     ORDER BY k.o)
-        FROM pg_constraint c
-        JOIN pg_class cc ON cc.oid = c.conrelid
-        JOIN pg_class pc ON pc.oid = c.confrelid
-        JOIN pg_namespace cn ON cn.oid = cc.relnamespace
-        WHERE c.contype = 'f' AND c.conparentid = 0 AND cn.nspname = 'public'
-        ORDER BY cc.relname, c.conname
-        """
-    ).fetchall()
-    return [ForeignKey(r[0], tuple(r[3]), r[1], tuple(r[4]), str(r[2])) for r in rows]
 
 
 def _cols(cols: Sequence[str]) -> sql.Composable:
@@ -173,70 +156,6 @@ def plan_erase(fks: Sequence[ForeignKey], scrub_columns: dict[str, list[str]]) -
     return steps
 
 
-# Non-foreign-key mentions: (table, statement). %(pats)s are LIKE patterns of the user's
-# identifiers; %(uid)s the id. Each is skipped if its table does not exist.
-MENTIONS: tuple[tuple[str, str], ...] = (
-    (
-        "outbox",
-        "DELETE FROM outbox WHERE args::text LIKE ANY(%(pats)s) OR kwargs::text LIKE ANY(%(pats)s)",
-    ),
-    (
-        "webhook_events",
-        "UPDATE webhook_events SET payload = jsonb_build_object('id', id, 'type', type, "
-        "'redacted', true), last_error = NULL WHERE payload::text LIKE ANY(%(pats)s) "
-        "OR last_error LIKE ANY(%(pats)s)",
-    ),
-    (
-        "audit_logs",
-        "UPDATE audit_logs SET entity_id = NULL, actor = NULL, details = NULL "
-        "WHERE entity_id LIKE ANY(%(pats)s) OR actor LIKE ANY(%(pats)s) "
-        "OR details::text LIKE ANY(%(pats)s)",
-    ),
-    (
-        "notifications",
-        "DELETE FROM notifications WHERE title LIKE ANY(%(pats)s) OR body LIKE ANY(%(pats)s) "
-        "OR data::text LIKE ANY(%(pats)s)",
-    ),
-    (
-        "conversations",
-        "UPDATE conversations SET participant_ids = array_remove(participant_ids, %(uid)s) "
-        "WHERE %(uid)s = ANY(participant_ids)",
-    ),
-)
-
-
-def _like(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
-def identifiers(user: dict[str, Any]) -> list[str]:
-    """Strings that identify the user, for finding mentions outside foreign keys."""
-    values = [str(user["id"])]
-    for col in ("email", "username", "phone", "stripe_customer_id", "push_token"):
-        if user.get(col):
-            values.append(str(user[col]))
-    name = (user.get("full_name") or "").strip()
-    if len(name) >= 4 and name != "Deleted User":  # shorter names match too much
-        values.append(name)
-    return values
-
-
-def scrub_columns(conn: Any) -> dict[str, list[str]]:
-    rows = conn.execute(
-        """
-        SELECT table_name, column_name FROM information_schema.columns
-        WHERE table_schema = 'public' AND is_nullable = 'YES'
-          AND data_type IN ('text', 'character varying', 'jsonb', 'json', 'inet', 'ARRAY')
-        ORDER BY table_name, ordinal_position
-        """
-    ).fetchall()
-    out: dict[str, list[str]] = {}
-    for table, column in rows:
-        out.setdefault(table, []).append(column)
-    return out
-
-
 @dataclass
 class EraseResult:
     reference: str
@@ -245,16 +164,30 @@ class EraseResult:
     redis_keys: int = 0
     broker_messages: int = 0  # queued / dead-lettered dramatiq messages about the user
     steps: list[str] = field(default_factory=list)
+    exports_deleted: int = 0
+    archives_rewritten: int = 0
 
 
-def _ensure_tombstone(conn: Any) -> None:
-    # deleted_at is set: the tombstone is nobody, so it gets no welcome e-mail (the app
-    # triggers skip deleted users); erase and the erase-users policy never pick it.
-    conn.execute(
-        "INSERT INTO users (id, email, full_name, deleted_at) "
-        "VALUES (%s, %s, 'Deleted User', now()) ON CONFLICT (id) DO NOTHING",
-        (TOMBSTONE_ID, TOMBSTONE_EMAIL),
-    )
+@dataclass(frozen=True)
+class ErasePlan:
+    """Everything an erase will touch, found without changing anything (the dry run prints
+    it; ``erase`` carries it out)."""
+
+    user_id: uuid.UUID
+    steps: list[Step]
+    exports: list[str]  # export object keys
+    archive_objects: list[str]  # archived objects to rewrite
+    redis_patterns: list[str]
+
+    def lines(self) -> list[str]:
+        out = [f"{s.action} {s.via}" for s in self.steps]
+        out += [f"scrub {t} mentions" for t in MENTIONS]
+        out.append("scrub personal fields of Stripe payloads in webhook_events")
+        out += [f"delete export {k}" for k in self.exports]
+        out += [f"rewrite archive {k} without the user's rows" for k in self.archive_objects]
+        out += [f"remove Redis keys {p}" for p in self.redis_patterns]
+        out.append("record the erasure (ids only) in erasures and gdpr/erasures/ in storage")
+        return out
 
 
 def _load_user(conn: Any, user_id: uuid.UUID, *, lock: bool) -> dict[str, Any] | None:
@@ -275,33 +208,58 @@ def parse_user_id(text: str) -> uuid.UUID:
         raise UserNotFound(f"{text!r} is not a user id (a UUID)") from None
 
 
-def request_erasure(
-    user_id: uuid.UUID | str, *, settings: Settings | None = None, now: datetime | None = None
-) -> datetime:
-    """Soft-delete the user now (the grace period starts) and log data_deletion_requested.
-    Returns when the user becomes erasable."""
-    from pipelines.engine import connect
+@dataclass(frozen=True)
+class RequestPlan:
+    user_id: uuid.UUID
+    already_deleted_at: datetime | None
+    erasable_at: datetime
 
+    def lines(self) -> list[str]:
+        first = (
+            f"keep the soft-delete of {self.already_deleted_at.isoformat()}"
+            if self.already_deleted_at
+            else "soft-delete the user now (users.deleted_at)"
+        )
+        return [
+            first,
+            "log data_deletion_requested in compliance_logs",
+            f"the user becomes erasable at {self.erasable_at.isoformat()}",
+        ]
+
+
+def request_erasure(
+    user_id: uuid.UUID | str,
+    *,
+    settings: Settings | None = None,
+    now: datetime | None = None,
+    by: str = "system",
+    dry_run: bool = False,
+) -> RequestPlan:
+    """Soft-delete the user now (the grace period starts) and log data_deletion_requested.
+    Returns the plan (``erasable_at``: when the user becomes erasable)."""
     settings = settings or get_settings()
     uid = parse_user_id(str(user_id))
     now = now or datetime.now(UTC)
-    with connect(settings) as conn, conn.transaction():
-        user = _load_user(conn, uid, lock=True)
+    with connect(settings, read_only=dry_run) as conn, conn.transaction():
+        user = _load_user(conn, uid, lock=not dry_run)
         if user is None or uid == TOMBSTONE_ID:
             raise UserNotFound(f"no user {uid}")
         deleted_at = user["deleted_at"] or now
+        plan = RequestPlan(
+            uid, user["deleted_at"], deleted_at + timedelta(days=settings.gdpr_grace_days)
+        )
+        if dry_run:
+            return plan
         conn.execute("UPDATE users SET deleted_at = %s WHERE id = %s", (deleted_at, uid))
         _compliance(
             conn,
             "data_deletion_requested",
             uid,
             f"erasure:{uuid.uuid4()}",
-            {
-                "grace_days": settings.gdpr_grace_days,
-            },
+            {"grace_days": settings.gdpr_grace_days, "by": by},
         )
     log.info("gdpr_erasure_requested", grace_days=settings.gdpr_grace_days)
-    return deleted_at + timedelta(days=settings.gdpr_grace_days)
+    return plan
 
 
 def _compliance(
@@ -314,6 +272,34 @@ def _compliance(
     )
 
 
+def subjects_of(user: dict[str, Any]) -> list[str]:
+    """What the archive_subjects index names the user by."""
+    out = [str(user["id"])]
+    if user.get("stripe_customer_id"):
+        out.append(str(user["stripe_customer_id"]))
+    return out
+
+
+def plan_user_erase(conn: Any, user: dict[str, Any], settings: Settings) -> ErasePlan:
+    """Read-only: what erasing ``user`` will touch."""
+    from core.storage import open_storage
+
+    steps = plan_erase(foreign_keys(conn), scrub_columns(conn))
+    exports = [
+        r[0]
+        for r in conn.execute(
+            "SELECT key FROM gdpr_exports WHERE user_id = %s ORDER BY created_at", (user["id"],)
+        ).fetchall()
+    ]
+    objects = [
+        r[1]
+        for r in archive.objects_holding(
+            conn, open_storage(settings=settings).url, subjects_of(user)
+        )
+    ]
+    return ErasePlan(user["id"], steps, exports, objects, redis_patterns(user, settings))
+
+
 def erase(
     user_id: uuid.UUID | str,
     *,
@@ -322,25 +308,29 @@ def erase(
     by: str = "system",
     dry_run: bool = False,
 ) -> EraseResult:
-    """Hard-delete a user soft-deleted at least the grace period ago (FK order, one
-    transaction), then drop their Redis keys. Raises UserNotFound / NotEligible."""
-    from pipelines.engine import connect
+    """Hard-delete a user soft-deleted at least the grace period ago: their exports and their
+    rows in archived objects first, then the database (FK order, one transaction) with an
+    ``erasures`` record, then their Redis keys. Raises UserNotFound / NotEligible.
+
+    ``dry_run``: the plan only, read on a READ ONLY session."""
+    from core.storage import open_storage
 
     settings = settings or get_settings()
     uid = parse_user_id(str(user_id))
     now = now or datetime.now(UTC)
     grace = timedelta(days=settings.gdpr_grace_days)
     reference = f"erasure:{uuid.uuid4()}"
-    with connect(settings) as conn:
+    with connect(settings, read_only=dry_run) as conn:
         user = _load_user(conn, uid, lock=False)
         if user is None or uid == TOMBSTONE_ID:
             log.warning("gdpr_erase_unknown_user")
             raise UserNotFound(f"no user {uid}")
         _check_eligible(user, now, grace)
-        steps = plan_erase(foreign_keys(conn), scrub_columns(conn))
-        result = EraseResult(reference, False, {}, steps=[f"{s.action} {s.via}" for s in steps])
+        plan = plan_user_erase(conn, user, settings)
+        result = EraseResult(reference, False, {}, steps=plan.lines())
         if dry_run:
             return result
+        storage = open_storage(settings=settings)
         # The request is on record even if the erase below fails and is retried.
         with conn.transaction():
             _compliance(
@@ -348,11 +338,23 @@ def erase(
                 "data_deletion_requested",
                 uid,
                 reference,
-                {
-                    "grace_days": settings.gdpr_grace_days,
-                    "by": by,
-                },
+                {"grace_days": settings.gdpr_grace_days, "by": by},
             )
+        # Storage before the rows that find it: if this fails, the erase fails whole and is
+        # retried; the user is still there to be found (and still soft-deleted, so unseen).
+        archive.sweep_superseded(conn, storage)
+        for key in plan.exports:
+            storage.delete(key)
+        result.exports_deleted = len(plan.exports)
+        rewritten = archive.rewrite_for_erasure(
+            conn,
+            storage,
+            user,
+            subjects=subjects_of(user),
+            settings=settings,
+            tag=reference.rsplit(":", 1)[-1][:8],
+        )
+        result.archives_rewritten = len(rewritten)
         with conn.transaction():
             conn.execute(
                 sql.SQL("SET LOCAL lock_timeout = {}").format(
@@ -363,56 +365,110 @@ def erase(
             if user is None:
                 raise UserNotFound(f"no user {uid}")
             _check_eligible(user, now, grace)  # restored meanwhile? then untouched
-            _ensure_tombstone(conn)
-            conn.execute("UPDATE users SET push_token = NULL WHERE id = %s", (uid,))
-            params = {
-                "uid": uid,
-                "tombstone": TOMBSTONE_ID,
-                "deleted": MESSAGE_DELETED,
-                "pats": [_like(v) for v in identifiers(user)],
-            }
-            counts: dict[str, int] = {}
-            for step in steps:
-                n = conn.execute(step.statement, params).rowcount
-                label = f"{step.table}:{step.action}"
-                counts[label] = counts.get(label, 0) + max(n, 0)
-            existing = {
-                r[0]
-                for r in conn.execute(
-                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-                ).fetchall()
-            }
-            for table, statement in MENTIONS:
-                if table in existing:
-                    n = conn.execute(statement, params).rowcount
-                    label = f"{table}:mentions"
-                    counts[label] = counts.get(label, 0) + max(n, 0)
+            counts = erase_in_database(conn, user, plan.steps)
+            counts["gdpr_exports:delete"] = conn.execute(
+                "DELETE FROM gdpr_exports WHERE user_id = %s", (uid,)
+            ).rowcount
             # Redis first, while the transaction can still roll back: if Redis is down the
             # erase fails whole and is retried, rather than leaving cached personal data of a
             # user nobody can find any more. Once more after the commit, in case an app
             # re-cached the profile in between.
             result.redis_keys = _drop_redis_keys(user, settings)
             result.broker_messages = _drop_dramatiq_messages(user, settings)
+            counts["archives:rewritten"] = len(rewritten)
+            counts["exports:deleted"] = len(plan.exports)
             _compliance(conn, "data_deletion_completed", None, reference, {"counts": counts})
             conn.execute(
                 "INSERT INTO audit_logs (action, entity_type, entity_id, actor, details) "
                 "VALUES ('gdpr_erase', 'user_erasure', %s, %s, %s)",
                 (reference, by, json.dumps({"counts": counts})),
             )
+            recorded = conn.execute(
+                "INSERT INTO erasures (reference, subject_hash, erased_by) VALUES (%s, %s, %s) "
+                "RETURNING erased_at",
+                (reference, subject_hash(uid), by),
+            ).fetchone()
+            erased_at = recorded[0] if recorded else now
         result.counts = counts
         result.erased = True
     result.redis_keys += _drop_redis_keys(user, settings)
     # and a message enqueued about the user meanwhile (e.g. relayed from the outbox just
     # before the commit removed its row) goes too.
     result.broker_messages += _drop_dramatiq_messages(user, settings)
+    _write_ledger(storage, reference, uid, erased_at, by)
     log.info(
         "gdpr_user_erased",
         reference=reference,
         rows=sum(counts.values()),
         redis_keys=result.redis_keys,
         broker_messages=result.broker_messages,
+        exports=result.exports_deleted,
+        archives=result.archives_rewritten,
     )
     return result
+
+
+def erase_in_database(conn: Any, user: dict[str, Any], steps: list[Step]) -> dict[str, int]:
+    """The database part of an erase, inside the caller's transaction: the plan's steps in FK
+    order, then the mentions outside foreign keys and the Stripe payloads."""
+    uid = user["id"]
+    ensure_tombstone(conn)
+    conn.execute("UPDATE users SET push_token = NULL WHERE id = %s", (uid,))
+    needles = identifiers(user)
+    params = {
+        "uid": uid,
+        "tombstone": TOMBSTONE_ID,
+        "deleted": MESSAGE_DELETED,
+        "pats": [like(v) for v in needles],
+    }
+    counts: dict[str, int] = {}
+    for step in steps:
+        n = conn.execute(step.statement, params).rowcount
+        label = f"{step.table}:{step.action}"
+        counts[label] = counts.get(label, 0) + max(n, 0)
+    existing = {
+        r[0]
+        for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchall()
+    }
+    for table, statement in MENTIONS.items():
+        if table in existing:
+            stmt = sql.SQL(statement).format(t=sql.Identifier("public", table))
+            n = conn.execute(stmt, params).rowcount
+            counts[f"{table}:mentions"] = counts.get(f"{table}:mentions", 0) + max(n, 0)
+    if "webhook_events" in existing:
+        counts["webhook_events:scrubbed"] = scrub_webhook_payloads(
+            conn, sql.Identifier("public", "webhook_events"), needles
+        )
+    subjects = subjects_of(user)
+    if "archive_subjects" in existing:
+        conn.execute("DELETE FROM archive_subjects WHERE subject = ANY(%s)", (subjects,))
+    return counts
+
+
+LEDGER_PREFIX = "gdpr/erasures/"
+
+
+def _write_ledger(
+    storage: Any, reference: str, uid: uuid.UUID, erased_at: datetime, by: str
+) -> None:
+    """The erasure in storage too (ids only): a restore when the database itself is lost
+    still knows whom to erase again. Best effort after the commit: the ``erasures`` table has
+    it; ``reapply_erasures`` reads both."""
+    stamp = erased_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    key = f"{LEDGER_PREFIX}{stamp}-{reference.split(':')[-1]}.json"
+    doc = {
+        "kind": "tidemill.erasure",
+        "reference": reference,
+        "subject_hash": subject_hash(uid),
+        "erased_at": erased_at.isoformat(),
+        "by": by,
+    }
+    try:
+        storage.put_bytes(key, json.dumps(doc).encode())
+    except Exception as exc:  # the database record stands; the ledger copy is a backstop
+        log.error("gdpr_erasure_ledger_failed", reference=reference, error=type(exc).__name__)
 
 
 def _check_eligible(user: dict[str, Any], now: datetime, grace: timedelta) -> None:
@@ -428,17 +484,92 @@ def _check_eligible(user: dict[str, Any], now: datetime, grace: timedelta) -> No
         )
 
 
+def redis_patterns(user: dict[str, Any], settings: Settings) -> list[str]:
+    """Redis key patterns (glob) that name the user: the declared cache map
+    (db.cache_keys.USER_KEY_PATTERNS) and the apps' extra TIDEMILL_GDPR_REDIS_PATTERNS, filled
+    in with the user's columns (a template whose column is empty yields nothing), plus any key
+    holding the user's id."""
+    from db.cache_keys import USER_KEY_PATTERNS
+
+    extra = [p.strip() for p in (settings.gdpr_redis_patterns or "").split(",") if p.strip()]
+    out: list[str] = []
+    for template in (*USER_KEY_PATTERNS, *extra):
+        try:
+            values = {c: user.get(c) for c in _template_columns(template)}
+        except ValueError:
+            log.warning("gdpr_bad_redis_pattern", pattern=template[:60])
+            continue
+        if any(v is None or v == "" for v in values.values()):
+            continue
+        out.append(template.format(**{k: _glob_escape(str(v)) for k, v in values.items()}))
+    out.append(f"*{user['id']}*")
+    return sorted(set(out))
+
+
+def _template_columns(template: str) -> list[str]:
+    import string
+
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _glob_escape(value: str) -> str:
+    # A user's e-mail or name could hold glob characters: matched literally, never as a glob.
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in value)
+
+
+# tidemill's own Redis namespace, whose values may carry a user (dashboard selections of dead
+# letters, per-day dead-letter error texts, workers/stats.py): entries that mention the user
+# are removed. dramatiq's own keys are handled message by message (_drop_dramatiq_messages).
+OWN_NAMESPACES = ("tidemill:*",)
+
+
 def _drop_redis_keys(user: dict[str, Any], settings: Settings) -> int:
-    from db.cache_keys import keys_for
     from db.redis import get_redis
 
     client = get_redis(settings)
-    keys = set(keys_for("users", [user]))
-    # Anything else keyed by the user's id (sessions, feeds, counters): SCAN walks the key
-    # space in small steps, so a large Redis is not blocked.
-    for key in client.scan_iter(match=f"*{user['id']}*", count=1000):
-        keys.add(key.decode() if isinstance(key, bytes) else key)
-    return int(client.unlink(*sorted(keys))) if keys else 0
+    keys: set[str] = set()
+    # SCAN walks the key space in small steps, so a large Redis is not blocked.
+    for pattern in redis_patterns(user, settings):
+        for key in client.scan_iter(match=pattern, count=1000):
+            keys.add(key.decode() if isinstance(key, bytes) else key)
+    removed = int(client.unlink(*sorted(keys))) if keys else 0
+    return removed + _scrub_own_keys(client, identifiers(user))
+
+
+def _scrub_own_keys(client: Any, needles: list[str]) -> int:
+    """Entries of tidemill's own keys whose text mentions the user: hash fields, list items,
+    set members go; a string key that mentions them goes whole."""
+    low = [n.lower() for n in needles]
+
+    def hit(value: Any) -> bool:
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        return any(n in text.lower() for n in low)
+
+    removed = 0
+    for pattern in OWN_NAMESPACES:
+        for raw in client.scan_iter(match=pattern, count=1000):
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            kind = client.type(key)
+            kind = kind.decode() if isinstance(kind, bytes) else kind
+            if kind == "string":
+                if hit(client.get(key) or b""):
+                    removed += int(client.unlink(key))
+            elif kind == "hash":
+                fields = [f for f, v in client.hscan_iter(key, count=500) if hit(f) or hit(v)]
+                if fields:
+                    removed += int(client.hdel(key, *fields))
+            elif kind == "list":
+                for item in {i for i in client.lrange(key, 0, -1) if hit(i)}:
+                    removed += int(client.lrem(key, 0, item))
+            elif kind == "set":
+                members = [m for m in client.sscan_iter(key, count=500) if hit(m)]
+                if members:
+                    removed += int(client.srem(key, *members))
+            elif kind == "zset":
+                members = [m for m, _ in client.zscan_iter(key, count=500) if hit(m)]
+                if members:
+                    removed += int(client.zrem(key, *members))
+    return removed
 
 
 # dramatiq's Redis broker keeps, per queue Q (and its delay queue Q.DQ): the list ``ns:Q`` of
@@ -518,7 +649,7 @@ def _drop_matching(client: Any, needles: set[str]) -> int:
 # ---------------------------------------------------------------------------- the policy
 
 
-def run_erase_policy(ctx: Any) -> list[str]:
+def run_erase_policy(ctx: RunContext) -> list[str]:
     """erase-users: every user soft-deleted before the cutoff, one transaction each."""
     policy = ctx.policy
     rows = ctx.work.execute(
@@ -538,15 +669,111 @@ def run_erase_policy(ctx: Any) -> list[str]:
         return plan
     for (uid,) in rows:
         try:
-            res = erase(uid, settings=ctx.settings, now=ctx.now, by=f"pipeline:{policy.name}")
-        except NotEligible:  # restored or re-dated since we listed it
-            ctx.advance(scanned=1, affected=0)
-            continue
-        except UserNotFound:
+            res = erase(
+                uid, settings=ctx.settings, now=ctx.now, by=ctx.by or f"pipeline:{policy.name}"
+            )
+        except (NotEligible, UserNotFound):  # restored or re-dated since we listed it
             ctx.advance(scanned=1, affected=0)
             continue
         ctx.advance(scanned=1, affected=1 if res.erased else 0)
     return plan
+
+
+# ------------------------------------------------------------------ restores re-apply erasures
+
+
+def erasure_records(
+    *, settings: Settings | None = None, storage: Any = None, database_url: str | None = None
+) -> dict[str, tuple[str, datetime]]:
+    """reference -> (subject_hash, erased_at) of every recorded erasure: the storage ledger
+    (``gdpr/erasures/``, survives the database) and the ``erasures`` table of the live
+    database (``database_url``, default the configured one), when reachable."""
+    import psycopg
+
+    from core.storage import open_storage
+    from db.engine import libpq_url
+
+    settings = settings or get_settings()
+    out: dict[str, tuple[str, datetime]] = {}
+    storage = storage or open_storage(settings=settings)
+    for info in storage.list(LEDGER_PREFIX):
+        try:
+            doc = json.loads(storage.get_bytes(info.key))
+            out[str(doc["reference"])] = (
+                str(doc["subject_hash"]),
+                datetime.fromisoformat(str(doc["erased_at"])),
+            )
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            log.warning("gdpr_ledger_unreadable", key=info.key, error=type(exc).__name__)
+    url = database_url or settings.database_url
+    if url:
+        try:
+            with psycopg.connect(libpq_url(url), autocommit=True, connect_timeout=5) as conn:
+                for ref, digest, at in conn.execute(
+                    "SELECT reference, subject_hash, erased_at FROM erasures"
+                ).fetchall():
+                    out.setdefault(ref, (digest, at))
+        except psycopg.Error as exc:  # the live database may be what was lost
+            log.warning("gdpr_erasures_table_unreadable", error=type(exc).__name__)
+    return out
+
+
+def reapply_erasures(
+    database_url: str,
+    *,
+    since: datetime | None,
+    settings: Settings | None = None,
+    storage: Any = None,
+    source_database_url: str | None = None,
+) -> int:
+    """Erase again, in the restored database at ``database_url``, every user whose erasure
+    was recorded after ``since`` (the backup's time; None: every recorded erasure). Call it
+    before the restored database is handed over. Database only: Redis, exports and archives
+    were cleaned when the erasure happened. Returns how many users were erased again."""
+    import psycopg
+
+    from db.engine import libpq_url
+
+    settings = settings or get_settings()
+    records = erasure_records(settings=settings, storage=storage, database_url=source_database_url)
+    wanted = {
+        digest: ref
+        for ref, (digest, at) in records.items()
+        if since is None or at >= since - timedelta(minutes=5)  # clock skew: erase again, harmless
+    }
+    if not wanted:
+        return 0
+    erased = 0
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT id, subject FROM (SELECT id, "
+            + SUBJECT_HASH_SQL.format("id")
+            + " AS subject FROM users) u WHERE subject = ANY(%s)",
+            (list(wanted),),
+        ).fetchall()
+        steps = plan_erase(foreign_keys(conn), scrub_columns(conn)) if rows else []
+        for uid, digest in rows:
+            with conn.transaction():
+                user = _load_user(conn, uid, lock=True)
+                if user is None:
+                    continue
+                erase_in_database(conn, user, steps)
+                if _has_table(conn, "gdpr_exports"):
+                    conn.execute("DELETE FROM gdpr_exports WHERE user_id = %s", (uid,))
+                if _has_table(conn, "erasures"):
+                    conn.execute(
+                        "INSERT INTO erasures (reference, subject_hash, erased_by) "
+                        "VALUES (%s, %s, 'restore') ON CONFLICT (reference) DO NOTHING",
+                        (wanted[digest], digest),
+                    )
+            erased += 1
+    log.info("gdpr_erasures_reapplied", users=erased, recorded=len(wanted))
+    return erased
+
+
+def _has_table(conn: Any, name: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s)", (f"public.{name}",)).fetchone()
+    return bool(row and row[0])
 
 
 # ---------------------------------------------------------------------------------- export
@@ -558,6 +785,7 @@ class ExportResult:
     key: str
     size: int
     sha256: str
+    expires_at: datetime | None = None
 
 
 _EXPORT = """
@@ -581,7 +809,6 @@ def export(
     """Write the user's data as JSON to storage (Lovendo's export_user_data shape plus
     subscriptions, notifications and consents)."""
     from core.storage import open_storage
-    from pipelines.engine import connect
 
     settings = settings or get_settings()
     uid = parse_user_id(str(user_id))
@@ -597,8 +824,24 @@ def export(
             _compliance(conn, "data_export_requested", uid, f"export:{export_id}", {"by": by})
         row = conn.execute(_EXPORT, {"uid": uid}).fetchone()
         document = json.dumps(row[0] if row else None, indent=1, default=str).encode()
-        put = open_storage(settings=settings).put_bytes(key, document)
+        storage = open_storage(settings=settings)
+        # Catalogued before the upload: an export is never in storage without its row, so the
+        # expiry pipeline and the user's erase always find it.
         with conn.transaction():
+            catalogued = conn.execute(
+                "INSERT INTO gdpr_exports (export_id, user_id, key, storage_url, size_bytes, "
+                "sha256, expires_at, requested_by) VALUES (%s, %s, %s, %s, 0, '', "
+                "now() + make_interval(days => %s), %s) RETURNING expires_at",
+                (export_id, uid, key, storage.url, settings.gdpr_export_ttl_days, by),
+            ).fetchone()
+            assert catalogued is not None
+            expires_at = catalogued[0]
+        put = storage.put_bytes(key, document)
+        with conn.transaction():
+            conn.execute(
+                "UPDATE gdpr_exports SET size_bytes = %s, sha256 = %s WHERE export_id = %s",
+                (put.size, put.sha256, export_id),
+            )
             _compliance(
                 conn,
                 "data_export_completed",
@@ -611,4 +854,52 @@ def export(
                 },
             )
     log.info("gdpr_user_exported", export_id=export_id, size=put.size)
-    return ExportResult(export_id, key, put.size, put.sha256)
+    return ExportResult(export_id, key, put.size, put.sha256, expires_at)
+
+
+@dataclass(frozen=True)
+class ExpirePlan:
+    cutoff: datetime
+    exports: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"delete {self.exports} GDPR export(s) whose download window ended before "
+            f"{self.cutoff.isoformat()} (object, then catalogue row)"
+        ]
+
+
+def run_expire_exports(ctx: RunContext) -> ExpirePlan:
+    """expire-exports: exports past their download window leave storage, then the catalogue.
+    A crash between the two leaves the row; the next run deletes the (gone) object again."""
+    cutoff = ctx.cutoff
+    count = ctx.work.execute(
+        "SELECT count(*) FROM gdpr_exports WHERE expires_at < %s", (cutoff,)
+    ).fetchone()
+    plan = ExpirePlan(cutoff, int(count[0]) if count else 0)
+    ctx.expected = plan.exports
+    if ctx.dry_run:
+        return plan
+    while True:
+        with ctx.batch() as conn:
+            rows = conn.execute(
+                "SELECT export_id, key FROM gdpr_exports WHERE expires_at < %s "
+                "ORDER BY expires_at, export_id LIMIT %s FOR UPDATE SKIP LOCKED",
+                (cutoff, ctx.policy.batch_size),
+            ).fetchall()
+            if not rows:
+                break
+            for _export_id, key in rows:
+                ctx.storage.delete(key)
+            # The compliance trail (SaltBitter) records the deletion with the export it names.
+            conn.execute(
+                "WITH gone AS (DELETE FROM gdpr_exports WHERE export_id = ANY(%s) "
+                "RETURNING user_id, export_id) "
+                "INSERT INTO compliance_logs (user_id, subject_ref, action_type, metadata) "
+                "SELECT user_id, 'export:' || export_id, 'data_export_deleted', "
+                "jsonb_build_object('reason', 'download window ended', 'by', %s::text) "
+                "FROM gone",
+                ([r[0] for r in rows], ctx.by or f"pipeline:{ctx.policy.name}"),
+            )
+        ctx.advance(scanned=len(rows), affected=len(rows), objects=len(rows))
+    return plan

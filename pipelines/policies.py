@@ -29,8 +29,9 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "policies"
 # delete / expire: batch-delete old rows (expire is for rows whose life ended: tokens, codes);
 # archive: stream rows to object storage, delete them once stored and verified;
 # erase-users: GDPR hard delete of users soft-deleted longer than the age;
-# partitions: create future monthly partitions of a partitioned table.
-ACTIONS = ("delete", "expire", "archive", "erase-users", "partitions")
+# partitions: create future monthly partitions of a partitioned table;
+# expire-exports: GDPR exports past their download window leave storage and the catalogue.
+ACTIONS = ("delete", "expire", "archive", "erase-users", "partitions", "expire-exports")
 FORMATS = ("csv", "jsonl")
 MISFIRES = ("once", "skip")
 STORAGE_CLASSES = (
@@ -64,6 +65,11 @@ _KNOWN_KEYS = {
     "format",
     "months_ahead",
 }
+
+
+# Stripe retries an undelivered event for up to 3 days; a day more for clocks and backlogs.
+WEBHOOK_DEDUP_MIN = timedelta(days=4)
+_REFERENCE = datetime(2001, 1, 31, tzinfo=zoneinfo.ZoneInfo("UTC"))  # any fixed instant
 
 
 class PolicyError(ValueError):
@@ -167,6 +173,19 @@ def _policy(raw: Mapping[str, Any], where: str) -> Policy:
         kwargs.update(age_column=age_column, key_column=key_column)
     if action == "erase-users" and table != "users":
         raise PolicyError(f"{where}: erase-users works on table 'users', not {table!r}")
+    if (
+        table == "webhook_events"
+        and action in ("delete", "expire", "archive")
+        and kwargs["age"].cutoff(_REFERENCE) > _REFERENCE - WEBHOOK_DEDUP_MIN
+    ):
+        # The event-id dedup is the row itself: an event gone from webhook_events before
+        # Stripe stops retrying it would be accepted and applied again.
+        raise PolicyError(
+            f"{where}: webhook_events rows must be kept at least {WEBHOOK_DEDUP_MIN.days} days "
+            "(Stripe retries an event for up to 3 days; the event-id dedup needs the row)"
+        )
+    if action == "expire-exports" and table != "gdpr_exports":
+        raise PolicyError(f"{where}: expire-exports works on table 'gdpr_exports', not {table!r}")
     schedule = need("schedule", str)
     tz = raw.get("timezone", "UTC")
     try:

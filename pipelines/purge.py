@@ -18,6 +18,7 @@ from psycopg import sql
 
 from core.log import get_logger
 from pipelines import partitions as parts
+from pipelines.context import RunContext
 from pipelines.policies import Policy
 
 log = get_logger(__name__)
@@ -170,7 +171,7 @@ def plan_purge(policy: Policy, state: TableState, cutoff: datetime) -> PurgePlan
     )
 
 
-def run(ctx: Any) -> PurgePlan:
+def run(ctx: RunContext) -> PurgePlan:
     policy: Policy = ctx.policy
     cutoff = ctx.cutoff
     state = scan_state(ctx.work, policy, cutoff, exact=ctx.dry_run)
@@ -190,7 +191,7 @@ def run(ctx: Any) -> PurgePlan:
     return plan
 
 
-def delete_batches(ctx: Any, policy: Policy, cutoff: datetime) -> None:
+def delete_batches(ctx: RunContext, policy: Policy, cutoff: datetime) -> None:
     t = sql.Identifier(policy.table)  # via the search_path: the app's schema, then tidemill's
     delete = sql.SQL("DELETE FROM {t} WHERE {w}").format(t=t, w=range_where(policy))
     after: Key | None = None
@@ -216,7 +217,7 @@ class MaintenanceRun:
         return [f"{self.table}: create partition {name}" for name in self.created]
 
 
-def run_partition_maintenance(ctx: Any) -> MaintenanceRun:
+def run_partition_maintenance(ctx: RunContext) -> MaintenanceRun:
     policy: Policy = ctx.policy
     existing = parts.list_partitions(ctx.work, policy.table)
     plan = parts.plan_maintenance(

@@ -280,6 +280,11 @@ def restore_to_time(
             shutil.rmtree(data_dir, ignore_errors=True)
             raise
         result.started = True
+        # GDPR (#15): erasures recorded since the base backup began are applied again before
+        # anyone gets the restored database (erasing an already erased user finds nobody).
+        from pipelines.gdpr import reapply_erasures
+
+        reapply_erasures(result.url, since=chain[0].started_at, settings=settings, storage=storage)
     result.seconds = time.monotonic() - t0
     log.info("restore_complete", data_dir=str(data_dir), port=port, seconds=result.seconds)
     return result

@@ -357,3 +357,52 @@ def test_objects_of_a_date_age_column_are_filed_under_their_rows_month(sql, file
     assert object_key("t", (date(2020, 12, 31), 1), (date(2021, 1, 2), 9), "csv") == (
         "t/2020/12/2020-12-31_1--2021-01-02_9.csv.zst"
     )
+
+
+def test_erase_refuses_to_rewrite_a_damaged_archive_and_changes_nothing(
+    sql, redis_client, file_storage
+) -> None:
+    """A flipped byte in an archived object that holds the user: the erase fails whole (the
+    user, the catalogue and the object untouched, to be retried), never writes a rewrite of
+    damaged data; with the object repaired the retry succeeds."""
+    from pathlib import Path
+
+    from core.storage import open_storage
+    from pipelines.archive import ArchiveError
+    from pipelines.gdpr import erase
+    from tests.test_gdpr import _old_rows, _person
+
+    p = _person(sql, redis_client, deleted_days_ago=31)
+    _old_rows(sql, p)
+    run_pipeline("messages-archive")
+    storage = open_storage()
+    (key, sha) = sql.execute("SELECT key, sha256 FROM archive_objects").fetchone()
+    path = Path(file_storage.removeprefix("file://")) / key
+    good = path.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x01
+    path.write_bytes(bytes(bad))
+    with pytest.raises(ArchiveError, match="damaged"):
+        erase(p["id"], by="test")
+    assert sql.execute("SELECT count(*) FROM users WHERE id = %s", (p["id"],)).fetchone()[0] == 1
+    assert sql.execute("SELECT key, sha256 FROM archive_objects").fetchone() == (key, sha)
+    assert [i.key for i in storage.list("messages/")] == [key]  # no half-made rewrite
+    path.write_bytes(good)
+    assert erase(p["id"], by="test").archives_rewritten == 1
+    assert not storage.exists(key)
+
+
+def test_an_old_object_left_by_a_crash_after_the_rewrite_is_swept(sql, file_storage) -> None:
+    """Killed between the catalogue commit and the delete of the replaced object: the key is
+    queued in archive_superseded, and the next archive run deletes it."""
+    from core.storage import open_storage
+
+    storage = open_storage()
+    storage.put_bytes("messages/2020/01/old.csv.zst", b"personal data")
+    sql.execute(
+        "INSERT INTO archive_superseded (storage_url, key) VALUES (%s, %s)",
+        (storage.url, "messages/2020/01/old.csv.zst"),
+    )
+    run_pipeline("messages-archive")
+    assert not storage.exists("messages/2020/01/old.csv.zst")
+    assert sql.execute("SELECT count(*) FROM archive_superseded").fetchone()[0] == 0

@@ -115,3 +115,55 @@ def archived_ids(url: str, prefix: str) -> list[str]:
             rows = list(csv.DictReader(io.StringIO(text)))
             ids += [r["id"] for r in rows]
     return ids
+
+
+def stored_texts(url: str, *, skip_prefixes: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every object in storage, decompressed when it is zstd (archives, backups): key -> bytes."""
+    import zstandard
+
+    from core.storage import open_storage
+
+    storage = open_storage(url)
+    out: dict[str, bytes] = {}
+    for info in storage.list(""):
+        if info.key.startswith(skip_prefixes):
+            continue
+        raw = storage.get_bytes(info.key)
+        if info.key.endswith(".zst"):
+            raw = (
+                zstandard.ZstdDecompressor()
+                .stream_reader(io.BytesIO(raw), read_across_frames=True)
+                .read()
+            )
+        out[info.key] = raw
+    return out
+
+
+def scan_storage(url: str, needles: list[str], **kwargs: Any) -> list[str]:
+    """Which stored objects (decompressed) hold which needle, case-insensitive."""
+    found = []
+    for key, data in stored_texts(url, **kwargs).items():
+        low = data.lower()
+        found += [f"{key} holds {n!r}" for n in needles if n.lower().encode() in low]
+    return found
+
+
+def db_fingerprint(sql: Any) -> dict[str, str]:
+    """Every table's rows (md5 of their text, in a stable order) and every sequence's
+    position: equal fingerprints mean nothing in the database changed."""
+    tables = sql.execute(
+        "SELECT schemaname, tablename FROM pg_tables "
+        "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+    ).fetchall()
+    out = {}
+    for schema, table in tables:
+        row = sql.execute(
+            f"SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) "
+            f'FROM "{schema}"."{table}" t'
+        ).fetchone()
+        out[f"{schema}.{table}"] = f"{row[0]}:{row[1]}"
+    for schema, name, last in sql.execute(
+        "SELECT schemaname, sequencename, last_value FROM pg_sequences ORDER BY 1, 2"
+    ).fetchall():
+        out[f"seq {schema}.{name}"] = str(last)
+    return out

@@ -1,7 +1,7 @@
 """tidemill's own tables move into the tidemill schema; tidemill.enqueue (issue 14)
 
 Revision ID: 0014
-Revises: 0012
+Revises: 0013
 Create Date: 2026-12-06 00:10:00
 """
 
@@ -19,7 +19,7 @@ from db.schema import (
 )
 
 revision: str = "0014"
-down_revision: str | None = "0012"
+down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

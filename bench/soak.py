@@ -1,0 +1,300 @@
+"""Long soak: the whole system under a steady webhook load, sampled until it plateaus (or not).
+
+    .venv/bin/python -m bench.soak [--minutes N] [--rate R] [--every S] [--quick]
+
+Starts an embedded Postgres (migrated) and Valkey under a temporary directory, then tidemill's
+processes as ``tidemill up`` runs them (``relay``, ``worker``, ``scheduler``, ``web``, each a
+real subprocess with production logging), and posts signed ``payment_intent.succeeded`` events
+at R per second to ``POST /webhooks/stripe`` from this process. The scheduler fires the
+default retention policies on their crons (``outbox-relayed-prune`` every 10 minutes, the rest
+nightly), as in production.
+
+Every S seconds one line: elapsed minutes, events accepted, the RSS of each process (a
+dramatiq worker's children counted one by one: the creep of issue #20 was in them) and the size
+(``pg_total_relation_size``) and row estimate of each of tidemill's own tables. At the end: a
+table of the samples nearest to 10, 60 and 120 minutes (those reached), each process's RSS
+slope over the second half of the run (MB/min: a plateau is ~0), and one JSON line.
+
+Nothing is asserted: the numbers are for docs/lifecycle.md. ``--quick``: 3 minutes at 20/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import psycopg
+import stripe
+
+from core.log import configure_logging
+from core.proc import free_port, spawn, stop_process, wait_until
+from core.stripe_samples import sample
+from db.embedded import EmbeddedPostgres, EmbeddedValkey
+from db.migrate import upgrade
+from web.webhooks import PATH
+
+ROOT = Path(__file__).resolve().parent.parent
+OWN_TABLES = (
+    "webhook_events",
+    "outbox",
+    "schedule_ticks",
+    "pipeline_runs",
+    "email_deliveries",
+    "audit_logs",
+    "ledger_entries",
+)
+MARKS_MIN = (10, 60, 120)
+
+
+def rss_by_process(procs: dict[str, Any]) -> dict[str, float]:
+    """MB resident per process; a process's children (dramatiq's worker processes, uvicorn's)
+    are listed as name/child-N."""
+    out: dict[str, float] = {}
+    for name, proc in procs.items():
+        try:
+            root = psutil.Process(proc.pid)
+            out[name] = root.memory_info().rss / 2**20
+            for i, child in enumerate(sorted(root.children(recursive=True), key=lambda c: c.pid)):
+                out[f"{name}/child-{i}"] = child.memory_info().rss / 2**20
+        except psutil.Error:
+            out[name] = 0.0
+    return out
+
+
+def table_sizes(conn: psycopg.Connection[Any]) -> dict[str, tuple[float, int]]:
+    """table -> (MB including indexes and TOAST, estimated rows)."""
+    out = {}
+    for table in OWN_TABLES:
+        row = conn.execute(
+            "SELECT pg_total_relation_size(c.oid), greatest(c.reltuples, 0)::bigint "
+            "FROM pg_class c WHERE c.oid = to_regclass(%s)",
+            (f"public.{table}",),
+        ).fetchone()
+        if row:
+            out[table] = (row[0] / 2**20, int(row[1]))
+    return out
+
+
+class Load(threading.Thread):
+    """Posts signed events at `rate` per second until stopped; counts answers."""
+
+    def __init__(self, url: str, secret: str, users: list[str], rate: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.secret, self.users, self.rate = url, secret, users, rate
+        self.stop_event = threading.Event()
+        self.accepted = 0
+        self.failed = 0
+
+    def run(self) -> None:
+        interval = 1.0 / self.rate
+        next_at = time.monotonic()
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            i = 0
+            while not self.stop_event.is_set():
+                event = sample(
+                    "payment_intent.succeeded",
+                    user_id=self.users[i % len(self.users)],
+                    amount=1000 + i % 5000,
+                    ref=f"pi_soak_{uuid.uuid4().hex[:16]}",
+                )
+                body = json.dumps(event)
+                header = stripe.WebhookSignature.generate_signature_header(body, self.secret)
+                try:
+                    answer = client.post(
+                        PATH,
+                        content=body.encode(),
+                        headers={"Content-Type": "application/json", "Stripe-Signature": header},
+                    )
+                    if answer.status_code == 200:
+                        self.accepted += 1
+                    else:
+                        self.failed += 1
+                except httpx.HTTPError:
+                    self.failed += 1
+                i += 1
+                next_at += interval
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    self.stop_event.wait(delay)
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope (units per minute) of (minute, value) points."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    den = sum((p[0] - mx) ** 2 for p in points)
+    return sum((p[0] - mx) * (p[1] - my) for p in points) / den if den else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
+    parser.add_argument("--minutes", type=float, default=120.0)
+    parser.add_argument("--rate", type=float, default=40.0, help="webhooks per second")
+    parser.add_argument("--every", type=float, default=60.0, help="seconds between samples")
+    parser.add_argument("--quick", action="store_true", help="3 minutes at 20/s, every 20 s")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.minutes, args.rate, args.every = 3.0, 20.0, 20.0
+    configure_logging(env="production", level="warning")
+    root = Path(tempfile.mkdtemp(prefix="tidemill-soak-"))
+    pg = EmbeddedPostgres(root / "pg", port=free_port())
+    valkey = EmbeddedValkey(root / "valkey", port=free_port())
+    procs: dict[str, Any] = {}
+    load: Load | None = None
+    samples: list[dict[str, Any]] = []
+    try:
+        url = pg.start()
+        redis_url = valkey.start()
+        upgrade(url)
+        secret = "whsec_" + secrets.token_hex(16)
+        port = free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if k not in ("BROKER_URL",)},
+            "DATABASE_URL": url,
+            "REDIS_URL": redis_url,
+            "STORAGE_URL": f"file://{root / 'objects'}",
+            "TIDEMILL_DATA_DIR": str(root / "data"),
+            "TIDEMILL_ENV": "production",
+            "LOG_LEVEL": "warning",
+            "STRIPE_WEBHOOK_SECRETS": secret,
+            "PYTHONPATH": str(ROOT),
+        }
+        with psycopg.connect(url, autocommit=True) as conn:
+            users = [
+                str(r[0])
+                for r in conn.execute(
+                    "INSERT INTO users (email) SELECT 'soak' || g || '@example.org' "
+                    "FROM generate_series(1, 200) g RETURNING id"
+                ).fetchall()
+            ]
+        logs = root / "logs"
+        logs.mkdir()
+        commands = {
+            "relay": ["relay"],
+            "worker": ["worker"],
+            "scheduler": ["scheduler"],
+            "web": ["web", "--port", str(port)],
+        }
+        for name, argv_ in commands.items():
+            with open(logs / f"{name}.log", "wb") as log:
+                procs[name] = spawn(
+                    [sys.executable, "-m", "core.cli", *argv_],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=log,
+                )
+        base = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        if not wait_until(healthy, timeout=120, interval=0.5):
+            print("web did not become healthy; logs in", logs, file=sys.stderr)
+            return 1
+        load = Load(base, secret, users, args.rate)
+        started = time.monotonic()
+        load.start()
+        deadline = started + args.minutes * 60
+        header = False
+        with psycopg.connect(url, autocommit=True) as conn:
+            while True:
+                now = time.monotonic()
+                minute = (now - started) / 60
+                conn.execute("ANALYZE " + ", ".join(OWN_TABLES))
+                rss = rss_by_process(procs)
+                sizes = table_sizes(conn)
+                sample_: dict[str, Any] = {
+                    "minute": round(minute, 2),
+                    "accepted": load.accepted,
+                    "failed": load.failed,
+                    "rss_mb": rss,
+                    "tables": sizes,
+                }
+                samples.append(sample_)
+                if not header:
+                    print(
+                        "min  accepted  "
+                        + "  ".join(sample_["rss_mb"])
+                        + "  | MB(rows) "
+                        + " ".join(OWN_TABLES),
+                        flush=True,
+                    )
+                    header = True
+                print(
+                    f"{minute:5.1f} {load.accepted:8d}  "
+                    + "  ".join(f"{v:.1f}" for v in rss.values())
+                    + "  | "
+                    + " ".join(f"{mb:.1f}({rows})" for mb, rows in sizes.values()),
+                    flush=True,
+                )
+                if now >= deadline:
+                    break
+                time.sleep(max(0.0, min(args.every, deadline - time.monotonic())))
+    finally:
+        if load is not None:
+            load.stop_event.set()
+            load.join(timeout=30)
+        for proc in reversed(list(procs.values())):
+            stop_process(proc, sig=signal.SIGTERM, timeout=30, group=True)
+        valkey.stop()
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    if not samples:
+        return 1
+    marks = []
+    for mark in MARKS_MIN:
+        if samples[-1]["minute"] + 0.5 >= mark:
+            marks.append(min(samples, key=lambda s: abs(s["minute"] - mark)))
+    if not marks or marks[-1] is not samples[-1]:
+        marks.append(samples[-1])  # and where the run ended
+    print("\nat minute " + ", ".join(f"{s['minute']:.0f}" for s in marks))
+    for name in samples[-1]["rss_mb"]:
+        print(f"  rss {name:<20}" + "".join(f"{s['rss_mb'].get(name, 0):>10.1f}" for s in marks))
+    for table in OWN_TABLES:
+        print(
+            f"  MB  {table:<20}"
+            + "".join(f"{s['tables'].get(table, (0, 0))[0]:>10.1f}" for s in marks)
+        )
+    second_half = [s for s in samples if s["minute"] >= samples[-1]["minute"] / 2]
+    slopes = {
+        name: round(slope([(s["minute"], s["rss_mb"].get(name, 0.0)) for s in second_half]), 3)
+        for name in samples[-1]["rss_mb"]
+    }
+    print("RSS slope over the second half (MB/min): " + json.dumps(slopes))
+    print(
+        json.dumps(
+            {
+                "minutes": samples[-1]["minute"],
+                "rate": args.rate,
+                "accepted": samples[-1]["accepted"],
+                "failed": samples[-1]["failed"],
+                "rss_slope_mb_per_min": slopes,
+                "marks": marks,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
