@@ -285,7 +285,8 @@ def _stream_batch(
     # a GLACIER object cannot be read back to check it.
     with ctx.storage.writer(key) as writer:
         compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(
-            writer, closefd=False
+            writer,  # type: ignore[arg-type]
+            closefd=False,
         )
         cur = conn.cursor()
         if ctx.policy.format == "jsonl":
@@ -854,7 +855,9 @@ def _write_rows(
     t = sql.Identifier(temp)
     col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
     with storage.writer(key) as writer:
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(writer, closefd=False)
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(
+            writer, closefd=False
+        )
         cur = conn.cursor()
         rows = 0
         if fmt == "jsonl":

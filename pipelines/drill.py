@@ -178,8 +178,11 @@ def _logical_restore(
         result.checksums = {name: c["sum"] for name, c in sums.items()}
         # GDPR (#15): the erasures recorded since the backup, as on every restore; after the
         # checksums, so they still check the backup against its manifest.
+        from db.schema import role_search_path_sql
         from pipelines.gdpr import reapply_erasures
 
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute(role_search_path_sql())  # the role's search_path is not in the dump
         reapply_erasures(target, since=entry.started_at, storage=storage)
         return {name: c["rows"] for name, c in sums.items()}
     finally:

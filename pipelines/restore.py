@@ -515,6 +515,16 @@ def restore_database(
             roles=roles,
             scratch_dir=str(settings.data_dir) if settings.data_dir.is_dir() else None,
         )
+        restored_url = _server_url(server_url, work)
+        # A role's per-database search_path (db/schema.py) lives outside the dump: pin it
+        # again, then re-apply the erasures recorded since the backup (GDPR, #15) before the
+        # database is handed over under its name.
+        from db.schema import role_search_path_sql
+        from pipelines.gdpr import reapply_erasures
+
+        with psycopg.connect(libpq_url(restored_url), autocommit=True) as conn:
+            conn.execute(role_search_path_sql())
+        reapply_erasures(restored_url, since=entry.started_at, settings=settings, storage=storage)
         with psycopg.connect(admin, autocommit=True) as conn:
             if owners and owner:
                 role = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (owner,))
