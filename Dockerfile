@@ -30,12 +30,14 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && rm /tmp/requirements.txt
 
 COPY alembic.ini ./
+COPY cli ./cli
 COPY core ./core
 COPY db ./db
 COPY workers ./workers
 COPY pipelines ./pipelines
 COPY schedules ./schedules
 COPY web ./web
+COPY apps ./apps
 COPY bench ./bench
 RUN pip install --no-cache-dir . \
     && rm -rf build *.egg-info

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: up test pytest lint fmt bench bench-quick install clean browser pgbouncer netns
+.PHONY: up test pytest lint fmt docs bench bench-quick install clean browser pgbouncer netns
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tidemill needs Python 3.11 or newer")'
@@ -19,7 +19,13 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/tidemill up
 
-test: lint pytest
+test: lint docs pytest
+
+# The docs site (MkDocs, Material theme) into build/site; the configuration and CLI reference
+# pages are generated from the code first, so they cannot drift.
+docs: $(STAMP)
+	$(BIN)/python docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The browser test drives Debian's chromium through Playwright (never `playwright install`,
 # which downloads a browser build): install the distribution package when it is missing.
@@ -56,7 +62,7 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-BENCHES := queue_roundtrip webhooks logmask fanout cache lifecycle backup scheduler dashboard
+BENCHES := queue_roundtrip durability webhooks logmask fanout cache lifecycle gdpr backup scheduler dashboard pgbouncer
 
 bench: $(STAMP)
 	@for b in $(BENCHES); do echo "== bench.$$b"; $(BIN)/python -m bench.$$b || exit 1; done
@@ -65,4 +71,4 @@ bench-quick: $(STAMP)
 	@for b in $(BENCHES); do echo "== bench.$$b --quick"; $(BIN)/python -m bench.$$b --quick || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build

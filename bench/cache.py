@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 (
                     name,
                     spawn(
-                        [sys.executable, "-m", "core.cli", *argv_],
+                        [sys.executable, "-m", "cli.main", *argv_],
                         env=env,
                         cwd=ROOT,
                         stdout=out,

@@ -253,7 +253,7 @@ def start_web(root: Path, name: str, env: dict[str, str]) -> tuple[Any, str]:
     port = free_port()
     log = (root / f"web-{name}.log").open("wb")
     proc = spawn(
-        [sys.executable, "-m", "core.cli", "web", "--port", str(port)],
+        [sys.executable, "-m", "cli.main", "web", "--port", str(port)],
         env=env,
         cwd=ROOT,
         stdout=log,

@@ -89,7 +89,7 @@ def base_env(
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return spawn(
-            [sys.executable, "-m", "core.cli", *argv], env=env, cwd=ROOT, stdout=out, stderr=out
+            [sys.executable, "-m", "cli.main", *argv], env=env, cwd=ROOT, stdout=out, stderr=out
         )
 
 

@@ -1,7 +1,7 @@
 """The durability bench's actor: one effect row per run, with no unique key on purpose, so a
 job applied twice shows as a doubled effect (nothing but the done-marking stops it).
 
-Worker: ``python -m core.cli worker bench.durability_actor --queue bench_durable``.
+Worker: ``python -m cli.main worker bench.durability_actor --queue bench_durable``.
 """
 
 from __future__ import annotations

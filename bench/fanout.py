@@ -200,7 +200,7 @@ def run_fanout(root: Path, url: str, redis_url: str, moment: str) -> tuple[float
     out = open(log_path, "wb")  # noqa: SIM115  (closed below)
     argv = ["worker", "--processes", "1", "--threads", "1", "--queue", QUEUE]
     proc = spawn(
-        [sys.executable, "-m", "core.cli", *argv], env=env, cwd=ROOT, stdout=out, stderr=out
+        [sys.executable, "-m", "cli.main", *argv], env=env, cwd=ROOT, stdout=out, stderr=out
     )
     client = redis.Redis.from_url(redis_url)
     try:

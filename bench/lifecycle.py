@@ -100,7 +100,7 @@ def fill_messages(conn: Any, conv: Any, user: Any, n: int, start: datetime) -> N
 
 def run_pipeline_process(name: str, env: dict[str, str]) -> tuple[str, float]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "pipeline", "run", name],
+        [sys.executable, "-m", "cli.main", "pipeline", "run", name],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,

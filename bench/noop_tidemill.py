@@ -2,7 +2,7 @@
 
 Importing ``workers.base`` builds tidemill's broker from the environment, so the whole stack
 runs: log context, Prometheus, age and time limits, retries, the unit of work and its commit.
-Worker: ``python -m core.cli worker bench.noop_tidemill --processes 1 --threads 8``.
+Worker: ``python -m cli.main worker bench.noop_tidemill --processes 1 --threads 8``.
 """
 
 from __future__ import annotations

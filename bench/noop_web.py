@@ -3,7 +3,7 @@
     python -m bench.noop_web --host 127.0.0.1 --port PORT
 
 Starlette on uvicorn, one process, started with the same ``uvicorn.run`` arguments as
-``python -m core.cli web``. ``POST /webhooks/stripe`` reads the body and answers 200
+``python -m cli.main web``. ``POST /webhooks/stripe`` reads the body and answers 200
 ``{"received": true}``: no signature check, no JSON parsing, no database, no log line.
 Imports nothing from tidemill, so the baseline pays none of its import-time set-up either.
 """
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    # The same arguments as `core.cli web`: one process, no access log, tidemill's shutdown grace.
+    # The same arguments as `cli.main web`: one process, no access log, tidemill's shutdown grace.
     uvicorn.run(
         app,
         host=args.host,

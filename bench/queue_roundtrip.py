@@ -10,7 +10,7 @@ variant, three times, alternating:
   (tidemill's messages each stand for an outbox row, as relayed jobs do, so its worker marks
   each row done in the message's commit: the durable-jobs cost is in the figure);
   bare     ``python -m dramatiq bench.noop_bare``: RedisBroker, dramatiq's default middleware;
-  tidemill ``python -m core.cli worker bench.noop_tidemill``: tidemill's broker and middleware,
+  tidemill ``python -m cli.main worker bench.noop_tidemill``: tidemill's broker and middleware,
            TIDEMILL_ENV=production, LOG_LEVEL=warning, as deployed;
 - poll ``HLEN dramatiq:<queue>.msgs`` (a message leaves that hash when it is acked) every
   10 ms: the clock starts when the count first drops below N and stops when it reaches 0, so
@@ -179,7 +179,7 @@ def make_variants(
             TIDEMILL_QUEUE,
             TIDEMILL_ACTOR,
             valkey.url(TIDEMILL_REDIS_DB),
-            [python, "-m", "core.cli", "worker", "bench.noop_tidemill", *pool],
+            [python, "-m", "cli.main", "worker", "bench.noop_tidemill", *pool],
             tidemill_env,
             outbox_url=pg.url(),
         ),
@@ -193,7 +193,7 @@ def make_variants(
                 TIDEMILL_QUEUE,
                 TIDEMILL_ACTOR,
                 valkey.url(TIDEMILL_REDIS_DB),
-                [python, "-m", "core.cli", "worker", "bench.noop_tidemill", *pool],
+                [python, "-m", "cli.main", "worker", "bench.noop_tidemill", *pool],
                 tidemill_env,
             )
         )

@@ -103,7 +103,7 @@ def failover_round(
             for label in ("a", "b"):
                 log_path = root / f"{name}-{label}.log"
                 proc = spawn(
-                    [sys.executable, "-m", "core.cli", "scheduler"],
+                    [sys.executable, "-m", "cli.main", "scheduler"],
                     env=env,
                     cwd=ROOT,
                     stdout=subprocess.DEVNULL,

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, argv_ in commands.items():
             with open(logs / f"{name}.log", "wb") as log:
                 procs[name] = spawn(
-                    [sys.executable, "-m", "core.cli", *argv_],
+                    [sys.executable, "-m", "cli.main", *argv_],
                     env=env,
                     cwd=ROOT,
                     stdout=log,

@@ -7,9 +7,9 @@ Starts an embedded Postgres (migrated) and Valkey under a temporary directory, i
 users, then:
 
 Intake. Two servers, each one uvicorn process on loopback:
-  no-op   ``python -m bench.noop_web``: Starlette + uvicorn with ``core.cli web``'s arguments;
+  no-op   ``python -m bench.noop_web``: Starlette + uvicorn with ``cli.main web``'s arguments;
           ``POST /webhooks/stripe`` reads the body and answers 200 ``{"received": true}``;
-  intake  ``python -m core.cli web``: the receiver (stripe's signature check, JSON checks, one
+  intake  ``python -m cli.main web``: the receiver (stripe's signature check, JSON checks, one
           transaction storing the event row and its outbox row, a log line).
 The load generator runs in this process: CONCURRENCY senders on asyncio, each on its own
 keep-alive HTTP/1.1 connection, posting payment_intent.succeeded events, every one a fresh
@@ -28,7 +28,7 @@ Processing. RUNS times, alternating:
            yardstick, what a message round trip costs with no work;
   payments N payment_intent.succeeded events stored as the receiver stores them (event row,
            status received, plus outbox row), relayed by the real relay (``workers.outbox
-           .drain``), then ``python -m core.cli worker --processes 1 --threads 8 --queue
+           .drain``), then ``python -m cli.main worker --processes 1 --threads 8 --queue
            payments``; the drain is timed as queue_roundtrip times it (HLEN of
            ``dramatiq:payments.msgs``, from the first ack to the last).
 After each payments run: every event processed, no message retried or dead-lettered, one
@@ -544,7 +544,7 @@ def measure_intake(bench: Bench, n: int, concurrency: int, client_kind: str) -> 
         web = stack.enter_context(
             http_server(
                 "tidemill web",
-                [python, "-m", "core.cli", "web", "--host", HOST, "--port", str(web_port)],
+                [python, "-m", "cli.main", "web", "--host", HOST, "--port", str(web_port)],
                 env,
                 web_port,
                 bench.root / "web.log",
@@ -601,7 +601,7 @@ class Processing:
 
 
 def payments_variant(bench: Bench) -> Variant:
-    argv = [sys.executable, "-m", "core.cli", "worker"]
+    argv = [sys.executable, "-m", "cli.main", "worker"]
     argv += ["--processes", str(PROCESSES), "--threads", str(THREADS), "--queue", "payments"]
     return Variant(
         "tidemill payments",
@@ -655,7 +655,7 @@ def store_events(bench: Bench, processing: Processing) -> list[str]:
 
 def relay(n: int) -> None:
     """The real relay, in this process: outbox rows -> process_event messages."""
-    import workers.actors  # noqa: F401  (as `core.cli relay`: the relay must know every actor)
+    import workers.actors  # noqa: F401  (as `cli.main relay`: the relay must know every actor)
     from core.settings import get_settings
     from workers.broker import broker
     from workers.outbox import drain

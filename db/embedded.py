@@ -104,7 +104,7 @@ def _make_traversable(path: Path) -> None:
 def tidemill_command() -> list[str]:
     """How a server-side command (archive_command, restore_command) runs `tidemill`: this
     interpreter, so the command works without the venv on PATH."""
-    return [sys.executable, "-m", "core.cli"]
+    return [sys.executable, "-m", "cli.main"]
 
 
 def make_runnable_by_pg_user() -> None:

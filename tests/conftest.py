@@ -193,7 +193,7 @@ def start_cli(
     """Start `tidemill ARGS` as a real subprocess in its own process group (stop it with
     `core.proc.stop_process(proc, group=True)`)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "core.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         env=env or dict(os.environ),
         cwd=ROOT,
         start_new_session=True,
@@ -219,7 +219,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run `tidemill ARGS` as a real subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         capture_output=True,
         text=True,
         env=env or dict(os.environ),

@@ -158,7 +158,7 @@ def test_two_attaches_at_once_end_in_one_installation(servers: Servers) -> None:
     env = servers.env(DATABASE_URL=url)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "core.cli", "app", "attach", "bilten"],
+            [sys.executable, "-m", "cli.main", "app", "attach", "bilten"],
             env=env,
             cwd=ROOT,
             stdout=subprocess.PIPE,

@@ -17,7 +17,7 @@ import pytest
 import typer.main
 import yaml
 
-from core.cli import app
+from cli.main import app
 from core.settings import FIELDS, Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def compose() -> dict[str, Any]:
 def cli_commands() -> set[str]:
     # A group's `commands` dict (typer may vendor click, so no isinstance on click.Group).
     commands = getattr(typer.main.get_command(app), "commands", None)
-    assert isinstance(commands, dict) and commands, "core.cli.app registers no commands"
+    assert isinstance(commands, dict) and commands, "cli.main.app registers no commands"
     return set(commands)
 
 
@@ -176,7 +176,7 @@ def test_app_services_run_real_cli_commands(compose: dict[str, Any]) -> None:
     not_built = [name for name in ("migrate", *AFTER_MIGRATE) if name not in apps]
     assert not not_built, f"services not built from this repository (no `build`): {not_built}"
     problems = unknown_commands(compose)
-    assert not problems, "app services run commands core.cli.app does not have:\n" + "\n".join(
+    assert not problems, "app services run commands cli.main.app does not have:\n" + "\n".join(
         problems
     )
 

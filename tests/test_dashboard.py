@@ -278,7 +278,7 @@ def test_non_ascii_tokens_are_refused_not_crashing(dash_url: str) -> None:
 def test_cli_unlock_lets_a_held_address_try_again(dash_url: str, dash_settings: Settings) -> None:
     from typer.testing import CliRunner
 
-    from core.cli_dashboard import app
+    from cli.dashboard import app
 
     address = "203.0.113.50"
     for _ in range(dash_settings.login_max_failures):
@@ -1069,7 +1069,7 @@ def test_cli_makes_an_account_entry_the_dashboard_accepts() -> None:
 
     from tests.conftest import ROOT
 
-    CLI = (sys.executable, "-m", "core.cli", "dashboard")
+    CLI = (sys.executable, "-m", "cli.main", "dashboard")
     done = subprocess.run(
         [*CLI, "add-user", "nina", "--role", "operator", "--password-stdin"],
         input="a-long-password\n",

@@ -34,7 +34,7 @@ NOW = datetime.now(UTC)
 
 def dry_run_commands() -> list[tuple[tuple[str, ...], Any]]:
     """(path, command) of every command of the `tidemill` app with a --dry-run option."""
-    from core.cli import app
+    from cli.main import app
 
     found: list[tuple[tuple[str, ...], Any]] = []
 
@@ -76,7 +76,7 @@ def _storage_dump(url: str) -> dict[str, str]:
 def test_every_dry_run_changes_nothing(sql, redis_client, file_storage) -> None:
     from typer.testing import CliRunner
 
-    from core.cli import app
+    from cli.main import app
 
     # Given data every pipeline would act on: old notifications and messages, a user past the
     # erase grace with an export, expired tokens, Redis keys, a stored object

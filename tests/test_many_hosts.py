@@ -131,7 +131,7 @@ def start_host_worker(ns: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     try:
         # `ip netns exec` execs the command: the process group is the worker's own.
         return subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "core.cli", "worker",
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "cli.main", "worker",
              "tests.support.actors", "--processes", "1", "--threads", "2", "--queue", "hosts"],
             env=env,
             cwd=ROOT,

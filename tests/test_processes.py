@@ -124,7 +124,7 @@ def test_up_runs_everything_embedded_and_stops_with_no_orphans(tmp_path, stop_si
         )
         tree = _descendants(up.pid)
         cmdlines = [" ".join(p.cmdline()) for p in tree]
-        for name in ("core.cli relay", "core.cli scheduler", "core.cli web", "core.cli worker"):
+        for name in ("cli.main relay", "cli.main scheduler", "cli.main web", "cli.main worker"):
             assert any(name in c for c in cmdlines), (name, cmdlines)
         assert any("postgres" in c for c in cmdlines)
         assert any("valkey-server" in c for c in cmdlines)

@@ -15,7 +15,7 @@ import typer
 if TYPE_CHECKING:
     from apps.profile import Profile
 
-from core.cli_common import cli_settings, fail, friendly_errors, require_services
+from cli.common import cli_settings, fail, friendly_errors, require_services
 
 app = typer.Typer(help="App profiles: list, check, attach, detach.", no_args_is_help=True)
 

@@ -71,7 +71,7 @@ class Supervisor:
             env = settings.child_env()
             self._write_run_env()
             for name in PROCESSES:
-                self.children[name] = spawn([sys.executable, "-m", "core.cli", name], env=env)
+                self.children[name] = spawn([sys.executable, "-m", "cli.main", name], env=env)
             self._banner()
             return self._watch()
         finally:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from core.cli_common import cli_settings, fail, friendly_errors, require_services
+from cli.common import cli_settings, fail, friendly_errors, require_services
 
 app = typer.Typer(help="Cron schedules: list, trigger, pause, resume.", no_args_is_help=True)
 

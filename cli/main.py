@@ -8,20 +8,20 @@ from typing import Annotated
 
 import typer
 
-from core.cli_app import app as apps_app
-from core.cli_backup import app as backup_app
-from core.cli_backup import restore_command, wal_app
-from core.cli_common import (
+from cli.app import app as apps_app
+from cli.backup import app as backup_app
+from cli.backup import restore_command, wal_app
+from cli.common import (
     cli_settings,
     fail,
     friendly_errors,
     require_services,
     stop_event,
 )
-from core.cli_dashboard import app as dashboard_app
-from core.cli_pipeline import app as pipeline_app
-from core.cli_pipeline import archive_app, gdpr_app
-from core.cli_schedule import app as schedule_app
+from cli.dashboard import app as dashboard_app
+from cli.pipeline import app as pipeline_app
+from cli.pipeline import archive_app, gdpr_app
+from cli.schedule import app as schedule_app
 from core.log import get_logger
 
 app = typer.Typer(
@@ -55,7 +55,7 @@ def up(
     import dataclasses
     import os
 
-    from core.supervisor import Supervisor
+    from cli.supervisor import Supervisor
 
     if workers is not None:
         os.environ["TIDEMILL_WORKER_PROCESSES"] = str(workers)
@@ -201,7 +201,7 @@ def migrate(
     if settings.backup_before_migrate and current(url) is not None:
         # Bilten / Pomi: a backup before every migration. No backup, no migration. (An empty
         # database, revision None, has nothing to lose.)
-        from core.cli_backup import backup_before_migrate
+        from cli.backup import backup_before_migrate
 
         backup_before_migrate(settings, revision)
     upgrade(url, revision)

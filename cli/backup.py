@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from core.cli_common import cli_settings, fail, friendly_errors, require_services
+from cli.common import cli_settings, fail, friendly_errors, require_services
 from core.log import get_logger
 
 app = typer.Typer(help="Logical and physical backups.", no_args_is_help=True)

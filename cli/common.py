@@ -1,7 +1,7 @@
 """What every `tidemill` sub-command shares: settings, friendly errors, service checks, signals.
 
-Sub-command groups live in their own modules (`core/cli_*.py`) and import from here, so the
-groups never import each other or `core.cli`.
+Sub-command groups live in their own modules (`cli/*.py`) and import from here, so the
+groups never import each other or `cli.main`.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def friendly_errors(fn: F) -> F:
 def cli_settings(*, adopt_running: bool = True) -> Settings:
     settings = get_settings()
     if adopt_running:
+        from cli.supervisor import load_run_env
         from core.settings import reset_settings_cache
-        from core.supervisor import load_run_env
 
         if load_run_env(settings):  # a `tidemill up` is running: use its embedded servers
             reset_settings_cache()

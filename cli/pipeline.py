@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from core.cli_common import cli_settings, fail, friendly_errors, require_services
+from cli.common import cli_settings, fail, friendly_errors, require_services
 
 app = typer.Typer(help="Data-lifecycle pipelines: list, run, history.", no_args_is_help=True)
 archive_app = typer.Typer(help="Archived rows in object storage.", no_args_is_help=True)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from core.cli_common import fail
+from cli.common import fail
 
 app = typer.Typer(help="Operator dashboard accounts.", no_args_is_help=True)
 
