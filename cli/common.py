@@ -21,6 +21,27 @@ from core.settings import Settings, SettingsError, get_settings
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _quiet_help_types() -> None:
+    """Typer (0.29 and later) prints a type beside every parameter in `--help`: `<bool>` beside
+    a flag and `<str>` beside a name say nothing the option or metavar does not, so drop those
+    two and keep the informative ones (`<int range>`, `<path>`, choices)."""
+    from typer import core
+
+    for cls in (core.TyperOption, core.TyperArgument):
+        original = getattr(cls, "display_type_rich", None)
+        if original is None:  # an older Typer prints no types
+            continue
+
+        def display(self: Any, ctx: Any, _original: Any = original) -> str | None:
+            label = _original(self, ctx)
+            return None if label in ("<bool>", "<str>") else label
+
+        cls.display_type_rich = display  # type: ignore[method-assign]
+
+
+_quiet_help_types()
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     print(f"tidemill: error: {message}", file=sys.stderr, flush=True)
     raise typer.Exit(code)

@@ -95,3 +95,13 @@ def test_migrate_reports_the_revision(db) -> None:
     assert result.returncode == 0, result.stderr
     assert f"database at revision {head}" in result.stdout
     assert str(MIGRATIONS).endswith("migrations")
+
+
+def test_help_shows_no_stray_type_labels() -> None:
+    # Given commands with flags and text arguments
+    for args in (("pipeline", "run", "--help"), ("dashboard", "add-user", "--help")):
+        result = run_cli(*args)
+        # Then --help names them without `<bool>` / `<str>` beside each one
+        assert result.returncode == 0, result.stderr
+        assert "--dry-run" in result.stdout or "--password-stdin" in result.stdout
+        assert "<bool>" not in result.stdout and "<str>" not in result.stdout, result.stdout

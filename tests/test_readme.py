@@ -66,10 +66,16 @@ def test_every_readme_command_runs_against_make_up(tmp_path: Path) -> None:
             for command in readme_commands():
                 if command in MAKE_TARGETS:
                     continue
+                stdin = None
+                if command.startswith("echo ") and " | " in command:
+                    # `echo 'TEXT' | .venv/bin/tidemill …`: TEXT is the command's input
+                    piped, command = command.split(" | ", 1)
+                    stdin = shlex.split(piped)[1] + "\n"
                 words = shlex.split(command)
                 assert words[0] == ".venv/bin/tidemill", f"the README shows {command!r}"
                 result = subprocess.run(
                     [sys.executable, "-m", "cli.main", *words[1:]],
+                    input=stdin,
                     capture_output=True,
                     text=True,
                     env=env,
