@@ -174,7 +174,7 @@ def check(profile: Profile, conn: psycopg.Connection[Any]) -> CheckReport:
 
 def _policy_needs(profile: Profile) -> Iterable[tuple[str, str, str | None, list[str]]]:
     """(policy, table, age column or None, other columns) of the profile's policies."""
-    from pipelines.policies import load_policy_file
+    from pipelines.lifecycle.policies import load_policy_file
 
     path = policy_path(profile)
     if path is None:
@@ -325,7 +325,7 @@ def _backup_before(url: str, profile: Profile) -> str:
     import os
 
     from core.settings import Settings
-    from pipelines.backup import run_full_backup
+    from pipelines.backups.logical import run_full_backup
 
     settings = Settings.from_env({**os.environ, "DATABASE_URL": url, "TIDEMILL_APP": profile.name})
     result = run_full_backup(settings, reason=f"before tidemill app attach {profile.name}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from db.cache_keys import CachedTable
-from pipelines.backup_plan import PlannedBackup
+from pipelines.backups.plan import PlannedBackup
 
 if TYPE_CHECKING:
     from db.engine import UnitOfWork
@@ -91,8 +91,8 @@ class Backups:
 @dataclass(frozen=True)
 class Erase:
     """The erase graph's root: GDPR erase walks the foreign keys that reach this table's
-    primary key (pipelines/gdpr.py); ``log`` names the app table that records each step, if
-    the seed has one (SaltBitter's compliance_logs)."""
+    primary key (pipelines/lifecycle/gdpr.py); ``log`` names the app table that records each
+    step, if the seed has one (SaltBitter's compliance_logs)."""
 
     root: str = "users"
     log: str | None = None
@@ -113,7 +113,7 @@ class Profile:
     rules: tuple[Rule, ...] = ()
     fan_outs: tuple[FanOut, ...] = ()
     cache: tuple[CachedTable, ...] = ()
-    policies: str | None = None  # TOML under pipelines/policies/, or None: none
+    policies: str | None = None  # TOML under pipelines/lifecycle/policies/, or None: none
     backups: Backups | None = None
     erase: Erase = field(default_factory=Erase)
     # What a Stripe event does to the app's tables; None: tidemill's Lovendo effects
@@ -129,10 +129,10 @@ class Profile:
 
     @property
     def policy_file(self) -> Path | None:
-        """The profile's retention policies (pipelines/policies/<file>), if it has any."""
+        """The profile's retention policies (pipelines/lifecycle/policies/<file>), if it has any."""
         if self.policies is None:
             return None
-        return (APPS_DIR.parent / "pipelines" / "policies" / self.policies).resolve()
+        return (APPS_DIR.parent / "pipelines" / "lifecycle" / "policies" / self.policies).resolve()
 
     @property
     def templates(self) -> Path:

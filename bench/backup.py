@@ -38,9 +38,9 @@ from core.proc import free_port
 from core.settings import Settings
 from core.storage import open_storage
 from db.embedded import EmbeddedPostgres, postgres_bin
-from pipelines.backup import catalog, restore_logical
-from pipelines.physical import run_base_backup
-from pipelines.restore import restore_to_time, stop_restored
+from pipelines.backups.logical import catalog, restore_logical
+from pipelines.backups.physical import run_base_backup
+from pipelines.backups.restore import restore_to_time, stop_restored
 
 ROW_BYTES = 230  # on-disk bytes per generated row, heap + index, measured
 
@@ -81,7 +81,7 @@ def pg_dump_baseline(url: str) -> float:
 CHILD = """
 import dataclasses, json, sys, time
 from core.settings import Settings
-from pipelines.backup import run_full_backup
+from pipelines.backups.logical import run_full_backup
 settings = dataclasses.replace(Settings.from_env(), database_url=sys.argv[1],
                                storage_url=sys.argv[2])
 t0 = time.perf_counter()

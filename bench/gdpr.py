@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         from core.settings import reset_settings_cache
 
         reset_settings_cache()
-        from pipelines.engine import run_pipeline
-        from pipelines.gdpr import erase
+        from pipelines.lifecycle.engine import run_pipeline
+        from pipelines.lifecycle.gdpr import erase
 
         old = datetime.now(UTC) - timedelta(days=3 * 365)
         with psycopg.connect(url, autocommit=True) as conn:

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             assert stored_rows == n and scalar(conn, "SELECT count(*) FROM messages") == 0
 
             # ---- partition drop
-            from pipelines import partitions as parts
+            from pipelines.lifecycle import partitions as parts
 
             month = date(2021, 1, 1)
             parts.create_month(conn, "notifications", month)

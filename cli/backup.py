@@ -45,7 +45,7 @@ def _guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Backup errors and storage errors: one line, exit 1 (the log line has the details)."""
     from core.envelope import EnvelopeError
     from core.storage import StorageError
-    from pipelines.backup import BackupError
+    from pipelines.backups.logical import BackupError
 
     try:
         return fn(*args, **kwargs)
@@ -97,7 +97,7 @@ def full_command(
     reason: Annotated[str, typer.Option(help="recorded in the manifest")] = "manual",
 ) -> None:
     """Logical backup: pg_dump (custom format) | zstd -> storage, manifest written last."""
-    from pipelines.backup import run_full_backup
+    from pipelines.backups.logical import run_full_backup
 
     settings = cli_settings()
     require_services(settings, broker=False)
@@ -117,7 +117,7 @@ def base_command(
     storage: StorageOpt = None,
 ) -> None:
     """Physical base backup: pg_basebackup (tar) | zstd -> storage, for point-in-time restore."""
-    from pipelines.physical import run_base_backup
+    from pipelines.backups.physical import run_base_backup
 
     settings = cli_settings()
     require_services(settings, broker=False)
@@ -147,7 +147,7 @@ def list_command(
     from rich.table import Table
 
     from core.storage import StorageError
-    from pipelines.backup import BackupError, catalog, catalogue_rows, verify_entry
+    from pipelines.backups.logical import BackupError, catalog, catalogue_rows, verify_entry
 
     settings = cli_settings()
     store = _storage(storage, settings)
@@ -232,7 +232,7 @@ def verify_command(
 ) -> None:
     """Check every backup object against its manifest and the WAL chain for damage and gaps
     (from each base backup's start to the newest segment); names each bad object, exit 1."""
-    from pipelines.backup_verify import verify_storage
+    from pipelines.backups.verify import verify_storage
 
     settings = cli_settings(adopt_running=False)
     report = _guarded(
@@ -256,7 +256,7 @@ def prune_command(
 ) -> None:
     """Retention: fulls 30 d (cold storage on s3), incrementals 7 d, WAL 7 d (never what the
     oldest kept base backup needs)."""
-    from pipelines.backup_retention import run_retention
+    from pipelines.backups.retention import run_retention
 
     settings = cli_settings()
     plan = _guarded(run_retention, settings, storage=_storage(storage, settings), dry_run=dry_run)
@@ -283,7 +283,7 @@ def drill_command(
 ) -> None:
     """Restore drill: verify and restore the latest full backup into a scratch database,
     compare row counts with the manifest, record RTO / RPO in backup_drills."""
-    from pipelines.drill import run_drill
+    from pipelines.backups.drill import run_drill
 
     settings = cli_settings()
     require_services(settings, broker=False)
@@ -309,7 +309,7 @@ def wal_push_command(
     storage: StorageOpt = None,
 ) -> None:
     """archive_command: store one WAL file (idempotent; refuses different content)."""
-    from pipelines.physical import push_wal
+    from pipelines.backups.physical import push_wal
 
     settings = cli_settings(adopt_running=False)
     store = _storage(storage, settings)
@@ -327,7 +327,7 @@ def wal_fetch_command(
     local write error), so that recovery aborts instead of taking the failure for the end of
     the archive and promoting early. PostgreSQL aborts recovery on an exit status above 125."""
     try:
-        from pipelines.physical import fetch_wal
+        from pipelines.backups.physical import fetch_wal
 
         settings = cli_settings(adopt_running=False)
         store = _storage(storage, settings)
@@ -394,7 +394,7 @@ def restore_command(
     With --logical: a logical backup restored as a database (new, or --replace), with its
     roles, owners and grants."""
     from core.proc import free_port
-    from pipelines.restore import restore_database, restore_to_time
+    from pipelines.backups.restore import restore_database, restore_to_time
 
     if logical:
         settings = cli_settings()
@@ -437,7 +437,7 @@ def restore_command(
 def backup_before_migrate(settings: Any, revision: str) -> None:
     """`tidemill migrate` with TIDEMILL_BACKUP_BEFORE_MIGRATE: a logical backup first; if it
     fails, the migration does not run (exit 1)."""
-    from pipelines.backup import run_full_backup
+    from pipelines.backups.logical import run_full_backup
 
     result = _guarded(run_full_backup, settings, reason=f"before migrate to {revision}")
     print(f"backup before migrate: {result.folder} ({_size(result.size)})")

@@ -38,7 +38,7 @@ def list_command(
     """Every retention policy: table, action, age, schedule, batch size, storage class."""
     from rich.table import Table
 
-    from pipelines.policies import PolicyError, check_against_database, load_policies
+    from pipelines.lifecycle.policies import PolicyError, check_against_database, load_policies
 
     settings = cli_settings()
     try:
@@ -48,7 +48,7 @@ def list_command(
     problems: dict[str, str] = {}
     if check:
         require_services(settings, broker=False, redis=False)
-        from pipelines.engine import connect
+        from pipelines.lifecycle.engine import connect
 
         with connect(settings) as conn:
             for p in policies:
@@ -100,8 +100,8 @@ def run_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from core.storage import StorageError
-    from pipelines.engine import PipelineBusy, run_pipeline
-    from pipelines.policies import PolicyError, UnknownPipeline, get_policy
+    from pipelines.lifecycle.engine import PipelineBusy, run_pipeline
+    from pipelines.lifecycle.policies import PolicyError, UnknownPipeline, get_policy
 
     settings = cli_settings()
     require_services(settings, broker=False, redis=False)
@@ -170,7 +170,7 @@ def history_command(
     """Recent runs, newest first: status, counts, bytes, errors."""
     from rich.table import Table
 
-    from pipelines.engine import history
+    from pipelines.lifecycle.engine import history
 
     settings = cli_settings()
     require_services(settings, broker=False, redis=False)
@@ -211,7 +211,7 @@ def archive_list(
     """Archived objects: key, rows, size, sha256, run."""
     from rich.table import Table
 
-    from pipelines.engine import connect
+    from pipelines.lifecycle.engine import connect
 
     settings = cli_settings()
     require_services(settings, broker=False, redis=False)
@@ -257,8 +257,13 @@ def archive_restore(
     unless --no-verify. Rows of users erased since come back as the erase left them
     (deleted, detached or anonymized); the count is printed."""
     from core.storage import StorageError, open_storage
-    from pipelines.archive import ArchiveError, manifest_objects, objects_of_run, restore_object
-    from pipelines.engine import connect
+    from pipelines.lifecycle.archive import (
+        ArchiveError,
+        manifest_objects,
+        objects_of_run,
+        restore_object,
+    )
+    from pipelines.lifecycle.engine import connect
 
     settings = cli_settings()
     require_services(settings, broker=False, redis=False)
@@ -328,7 +333,7 @@ def gdpr_erase(
     by: ByOpt = None,
 ) -> None:
     """Hard-delete a user soft-deleted longer ago than the grace period (30 days)."""
-    from pipelines.gdpr import NotEligible, UserNotFound, erase, request_erasure
+    from pipelines.lifecycle.gdpr import NotEligible, UserNotFound, erase, request_erasure
 
     settings = cli_settings()
     require_services(settings, broker=False, redis=not dry_run)
@@ -367,7 +372,7 @@ def gdpr_export(
 ) -> None:
     """Write the user's data as JSON to object storage; prints its key."""
     from core.storage import StorageError
-    from pipelines.gdpr import UserNotFound, export
+    from pipelines.lifecycle.gdpr import UserNotFound, export
 
     settings = cli_settings()
     require_services(settings, broker=False, redis=False)

@@ -418,7 +418,7 @@ FIELDS: tuple[Field, ...] = (
         "TIDEMILL_POLICY_FILE",
         "policy_file",
         "",
-        "retention policies (TOML); unset: the packaged pipelines/policies.toml",
+        "retention policies (TOML); unset: the packaged pipelines/lifecycle/policies.toml",
         _str,
     ),
     Field(

@@ -107,8 +107,8 @@ APP_CACHE: dict[str, tuple[CachedTable, ...]] = {
 
 
 # Every key the apps (through this map) or tidemill derive from one user, as templates over the
-# user's columns with glob wildcards: GDPR erase removes them all (pipelines.gdpr.redis_patterns;
-# apps add theirs with TIDEMILL_GDPR_REDIS_PATTERNS).
+# user's columns with glob wildcards: GDPR erase removes them all
+# (pipelines.lifecycle.gdpr.redis_patterns; apps add theirs with TIDEMILL_GDPR_REDIS_PATTERNS).
 USER_KEY_PATTERNS: tuple[str, ...] = (
     *CACHE_MAP["users"].keys,
     "matches:recent:{id}",  # Perfect Match: the user's recent-match list

@@ -776,7 +776,8 @@ Index("ix_pipeline_runs_started_at_id", PipelineRun.started_at, PipelineRun.id)
 
 class Erasure(Base):
     """A completed erasure, kept for good: a restore re-applies those after its backup. No
-    personal data: the subject is a salted sha256 of the user id (pipelines.gdpr.subject_hash)."""
+    personal data: the subject is a salted sha256 of the user id
+    (pipelines.lifecycle.gdpr.subject_hash)."""
 
     __tablename__ = "erasures"
 

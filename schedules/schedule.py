@@ -2,8 +2,8 @@
 policy.
 
 The list the scheduler runs is composed from three sources: the static ``SCHEDULES`` below,
-the lifecycle policies (``pipelines.policies.load_policies``) and the backup plan
-(``pipelines.backup_plan.BACKUP_PLAN``), plus ``TIDEMILL_SCHEDULES_EXTRA`` (JSON, for tests and
+the lifecycle policies (``pipelines.lifecycle.policies.load_policies``) and the backup plan
+(``pipelines.backups.plan.BACKUP_PLAN``), plus ``TIDEMILL_SCHEDULES_EXTRA`` (JSON, for tests and
 ad-hoc jobs). A tick only enqueues; the work happens in the actor.
 """
 
@@ -180,7 +180,7 @@ def check_actors(schedules: Iterable[Schedule], known: Collection[str] | None = 
 
 
 def _from_policies(settings: Settings) -> list[Schedule]:
-    from pipelines.policies import load_policies
+    from pipelines.lifecycle.policies import load_policies
 
     return [
         Schedule(

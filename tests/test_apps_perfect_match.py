@@ -127,7 +127,7 @@ def test_perfect_match_end_to_end(
         assert got == [(bob, str(msg))]
 
         # Retention: activity logs 90 days, messages a configurable period (the policy file)
-        from pipelines.policies import load_policies
+        from pipelines.lifecycle.policies import load_policies
         from schedules.schedule import load_schedules
 
         # daily backups (and PITR: the profile's base backups + WAL archiving)

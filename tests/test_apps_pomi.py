@@ -146,7 +146,7 @@ def test_pomi_end_to_end(
         redis_client.set("user:username:gone", "cached")
         # one as the scheduler's CLI would, as a process; the rest in this process (faster)
         run_policy("deleted-users-purge")
-        from pipelines.engine import run_pipeline
+        from pipelines.lifecycle.engine import run_pipeline
 
         for policy in (
             "email-verifications-expire",

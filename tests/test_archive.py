@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from core.storage import StorageError, open_storage
-from pipelines.engine import run_pipeline
-from pipelines.policies import Policy, get_policy
+from pipelines.lifecycle.engine import run_pipeline
+from pipelines.lifecycle.policies import Policy, get_policy
 from tests.conftest import run_cli
 from tests.support import lifecycle as _lifecycle
 from tests.support import s3 as _s3
@@ -110,7 +110,7 @@ def test_jsonl_archive_of_transactions_round_trips(sql, file_storage) -> None:
     assert all(k.endswith(".jsonl.zst") for k in keys)
     first_line = read_archive(file_storage, keys[0]).decode().splitlines()[0]
     assert json.loads(first_line)["type"] == "payment"
-    from pipelines.archive import restore_object
+    from pipelines.lifecycle.archive import restore_object
 
     assert sum(restore_object(k).rows_inserted for k in keys) == 50
     assert table_rows(sql, "transactions") == before
@@ -330,7 +330,7 @@ def test_restore_without_a_catalogue_row_verifies_against_the_run_manifest(
 def test_objects_of_a_date_age_column_are_filed_under_their_rows_month(sql, file_storage) -> None:
     from datetime import date
 
-    from pipelines.archive import object_key
+    from pipelines.lifecycle.archive import object_key
 
     # Given a table aged by a `date` column, with rows from March and April 2019
     sql.execute("CREATE TABLE day_totals (id bigint PRIMARY KEY, day date NOT NULL, n int)")
@@ -368,8 +368,8 @@ def test_erase_refuses_to_rewrite_a_damaged_archive_and_changes_nothing(
     from pathlib import Path
 
     from core.storage import open_storage
-    from pipelines.archive import ArchiveError
-    from pipelines.gdpr import erase
+    from pipelines.lifecycle.archive import ArchiveError
+    from pipelines.lifecycle.gdpr import erase
     from tests.test_gdpr import _old_rows, _person
 
     p = _person(sql, redis_client, deleted_days_ago=31)

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from core.settings import Settings
 from core.storage import open_storage
-from pipelines.backup import (
+from pipelines.backups.drill import compare_counts, run_drill
+from pipelines.backups.logical import (
     ChecksumMismatch,
     IncompleteBackup,
     catalog,
@@ -27,7 +28,6 @@ from pipelines.backup import (
     run_full_backup,
     verify,
 )
-from pipelines.drill import compare_counts, run_drill
 from tests.conftest import run_cli
 from tests.support.s3 import moto_server, s3_client, s3_url  # noqa: F401
 
@@ -294,7 +294,7 @@ def test_tar_member_catcher_finds_the_manifest_in_any_chunking(
     import io
     import tarfile
 
-    from pipelines.physical import TarMemberCatcher
+    from pipelines.backups.physical import TarMemberCatcher
 
     manifest = bytes(i % 251 for i in range(manifest_size))
     buf = io.BytesIO()

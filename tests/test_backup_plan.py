@@ -12,7 +12,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 import workers.backups as backups
 from core.settings import reset_settings_cache
-from pipelines.backup_plan import BACKUP_PLAN
+from pipelines.backups.plan import BACKUP_PLAN
 
 
 def test_plan_entries_name_real_actors_and_valid_crons() -> None:

@@ -23,8 +23,8 @@ from psycopg import sql as pgsql
 from core.envelope import MAGIC
 from core.settings import Settings
 from core.storage import open_storage
-from pipelines.backup import catalog, run_full_backup, table_checksums
-from pipelines.drill import run_drill
+from pipelines.backups.drill import run_drill
+from pipelines.backups.logical import catalog, run_full_backup, table_checksums
 from tests.conftest import run_cli
 from tests.support import lifecycle as _lifecycle
 from tests.support import s3 as _s3
@@ -280,7 +280,7 @@ def test_encrypted_archive_object_restores_and_a_flipped_byte_is_one_clear_line(
     """Encryption at rest covers archives too (they go through the same storage layer); a
     damaged object is refused on its checksum before a byte is parsed."""
     from core.settings import reset_settings_cache
-    from pipelines.engine import run_pipeline
+    from pipelines.lifecycle.engine import run_pipeline
     from tests.support.lifecycle import add_messages, make_conversation, make_user
 
     monkeypatch.setenv("TIDEMILL_ENCRYPTION_KEY", base64.b64encode(os.urandom(32)).decode())

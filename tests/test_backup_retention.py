@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.storage import ObjectInfo, open_storage
-from pipelines.backup import CatalogEntry, catalog, stamp
-from pipelines.backup_retention import RetentionPolicy, plan_retention, run_retention
-from pipelines.physical import wal_position
+from pipelines.backups.logical import CatalogEntry, catalog, stamp
+from pipelines.backups.physical import wal_position
+from pipelines.backups.retention import RetentionPolicy, plan_retention, run_retention
 
 NOW = datetime(2026, 11, 23, 6, 0, tzinfo=UTC)
 POLICY = RetentionPolicy()

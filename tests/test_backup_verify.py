@@ -18,9 +18,9 @@ import pytest
 from core.proc import free_port
 from core.storage import open_storage
 from db.embedded import pg_system_user
-from pipelines.backup import BackupError
-from pipelines.physical import run_base_backup, wal_key
-from pipelines.restore import restore_to_time
+from pipelines.backups.logical import BackupError
+from pipelines.backups.physical import run_base_backup, wal_key
+from pipelines.backups.restore import restore_to_time
 from tests.conftest import run_cli
 from tests.support.pgcluster import ArchivedCluster, archived_cluster  # noqa: F401
 

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.storage import open_storage
-from pipelines.engine import run_pipeline
-from pipelines.gdpr import MESSAGE_DELETED, TOMBSTONE_ID, NotEligible, erase, export
+from pipelines.lifecycle.engine import run_pipeline
+from pipelines.lifecycle.gdpr import MESSAGE_DELETED, TOMBSTONE_ID, NotEligible, erase, export
 from tests.conftest import run_cli
 from tests.support import lifecycle as _lifecycle
 from tests.support.lifecycle import (
@@ -669,8 +669,8 @@ def test_erase_leaves_nothing_in_tables_redis_exports_archives_or_a_restored_bac
     import psycopg
 
     from core.settings import get_settings, reset_settings_cache
-    from pipelines.backup import catalog, restore_logical, run_full_backup
-    from pipelines.gdpr import reapply_erasures
+    from pipelines.backups.logical import catalog, restore_logical, run_full_backup
+    from pipelines.lifecycle.gdpr import reapply_erasures
     from tests.support.lifecycle import scan_storage
 
     monkeypatch.setenv("TIDEMILL_GDPR_REDIS_PATTERNS", "feed:{username}:*,otp:{phone}")
@@ -980,7 +980,7 @@ def test_scrubbed_payloads_hold_no_identifier_wherever_it_was_put(
 ) -> None:
     """Identifiers planted anywhere in any JSON shape (inside ids, metadata, lists, free
     text, mixed case) never survive scrub_stripe; strings without them are kept."""
-    from pipelines.scrub import scrub_stripe
+    from pipelines.lifecycle.scrub import scrub_stripe
 
     needles = ["zelda@example.org", "Zelda Quartermain", "+491500099"]
     leaves: list[tuple[Any, Any]] = []

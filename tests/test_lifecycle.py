@@ -9,8 +9,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from pipelines.engine import PipelineBusy, lock_key, run_pipeline
-from pipelines.policies import Policy, get_policy
+from pipelines.lifecycle.engine import PipelineBusy, lock_key, run_pipeline
+from pipelines.lifecycle.policies import Policy, get_policy
 from tests.conftest import run_cli
 from tests.support import lifecycle as _lifecycle
 from tests.support.lifecycle import add_notifications, make_user

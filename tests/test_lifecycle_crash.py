@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
-from pipelines.engine import run_pipeline
+from pipelines.lifecycle.engine import run_pipeline
 from tests.conftest import start_cli
 from tests.support import lifecycle as _lifecycle
 from tests.support.lifecycle import (

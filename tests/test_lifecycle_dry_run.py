@@ -16,8 +16,8 @@ import pytest
 import typer
 
 from core.storage import open_storage
-from pipelines.gdpr import export
-from pipelines.policies import load_policies
+from pipelines.lifecycle.gdpr import export
+from pipelines.lifecycle.policies import load_policies
 from tests.support import lifecycle as _lifecycle
 from tests.support.lifecycle import (
     add_messages,
@@ -153,7 +153,7 @@ def test_a_dry_run_session_refuses_writes(db, file_storage) -> None:
     import psycopg
 
     from core.settings import get_settings
-    from pipelines.context import connect
+    from pipelines.lifecycle.context import connect
 
     with connect(get_settings(), read_only=True) as conn:
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from pipelines.engine import run_pipeline
-from pipelines.policies import PolicyError, get_policy, parse_policies
+from pipelines.lifecycle.engine import run_pipeline
+from pipelines.lifecycle.policies import PolicyError, get_policy, parse_policies
 from tests.support import lifecycle as _lifecycle
 from tests.support.lifecycle import archived_ids, make_user
 

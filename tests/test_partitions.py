@@ -7,9 +7,9 @@ from datetime import UTC, date, datetime, timedelta
 
 import psycopg
 
-from pipelines import partitions as parts
-from pipelines.engine import run_pipeline
-from pipelines.policies import get_policy
+from pipelines.lifecycle import partitions as parts
+from pipelines.lifecycle.engine import run_pipeline
+from pipelines.lifecycle.policies import get_policy
 from tests.support import lifecycle as _lifecycle
 from tests.support.lifecycle import (
     add_messages,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.policies import (
+from pipelines.lifecycle.policies import (
     DEFAULT_FILE,
     EXAMPLES_DIR,
     PolicyError,

@@ -15,9 +15,9 @@ import pytest
 
 from core.proc import free_port
 from core.storage import open_storage
-from pipelines.backup import catalog
-from pipelines.physical import run_base_backup
-from pipelines.restore import stop_restored
+from pipelines.backups.logical import catalog
+from pipelines.backups.physical import run_base_backup
+from pipelines.backups.restore import stop_restored
 from tests.conftest import run_cli
 from tests.support.pgcluster import ArchivedCluster, archived_cluster  # noqa: F401
 
@@ -213,7 +213,7 @@ def test_encrypted_archive_restores_and_the_printed_stop_command_works(
     import subprocess
 
     from core.envelope import MAGIC
-    from pipelines.physical import wal_key
+    from pipelines.backups.physical import wal_key
     from tests.support.pgcluster import start_archived_cluster
 
     monkeypatch.setenv("TIDEMILL_ENCRYPTION_KEY", base64.b64encode(os.urandom(32)).decode())

@@ -10,7 +10,7 @@ import zstandard
 
 from core.storage import open_storage
 from db.embedded import pg_system_user
-from pipelines.physical import lsn_to_segment, wal_key, wal_position
+from pipelines.backups.physical import lsn_to_segment, wal_key, wal_position
 from tests.conftest import run_cli
 from tests.support.pgcluster import ArchivedCluster, archived_cluster  # noqa: F401
 
@@ -100,7 +100,7 @@ def test_wal_fetch_round_trip_missing_and_corrupt(tmp_path: Path) -> None:
 def test_wal_checksum_trailer_catches_every_cut(tmp_path: Path) -> None:
     """zstd alone misses a stream cut exactly after a frame, or a cut into the frame's own
     content checksum; the trailer recorded at push catches every cut and every flipped bit."""
-    from pipelines.physical import _TRAILER_LEN
+    from pipelines.backups.physical import _TRAILER_LEN
 
     url = f"file://{tmp_path / 'objects'}"
     name = "00000001000000000000000A"
@@ -167,7 +167,7 @@ def test_wal_push_never_overwrites_a_segment_archived_after_its_check(tmp_path: 
     import threading
     import time
 
-    from pipelines.physical import WalConflict, push_wal
+    from pipelines.backups.physical import WalConflict, push_wal
 
     root = tmp_path / "objects"
     storage = open_storage(f"file://{root}")

@@ -23,7 +23,7 @@ class BackupRejected(PermanentError):
 
 @actor(queue_name="backups", time_limit=BACKUP_TIME_LIMIT_MS, max_retries=2)
 def backup_full(uow: UnitOfWork, tick: str | None = None) -> None:
-    from pipelines.backup import BackupBusy, run_full_backup
+    from pipelines.backups.logical import BackupBusy, run_full_backup
 
     try:
         run_full_backup(reason=f"tick {tick}" if tick else "manual")
@@ -33,8 +33,8 @@ def backup_full(uow: UnitOfWork, tick: str | None = None) -> None:
 
 @actor(queue_name="backups", time_limit=BACKUP_TIME_LIMIT_MS, max_retries=2)
 def backup_base(uow: UnitOfWork, tick: str | None = None, incremental: bool = False) -> None:
-    from pipelines.backup import BackupError
-    from pipelines.physical import IncrementalUnavailable, NoParentBase, run_base_backup
+    from pipelines.backups.logical import BackupError
+    from pipelines.backups.physical import IncrementalUnavailable, NoParentBase, run_base_backup
 
     reason = f"tick {tick}" if tick else "manual"
     try:
@@ -55,7 +55,7 @@ def backup_base(uow: UnitOfWork, tick: str | None = None, incremental: bool = Fa
 
 @actor(queue_name="backups", time_limit=BACKUP_TIME_LIMIT_MS, max_retries=0)
 def backup_drill(uow: UnitOfWork, tick: str | None = None) -> None:
-    from pipelines.drill import run_drill
+    from pipelines.backups.drill import run_drill
 
     # A failed drill is recorded (backup_drills) and logged by run_drill; retrying the same
     # backup would only repeat it, so the message succeeds either way.
@@ -64,6 +64,6 @@ def backup_drill(uow: UnitOfWork, tick: str | None = None) -> None:
 
 @actor(queue_name="backups", max_retries=2)
 def backup_prune(uow: UnitOfWork, tick: str | None = None) -> None:
-    from pipelines.backup_retention import run_retention
+    from pipelines.backups.retention import run_retention
 
     run_retention()

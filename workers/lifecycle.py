@@ -15,7 +15,7 @@ from workers.base import PermanentError, actor
 log = get_logger(__name__)
 
 # Retention runs can be long (millions of rows); the default 10-minute limit would interrupt
-# them. A killed run loses nothing: the next one resumes (see pipelines/engine.py).
+# them. A killed run loses nothing: the next one resumes (see pipelines/lifecycle/engine.py).
 PIPELINE_TIME_LIMIT_MS = 6 * 3600 * 1000
 
 
@@ -29,9 +29,9 @@ class BadUser(PermanentError):
 
 @actor(queue_name="pipelines", time_limit=PIPELINE_TIME_LIMIT_MS, max_retries=5)
 def run_pipeline(uow: UnitOfWork, name: str, tick: str | None = None) -> None:
-    from pipelines.engine import PipelineBusy
-    from pipelines.engine import run_pipeline as run
-    from pipelines.policies import PolicyError, UnknownPipeline
+    from pipelines.lifecycle.engine import PipelineBusy
+    from pipelines.lifecycle.engine import run_pipeline as run
+    from pipelines.lifecycle.policies import PolicyError, UnknownPipeline
 
     when = datetime.fromisoformat(tick) if tick else None
     try:
@@ -46,7 +46,7 @@ def run_pipeline(uow: UnitOfWork, name: str, tick: str | None = None) -> None:
 
 @actor(queue_name="pipelines", max_retries=5)
 def gdpr_erase(uow: UnitOfWork, user_id: str, by: str = "system") -> None:
-    from pipelines.gdpr import NotEligible, UserNotFound, erase
+    from pipelines.lifecycle.gdpr import NotEligible, UserNotFound, erase
 
     try:
         erase(user_id, by=by)
@@ -57,7 +57,7 @@ def gdpr_erase(uow: UnitOfWork, user_id: str, by: str = "system") -> None:
 
 @actor(queue_name="pipelines", max_retries=5)
 def gdpr_export(uow: UnitOfWork, user_id: str, by: str = "system") -> None:
-    from pipelines.gdpr import UserNotFound, export
+    from pipelines.lifecycle.gdpr import UserNotFound, export
 
     try:
         export(user_id, by=by)

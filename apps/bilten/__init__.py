@@ -13,7 +13,7 @@ from __future__ import annotations
 from apps.bilten.stripe import apply_stripe_event
 from apps.profile import Backups, Mail, Profile, Rule, Users
 from db.cache_keys import APP_CACHE
-from pipelines.backup_plan import PlannedBackup
+from pipelines.backups.plan import PlannedBackup
 
 TICKET_CONFIRMATION = Mail(
     kind="ticket_confirmation",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from apps.profile import Backups, Profile, Users
 from db.cache_keys import APP_CACHE
-from pipelines.backup_plan import BACKUP_PLAN
+from pipelines.backups.plan import BACKUP_PLAN
 
 PROFILE = Profile(
     name="lovendo",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from apps.profile import Backups, FanOut, Profile, Rule, Users
 from db.cache_keys import APP_CACHE
-from pipelines.backup_plan import PlannedBackup
+from pipelines.backups.plan import PlannedBackup
 
 # Idempotent: a retried message finds the rows it inserted and adds none.
 NEW_MATCH = FanOut(

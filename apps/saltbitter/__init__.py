@@ -13,7 +13,7 @@ from __future__ import annotations
 from apps.profile import Backups, Erase, Profile, Rule, Users
 from apps.saltbitter import gdpr
 from apps.saltbitter.stripe import apply_stripe_event
-from pipelines.backup_plan import PlannedBackup
+from pipelines.backups.plan import PlannedBackup
 
 PROFILE = Profile(
     name="saltbitter",

@@ -1,7 +1,8 @@
 """Personal data out of rows that stay: Stripe payloads, archived rows, restored rows.
 
-Shared by the live erase (``pipelines.gdpr``), the rewrite of archived objects and the archive
-restore (``pipelines.archive``), so that all three treat an erased user's rows the same way.
+Shared by the live erase (``pipelines.lifecycle.gdpr``), the rewrite of archived objects and
+the archive restore (``pipelines.lifecycle.archive``), so that all three treat an erased user's
+rows the same way.
 
 Stripe puts personal data in known places (API reference: Charge, PaymentMethod, PaymentIntent,
 Checkout Session, Invoice, Customer):
@@ -64,7 +65,7 @@ SUBJECT_SALT = b"tidemill.erasure:"
 
 def subject_hash(user_id: uuid.UUID | str) -> str:
     """The erasure record's subject: a salted sha256 of the user id (names nobody on its own,
-    finds the user in a restored copy). ``pipelines.gdpr`` and SQL (``SUBJECT_HASH_SQL``)
+    finds the user in a restored copy). ``pipelines.lifecycle.gdpr`` and SQL (``SUBJECT_HASH_SQL``)
     compute the same value."""
     return hashlib.sha256(SUBJECT_SALT + str(user_id).lower().encode()).hexdigest()
 

@@ -37,8 +37,8 @@ from db.embedded import (
     postgres_bin,
     tidemill_command,
 )
-from pipelines.backup import BackupError, CatalogEntry, catalog, verify
-from pipelines.physical import WAL_PREFIX, read_head, wal_position
+from pipelines.backups.logical import BackupError, CatalogEntry, catalog, verify
+from pipelines.backups.physical import WAL_PREFIX, read_head, wal_position
 
 log = get_logger(__name__)
 
@@ -282,7 +282,7 @@ def restore_to_time(
         result.started = True
         # GDPR (#15): erasures recorded since the base backup began are applied again before
         # anyone gets the restored database (erasing an already erased user finds nobody).
-        from pipelines.gdpr import reapply_erasures
+        from pipelines.lifecycle.gdpr import reapply_erasures
 
         reapply_erasures(result.url, since=chain[0].started_at, settings=settings, storage=storage)
     result.seconds = time.monotonic() - t0
@@ -472,7 +472,7 @@ def restore_database(
     from psycopg import sql
 
     from db.engine import libpq_url
-    from pipelines.backup import find_backup, restore_logical
+    from pipelines.backups.logical import find_backup, restore_logical
 
     settings = settings or get_settings()
     storage = storage or open_storage(settings=settings)
@@ -520,7 +520,7 @@ def restore_database(
         # again, then re-apply the erasures recorded since the backup (GDPR, #15) before the
         # database is handed over under its name.
         from db.schema import role_search_path_sql
-        from pipelines.gdpr import reapply_erasures
+        from pipelines.lifecycle.gdpr import reapply_erasures
 
         with psycopg.connect(libpq_url(restored_url), autocommit=True) as conn:
             conn.execute(role_search_path_sql())

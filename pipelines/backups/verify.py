@@ -21,8 +21,8 @@ from datetime import UTC, datetime, timedelta
 
 from core.log import get_logger
 from core.storage import ObjectInfo, Storage
-from pipelines.backup import CatalogEntry, catalog, record_finish
-from pipelines.physical import (
+from pipelines.backups.logical import CatalogEntry, catalog, record_finish
+from pipelines.backups.physical import (
     HEAD_KEY,
     WAL_PREFIX,
     WalCorrupt,

@@ -32,8 +32,8 @@ from core.log import get_logger
 from core.settings import Settings, get_settings
 from core.storage import ObjectInfo, Storage, open_storage
 from db.engine import libpq_url
-from pipelines.backup import MANIFEST, CatalogEntry, catalog
-from pipelines.physical import WAL_PREFIX, wal_position
+from pipelines.backups.logical import MANIFEST, CatalogEntry, catalog
+from pipelines.backups.physical import WAL_PREFIX, wal_position
 
 log = get_logger(__name__)
 

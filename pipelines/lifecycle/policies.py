@@ -1,7 +1,7 @@
 """Retention policies as data: a TOML file of ``[[policy]]`` tables, validated before use.
 
 ``load_policies(settings)`` reads ``TIDEMILL_POLICY_FILE`` (default: the packaged
-``pipelines/policies.toml``, seed Lovendo's retention table) and checks its shape without
+``pipelines/lifecycle/policies.toml``, seed Lovendo's retention table) and checks its shape without
 touching a database, so the scheduler can read it at start-up. ``check_against_database``
 then checks every table, column and filter against the live catalog; the engine calls it
 before each run, so a policy naming a missing table or column fails with one clear line

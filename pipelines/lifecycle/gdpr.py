@@ -32,9 +32,9 @@ from psycopg import sql
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
-from pipelines import archive
-from pipelines.context import RunContext, connect
-from pipelines.scrub import (
+from pipelines.lifecycle import archive
+from pipelines.lifecycle.context import RunContext, connect
+from pipelines.lifecycle.scrub import (
     KEEP_ANONYMIZED,
     KEEP_COLUMNS,
     MENTIONS,

@@ -17,9 +17,9 @@ from typing import Any
 from psycopg import sql
 
 from core.log import get_logger
-from pipelines import partitions as parts
-from pipelines.context import RunContext
-from pipelines.policies import Policy
+from pipelines.lifecycle import partitions as parts
+from pipelines.lifecycle.context import RunContext
+from pipelines.lifecycle.policies import Policy
 
 log = get_logger(__name__)
 

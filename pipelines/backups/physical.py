@@ -41,7 +41,7 @@ from core.settings import Settings, get_settings
 from core.storage import Storage, open_storage
 from db.embedded import postgres_bin
 from db.engine import direct_url, libpq_url
-from pipelines.backup import (
+from pipelines.backups.logical import (
     CHUNK,
     MANIFEST_FORMAT,
     BackupError,

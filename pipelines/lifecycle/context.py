@@ -27,7 +27,7 @@ from db.engine import direct_url, libpq_url
 
 if TYPE_CHECKING:
     from core.storage import Storage
-    from pipelines.policies import Policy
+    from pipelines.lifecycle.policies import Policy
 
 log = get_logger(__name__)
 

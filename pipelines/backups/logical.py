@@ -10,9 +10,9 @@ Layout (one folder per backup, sortable by time)::
 
     backups/full/20261123T030000Z/dump.pgc.zst        pg_dump custom format, zstd
     backups/full/20261123T030000Z/manifest.json       written last
-    backups/base/…/base.tar.zst, backup_manifest, manifest.json          (pipelines.physical)
-    backups/incremental/…/base.tar.zst, backup_manifest, manifest.json   (pipelines.physical)
-    wal/000000010000000000000003.zst                                      (pipelines.physical)
+    backups/base/…/base.tar.zst, backup_manifest, manifest.json         (backups.physical)
+    backups/incremental/…/base.tar.zst, backup_manifest, manifest.json  (backups.physical)
+    wal/000000010000000000000003.zst                                     (backups.physical)
 
 The ``backups`` table is a catalogue for the dashboard and ``backup list``; storage is the
 truth (a point-in-time restore must work when the database is gone).

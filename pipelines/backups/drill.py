@@ -22,7 +22,7 @@ from core.log import get_logger
 from core.settings import Settings, get_settings
 from core.storage import Storage, open_storage
 from db.engine import direct_url, libpq_url
-from pipelines.backup import (
+from pipelines.backups.logical import (
     BackupError,
     CatalogEntry,
     catalog,
@@ -121,7 +121,7 @@ def run_drill(
     entry: CatalogEntry | None = None
     try:
         if physical:
-            from pipelines.restore import plan_restore
+            from pipelines.backups.restore import plan_restore
 
             chain = plan_restore(catalog(storage, kinds=("base", "incremental")), None)
             entry = chain[-1]
@@ -179,7 +179,7 @@ def _logical_restore(
         # GDPR (#15): the erasures recorded since the backup, as on every restore; after the
         # checksums, so they still check the backup against its manifest.
         from db.schema import role_search_path_sql
-        from pipelines.gdpr import reapply_erasures
+        from pipelines.lifecycle.gdpr import reapply_erasures
 
         with psycopg.connect(target, autocommit=True) as conn:
             conn.execute(role_search_path_sql())  # the role's search_path is not in the dump
@@ -202,7 +202,7 @@ def _physical_restore(
     from pathlib import Path
 
     from core.proc import free_port
-    from pipelines.restore import restore_to_time, stop_restored
+    from pipelines.backups.restore import restore_to_time, stop_restored
 
     scratch = Path(tempfile.mkdtemp(prefix=f"tidemill-drill-{drill_id}-"))
     data_dir = scratch / "pgdata"
@@ -270,7 +270,7 @@ def _compare_checksums(result: DrillResult, entry: CatalogEntry) -> None:
 
 def _run_verify(result: DrillResult, storage: Storage) -> None:
     """The drill also runs `backup verify`: every other backup and the WAL chain."""
-    from pipelines.backup_verify import verify_storage
+    from pipelines.backups.verify import verify_storage
 
     report = verify_storage(storage)
     result.verify_problems = [p.line() for p in report.problems]

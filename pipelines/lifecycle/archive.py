@@ -31,11 +31,11 @@ from psycopg import sql
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
-from pipelines import partitions as parts
-from pipelines import scrub
-from pipelines.context import RunContext, connect
-from pipelines.policies import Policy
-from pipelines.purge import (
+from pipelines.lifecycle import partitions as parts
+from pipelines.lifecycle import scrub
+from pipelines.lifecycle.context import RunContext, connect
+from pipelines.lifecycle.policies import Policy
+from pipelines.lifecycle.purge import (
     Key,
     TableState,
     next_bounds,
@@ -893,7 +893,7 @@ def _read_decompressed(storage: Any, key: str) -> bytes:
 
 
 def _policy_storage_class(pipeline: str, settings: Settings) -> str | None:
-    from pipelines.policies import PolicyError, UnknownPipeline, get_policy
+    from pipelines.lifecycle.policies import PolicyError, UnknownPipeline, get_policy
 
     try:
         return get_policy(pipeline, settings).storage_class

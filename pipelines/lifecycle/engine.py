@@ -25,9 +25,9 @@ import psycopg
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
-from pipelines import archive, gdpr, purge
-from pipelines.archive import remove_orphan, write_manifest
-from pipelines.context import (
+from pipelines.lifecycle import archive, gdpr, purge
+from pipelines.lifecycle.archive import remove_orphan, write_manifest
+from pipelines.lifecycle.context import (
     PipelineBusy,
     PipelineError,
     ProgressFn,
@@ -35,7 +35,7 @@ from pipelines.context import (
     RunStats,
     connect,
 )
-from pipelines.policies import Policy, PolicyError, check_against_database, get_policy
+from pipelines.lifecycle.policies import Policy, PolicyError, check_against_database, get_policy
 
 __all__ = ["PipelineBusy", "PipelineError", "RunResult", "connect", "history", "run_pipeline"]
 

@@ -1,0 +1,1 @@
+"""Backups: logical and physical, WAL, verify, restore, the drill, retention of backups."""

@@ -1,0 +1,1 @@
+"""Data lifecycle: retention policies as data, the engine, archive, purge, partitions, GDPR."""
