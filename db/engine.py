@@ -103,6 +103,16 @@ def connect_options(settings: Settings | None = None) -> dict[str, Any]:
     return dict(POOLED) if pooled(settings) else {}
 
 
+def keepalive_options(settings: Settings | None = None) -> dict[str, Any]:
+    """connect_options plus keepalives, for a long-lived raw psycopg connection to DATABASE_URL:
+    both ways direct; behind a pooler only the client side (PgBouncer refuses the startup
+    `options` that carry the server's keepalive settings)."""
+    args = dict(KEEPALIVES)
+    if pooled(settings):
+        del args["options"]
+    return args | connect_options(settings)
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 20, pooled: bool = False) -> None:
         self.url = url

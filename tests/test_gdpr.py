@@ -187,7 +187,7 @@ def _scan_postgres(sql, needles: list[str]) -> list[str]:
         SELECT c.table_schema, c.table_name, c.column_name FROM information_schema.columns c
         JOIN information_schema.tables t
           ON t.table_schema = c.table_schema AND t.table_name = c.table_name
-        WHERE c.table_schema IN ('public', 'partitions') AND t.table_type = 'BASE TABLE'
+        WHERE c.table_schema IN ('public', 'partitions', 'tidemill') AND t.table_type = 'BASE TABLE'
           AND c.data_type IN ('text', 'character varying', 'jsonb', 'json', 'ARRAY', 'uuid',
                               'inet', 'USER-DEFINED')
         """

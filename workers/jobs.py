@@ -22,7 +22,7 @@ from dramatiq.middleware import Middleware
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
-from db.engine import KEEPALIVES, UnitOfWork, libpq_url, unit_of_work
+from db.engine import UnitOfWork, keepalive_options, libpq_url, unit_of_work
 
 log = get_logger("workers.jobs")
 
@@ -149,7 +149,9 @@ class DoneMarker:
                 if self._conn is None or self._conn.closed:
                     url = get_settings().database_url
                     assert url is not None
-                    self._conn = psycopg.connect(libpq_url(url), autocommit=True, **KEEPALIVES)
+                    self._conn = psycopg.connect(
+                        libpq_url(url), autocommit=True, **keepalive_options()
+                    )
                 self._conn.execute(_MARK_DONE, {"ids": ids, "scrub": sorted(COALESCED_ACTORS)})
                 return len(ids)
             except Exception as exc:

@@ -137,13 +137,13 @@ def columns(conn: Any, table: str) -> list[dict[str, str]]:
             "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
             "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped "
             "ORDER BY attnum",
-            (f"public.{table}",),
+            (table,),
         ).fetchall()
     ]
 
 
 def _copy_statement(policy: Policy) -> sql.Composable:
-    t = sql.Identifier("public", policy.table)
+    t = sql.Identifier(policy.table)
     delete = sql.SQL("DELETE FROM {t} WHERE {w} RETURNING *").format(t=t, w=range_where(policy))
     if policy.format == "jsonl":
         # The server renders each row as JSON and joins them into chunks of JSONL_CHUNK
@@ -263,7 +263,7 @@ def _subjects_of_batch(
     union = sql.SQL(" UNION ").join(
         sql.SQL("SELECT ({e}) AS s FROM {t} WHERE {w}").format(
             e=sql.SQL(e),
-            t=sql.Identifier("public", policy.table),
+            t=sql.Identifier(policy.table),
             w=range_where(policy),
         )
         for e in exprs
@@ -516,11 +516,11 @@ def restore_object(
                     "unverified rows (pass --no-verify to restore it anyway)"
                 )
         table = into or (recorded[0] if recorded else manifest_table or key.split("/", 1)[0])
-        found = conn.execute("SELECT to_regclass(%s)", (f"public.{table}",)).fetchone()
+        found = conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()
         if not found or not found[0]:
             log.warning("archive_restore_rejected", reason="no such table", table=table)
             raise ArchiveError(f"table {table!r} does not exist")
-        target = sql.Identifier("public", table)
+        target = sql.Identifier(table)
         with conn.transaction():
             read, digest, cols = load_object(
                 conn, storage, key, fmt, table, "restore_rows", expected=expected
@@ -570,7 +570,7 @@ def load_object(
     A damaged object may fail to decompress or to parse before its digest can be compared:
     then the rest is read to finish the digest, and a digest that differs from ``expected``
     raises ArchiveError (damaged) rather than the parse error it caused."""
-    target = sql.Identifier("public", table)
+    target = sql.Identifier(table)
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
             sql.Identifier(temp), target
@@ -606,7 +606,7 @@ def load_object(
 
 
 def _copy_in(conn: Any, hashed: _Verify, fmt: str, table: str, temp: str) -> tuple[int, list[str]]:
-    target = sql.Identifier("public", table)
+    target = sql.Identifier(table)
     data = _decompressed(hashed)  # type: ignore[arg-type]
     cur = conn.cursor()
     if fmt == "csv":
@@ -647,7 +647,7 @@ def _detach_from_deleted_parents(conn: Any, relation: sql.Composable, table: str
             sql.SQL(
                 "UPDATE {r} SET {c} = NULL WHERE {c} IS NOT NULL AND NOT EXISTS "
                 "(SELECT 1 FROM {p} WHERE {p}.{pc} = {r}.{c})"
-            ).format(r=relation, c=col, p=sql.Identifier("public", fk.parent), pc=pcol)
+            ).format(r=relation, c=col, p=sql.Identifier(fk.parent), pc=pcol)
         ).rowcount
     return total
 

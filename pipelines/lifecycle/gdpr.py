@@ -32,6 +32,7 @@ from psycopg import sql
 
 from core.log import get_logger
 from core.settings import Settings, get_settings
+from db.schema import SCHEMA as TIDEMILL_SCHEMA
 from pipelines.lifecycle import archive
 from pipelines.lifecycle.context import RunContext, connect
 from pipelines.lifecycle.scrub import (
@@ -426,24 +427,32 @@ def erase_in_database(conn: Any, user: dict[str, Any], steps: list[Step]) -> dic
         n = conn.execute(step.statement, params).rowcount
         label = f"{step.table}:{step.action}"
         counts[label] = counts.get(label, 0) + max(n, 0)
-    existing = {
-        r[0]
-        for r in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    # table -> schema: the app's tables (public) and tidemill's own (db/schema.py), where
+    # jobs, webhook payloads and other mentions of the user live.
+    existing = dict(
+        conn.execute(
+            "SELECT tablename, schemaname FROM pg_tables WHERE schemaname = ANY(%s) "
+            "ORDER BY schemaname = 'public'",
+            (["public", TIDEMILL_SCHEMA],),
         ).fetchall()
-    }
+    )
     for table, statement in MENTIONS.items():
         if table in existing:
-            stmt = sql.SQL(statement).format(t=sql.Identifier("public", table))
+            stmt = sql.SQL(statement).format(t=sql.Identifier(existing[table], table))
             n = conn.execute(stmt, params).rowcount
             counts[f"{table}:mentions"] = counts.get(f"{table}:mentions", 0) + max(n, 0)
     if "webhook_events" in existing:
         counts["webhook_events:scrubbed"] = scrub_webhook_payloads(
-            conn, sql.Identifier("public", "webhook_events"), needles
+            conn, sql.Identifier(existing["webhook_events"], "webhook_events"), needles
         )
     subjects = subjects_of(user)
     if "archive_subjects" in existing:
-        conn.execute("DELETE FROM archive_subjects WHERE subject = ANY(%s)", (subjects,))
+        conn.execute(
+            sql.SQL("DELETE FROM {} WHERE subject = ANY(%s)").format(
+                sql.Identifier(existing["archive_subjects"], "archive_subjects")
+            ),
+            (subjects,),
+        )
     return counts
 
 

@@ -54,7 +54,7 @@ def _ts(d: date) -> datetime:
 
 def is_partitioned(conn: Any, table: str) -> bool:
     row = conn.execute(
-        "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (f"public.{table}",)
+        "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (table,)
     ).fetchone()
     return row is not None and row[0] == "p"
 
@@ -72,7 +72,7 @@ def list_partitions(conn: Any, table: str) -> list[Partition]:
         CROSS JOIN LATERAL (SELECT pg_get_expr(c.relpartbound, c.oid) AS bound) b
         WHERE i.inhparent = to_regclass(%s)
         """,
-        (f"public.{table}",),
+        (table,),
     ).fetchall()
     parts = [Partition(r[0], r[1], r[3], r[4], bool(r[2])) for r in rows]
     return sorted(parts, key=lambda p: (p.is_default, p.lo or datetime.min.replace(tzinfo=UTC)))
@@ -112,7 +112,7 @@ def create_month(conn: Any, table: str, month: date, *, lock_timeout_ms: int = 2
     lo, hi = _ts(month), _ts(add_months(month, 1))
     name = partition_name(table, month)
     ident = sql.Identifier(SCHEMA, name)
-    parent = sql.Identifier("public", table)
+    parent = sql.Identifier(table)
     default = sql.Identifier(SCHEMA, f"{table}_default")
     with conn.transaction():
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout_ms)))
@@ -158,7 +158,7 @@ def drop_partition(
     the caller's check keeps the partition (the detach is rolled back) and waits for the next
     run to archive it.
     """
-    parent = sql.Identifier("public", table)
+    parent = sql.Identifier(table)
     ident = sql.Identifier(part.schema, part.name)
     dropped = False
     with conn.transaction():

@@ -314,7 +314,7 @@ def check_against_database(policies: Iterable[Policy], conn: Any) -> None:
             raise PolicyError(f"policy {p.name}: table {p.table!r} does not exist")
         if p.action == "partitions":
             kind = conn.execute(
-                "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (f"public.{p.table}",)
+                "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (p.table,)
             ).fetchone()
             if kind is None or kind[0] != "p":
                 raise PolicyError(f"policy {p.name}: table {p.table!r} is not partitioned")
