@@ -4,6 +4,7 @@ it, through the real path (trigger -> outbox -> relay -> dramatiq worker -> Redi
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,11 +172,16 @@ def second_valkey(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[E
     """A cache Redis of its own (the broker stays on the session's), so a test can stop it."""
     valkey = EmbeddedValkey(tmp_path, port=free_port())
     valkey.start()
+    session_url = os.environ["REDIS_URL"]
     monkeypatch.setenv("REDIS_URL", valkey.url(0))
     reset_settings_cache()
     try:
         yield valkey
     finally:
+        # The session's URL back before the cache is dropped: a background thread (stats,
+        # done-marker) reading settings in between would otherwise cache this test's Redis
+        # for every later test (monkeypatch restores the variable only after this fixture).
+        os.environ["REDIS_URL"] = session_url
         reset_settings_cache()
         valkey.stop()
 

@@ -120,6 +120,7 @@ class DoneMarker:
         self._flushing = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._url: str | None = None
 
     def add(self, ids: Sequence[int]) -> None:
         with self._lock:
@@ -146,12 +147,16 @@ class DoneMarker:
             return 0
         for attempt in (1, 2):  # a second try on a fresh connection: the old one went stale
             try:
-                if self._conn is None or self._conn.closed:
-                    url = get_settings().database_url
-                    assert url is not None
+                url = get_settings().database_url
+                assert url is not None
+                if self._conn is not None and (self._conn.closed or self._url != url):
+                    self._conn.close()  # settings now name another database: follow them
+                    self._conn = None
+                if self._conn is None:
                     self._conn = psycopg.connect(
                         libpq_url(url), autocommit=True, **keepalive_options()
                     )
+                    self._url = url
                 self._conn.execute(_MARK_DONE, {"ids": ids, "scrub": sorted(COALESCED_ACTORS)})
                 return len(ids)
             except Exception as exc:
