@@ -64,11 +64,13 @@ fmt: $(STAMP)
 
 BENCHES := queue_roundtrip durability webhooks logmask fanout cache lifecycle gdpr backup scheduler dashboard pgbouncer
 
+# Each bench prints its figures; bench/record.py also writes them, with the machine and the
+# date, to docs/benchmarks-results.md.
 bench: $(STAMP)
-	@for b in $(BENCHES); do echo "== bench.$$b"; $(BIN)/python -m bench.$$b || exit 1; done
+	$(BIN)/python -m bench.record $(BENCHES)
 
 bench-quick: $(STAMP)
-	@for b in $(BENCHES); do echo "== bench.$$b --quick"; $(BIN)/python -m bench.$$b --quick || exit 1; done
+	$(BIN)/python -m bench.record --quick $(BENCHES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build
