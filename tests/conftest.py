@@ -226,3 +226,24 @@ def run_cli(
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def up_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], int]:
+    """Environment for a `tidemill up` of its own (embedded servers on free ports, data under
+    `tmp_path`) and its web port; `extra` overrides, e.g. external DATABASE_URL / REDIS_URL."""
+    from core.proc import free_port
+
+    web = free_port()
+    env = dict(
+        os.environ,
+        TIDEMILL_DATA_DIR=str(tmp_path / "data"),
+        TIDEMILL_WEB_PORT=str(web),
+        TIDEMILL_PG_PORT=str(free_port()),
+        TIDEMILL_REDIS_PORT=str(free_port()),
+        TIDEMILL_WORKER_PROCESSES="2",
+        TIDEMILL_WORKER_THREADS="2",
+    )
+    for name in ("DATABASE_URL", "DATABASE_DIRECT_URL", "REDIS_URL", "BROKER_URL"):
+        env.pop(name, None)
+    env.update(extra)
+    return env, web

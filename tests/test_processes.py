@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from pathlib import Path
 from typing import cast
 
 import psutil
 import pytest
 from dramatiq.brokers.redis import RedisBroker
 
-from core.proc import free_port, stop_process, wait_until
-from tests.conftest import healthy, start_cli
+from core.proc import stop_process, wait_until
+from tests.conftest import healthy, start_cli, up_env
 
 pytestmark = pytest.mark.slow
 
@@ -89,26 +88,9 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _up_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], int]:
-    web = free_port()
-    env = dict(
-        os.environ,
-        TIDEMILL_DATA_DIR=str(tmp_path / "data"),
-        TIDEMILL_WEB_PORT=str(web),
-        TIDEMILL_PG_PORT=str(free_port()),
-        TIDEMILL_REDIS_PORT=str(free_port()),
-        TIDEMILL_WORKER_PROCESSES="2",
-        TIDEMILL_WORKER_THREADS="2",
-    )
-    env.pop("DATABASE_URL")
-    env.pop("REDIS_URL")
-    env.update(extra)
-    return env, web
-
-
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_up_runs_everything_embedded_and_stops_with_no_orphans(tmp_path, stop_signal) -> None:
-    env, web = _up_env(tmp_path)
+    env, web = up_env(tmp_path)
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     up = start_cli("up", env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -153,7 +135,7 @@ def test_up_runs_everything_embedded_and_stops_with_no_orphans(tmp_path, stop_si
 
 
 def test_up_uses_external_servers_when_urls_are_set(tmp_path, servers, db) -> None:
-    env, web = _up_env(tmp_path, DATABASE_URL=servers.database_url, REDIS_URL=servers.redis_url)
+    env, web = up_env(tmp_path, DATABASE_URL=servers.database_url, REDIS_URL=servers.redis_url)
     up = start_cli("up", "--workers", "1", env=env)
     try:
         assert wait_until(lambda: healthy(web), timeout=120, interval=0.25)

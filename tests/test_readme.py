@@ -7,7 +7,6 @@ the README cannot drift into commands that do not work."""
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import signal
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from core.proc import free_port, wait_until
-from tests.conftest import ROOT, healthy, start_cli
+from core.proc import wait_until
+from tests.conftest import ROOT, healthy, start_cli, up_env
 
 pytestmark = pytest.mark.slow
 
@@ -44,18 +43,7 @@ def test_the_readme_shows_commands() -> None:
 
 
 def test_every_readme_command_runs_against_make_up(tmp_path: Path) -> None:
-    web = free_port()
-    env = dict(
-        os.environ,
-        TIDEMILL_DATA_DIR=str(tmp_path / "data"),
-        TIDEMILL_WEB_PORT=str(web),
-        TIDEMILL_PG_PORT=str(free_port()),
-        TIDEMILL_REDIS_PORT=str(free_port()),
-        TIDEMILL_WORKER_PROCESSES="1",
-        TIDEMILL_WORKER_THREADS="2",
-    )
-    for name in ("DATABASE_URL", "REDIS_URL", "DATABASE_DIRECT_URL", "BROKER_URL"):
-        env.pop(name, None)
+    env, web = up_env(tmp_path, TIDEMILL_WORKER_PROCESSES="1")
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log:
         up = start_cli("up", env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -45,9 +45,9 @@ from pipelines.lifecycle.scrub import (
     TOMBSTONE_ID,
     ForeignKey,
     ensure_tombstone,
+    erase_params,
     foreign_keys,
     identifiers,
-    like,
     scrub_columns,
     scrub_webhook_payloads,
     subject_hash,
@@ -416,12 +416,7 @@ def erase_in_database(conn: Any, user: dict[str, Any], steps: list[Step]) -> dic
     ensure_tombstone(conn)
     conn.execute("UPDATE users SET push_token = NULL WHERE id = %s", (uid,))
     needles = identifiers(user)
-    params = {
-        "uid": uid,
-        "tombstone": TOMBSTONE_ID,
-        "deleted": MESSAGE_DELETED,
-        "pats": [like(v) for v in needles],
-    }
+    params = erase_params(user)
     counts: dict[str, int] = {}
     for step in steps:
         n = conn.execute(step.statement, params).rowcount

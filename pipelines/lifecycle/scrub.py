@@ -233,6 +233,17 @@ MENTIONS: dict[str, str] = {
 }
 
 
+def erase_params(user: dict[str, Any]) -> dict[str, Any]:
+    """The parameters every erase statement takes: the user, the tombstone that detached rows
+    point at, the text a deleted message keeps, and LIKE patterns of the user's identifiers."""
+    return {
+        "uid": user["id"],
+        "tombstone": TOMBSTONE_ID,
+        "deleted": MESSAGE_DELETED,
+        "pats": [like(v) for v in identifiers(user)],
+    }
+
+
 def erase_rows(
     conn: Any,
     relation: sql.Composable,
@@ -245,14 +256,7 @@ def erase_rows(
     """Apply to ``relation`` (the live ``table`` or a temp copy of its rows) what an erase does
     to the rows that point straight at the user or mention them: delete, detach (legal hold:
     the row stays, its personal columns cleared) or anonymize (messages). Returns counts."""
-    uid = user["id"]
-    needles = identifiers(user)
-    params = {
-        "uid": uid,
-        "tombstone": TOMBSTONE_ID,
-        "deleted": MESSAGE_DELETED,
-        "pats": [like(v) for v in needles],
-    }
+    params = erase_params(user)
     counts: dict[str, int] = {}
 
     def add(label: str, n: int) -> None:
@@ -287,7 +291,7 @@ def erase_rows(
         stmt = sql.SQL(MENTIONS[table]).format(t=relation)
         add(f"{table}:mentions", conn.execute(stmt, params).rowcount)
     if table == "webhook_events":
-        add(f"{table}:scrubbed", scrub_webhook_payloads(conn, relation, needles))
+        add(f"{table}:scrubbed", scrub_webhook_payloads(conn, relation, identifiers(user)))
     return counts
 
 
