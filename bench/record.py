@@ -23,6 +23,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "benchmarks-results.md"
+# Every bench's latest figures, with how and where they were measured: a run of some benches
+# replaces theirs and keeps the others'.
+DATA = ROOT / "docs" / "benchmarks-results.json"
 
 
 def machine() -> str:
@@ -80,22 +83,27 @@ def flatten(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def page(results: dict[str, dict[str, Any]], *, quick: bool, started: datetime) -> str:
+def page(results: dict[str, dict[str, Any]]) -> str:
     lines = [
         "# Latest benchmark figures",
         "",
-        f"Written by `make {'bench-quick' if quick else 'bench'}` (`bench/record.py`) on "
-        f"{started:%Y-%m-%d %H:%M} UTC.",
-        "",
-        f"Machine: {machine()}.",
-        "",
-        "Every ratio is against a baseline measured in the same run; what each figure means is "
-        "in the bench's own docstring and in [benchmarks](benchmarks.md).",
+        "Written by `make bench` / `make bench-quick` (`bench/record.py`): each benchmark's",
+        "figures from its latest run, with the machine and the date of that run. Every ratio is",
+        "against a baseline measured in the same run; what each figure means is in the bench's",
+        "own docstring and in [benchmarks](benchmarks.md).",
         "",
     ]
-    for name, figures in results.items():
-        lines += [f"## `bench.{name}`", "", "| figure | value |", "|---|---|"]
-        rows = flatten(figures)
+    for name in sorted(results):
+        run = results[name]
+        lines += [
+            f"## `bench.{name}`",
+            "",
+            f"{run['mode']}, {run['date']} UTC, on {run['machine']}.",
+            "",
+            "| figure | value |",
+            "|---|---|",
+        ]
+        rows = flatten(run["figures"])
         lines += [f"| {key} | {_cell(value)} |" for key, value in rows.items() if key != "bench"]
         lines.append("")
     return "\n".join(lines)
@@ -106,12 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke sizes")
     parser.add_argument("benches", nargs="+", metavar="BENCH")
     args = parser.parse_args(argv)
-    started = datetime.now(UTC)
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = json.loads(DATA.read_text()) if DATA.exists() else {}
+    where = machine()
     for name in args.benches:
         print(f"== bench.{name}{' --quick' if args.quick else ''}", flush=True)
-        results[name] = run(name, args.quick)
-        PAGE.write_text(page(results, quick=args.quick, started=started))  # after each bench
+        started = datetime.now(UTC)
+        results[name] = {
+            "mode": "`--quick`" if args.quick else "full size",
+            "date": f"{started:%Y-%m-%d %H:%M}",
+            "machine": where,
+            "figures": run(name, args.quick),
+        }
+        DATA.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        PAGE.write_text(page(results))  # after each bench: a later failure keeps these
     return 0
 
 
