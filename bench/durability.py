@@ -138,28 +138,23 @@ def effects(conn: psycopg.Connection[Any], n: int) -> tuple[int, int]:
     return n - distinct, total - distinct
 
 
+def start_system(env: dict[str, str], root: Path, tag: str) -> list[tuple[Any, Path]]:
+    """A real worker (1 process, 8 threads, the bench queue) and a real relay (which runs the
+    rescuer), each logging to ``root/TAG-*.log``: [(worker, its log), (relay, its log)]."""
+    worker_log, relay_log = root / f"{tag}-worker.log", root / f"{tag}-relay.log"
+    worker_argv = ["worker", "bench.durability_actor", "--processes", "1", "--threads", "8"]
+    worker = start([*worker_argv, "--queue", QUEUE], env, worker_log)
+    relay = start(["relay", "bench.durability_actor"], env, relay_log)
+    return [(worker, worker_log), (relay, relay_log)]
+
+
 def wipe_run(pg_url: str, redis_url: str, root: Path, n: int) -> dict[str, Any]:
     env = base_env(pg_url, redis_url, root, rescuer_poll_s=1.0, deadline_s=DEADLINE_S)
     client = redis.Redis.from_url(redis_url)
     with psycopg.connect(pg_url, autocommit=True) as conn:
         reset(conn, client)
-        worker_log, relay_log = root / "wipe-worker.log", root / "wipe-relay.log"
-        worker = start(
-            [
-                "worker",
-                "bench.durability_actor",
-                "--processes",
-                "1",
-                "--threads",
-                "8",
-                "--queue",
-                QUEUE,
-            ],
-            env,
-            worker_log,
-        )
-        relay = start(["relay", "bench.durability_actor"], env, relay_log)
-        procs = [(worker, worker_log), (relay, relay_log)]
+        procs = start_system(env, root, "wipe")
+        worker, relay = (proc for proc, _ in procs)
         try:
             add_jobs(conn, n)
             wait("dispatching", lambda: counts(conn)[0] == n, procs)
@@ -205,23 +200,8 @@ def throughput_run(
     with psycopg.connect(pg_url, autocommit=True) as conn:
         reset(conn, client)
         tag = f"{'on' if rescuer else 'off'}-{index}"
-        worker_log, relay_log = root / f"{tag}-worker.log", root / f"{tag}-relay.log"
-        worker = start(
-            [
-                "worker",
-                "bench.durability_actor",
-                "--processes",
-                "1",
-                "--threads",
-                "8",
-                "--queue",
-                QUEUE,
-            ],
-            env,
-            worker_log,
-        )
-        relay = start(["relay", "bench.durability_actor"], env, relay_log)
-        procs = [(worker, worker_log), (relay, relay_log)]
+        procs = start_system(env, root, tag)
+        worker, relay = (proc for proc, _ in procs)
         try:
             # both processes up: a warm-up job goes all the way through
             conn.execute(
