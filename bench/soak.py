@@ -74,6 +74,16 @@ def rss_by_process(procs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def qualified(conn: psycopg.Connection[Any], table: str) -> str:
+    """tidemill's tables live in the ``tidemill`` schema; a shared one (audit_logs) may be the
+    app's, in ``public``."""
+    for schema in ("tidemill", "public"):
+        found = conn.execute("SELECT to_regclass(%s)", (f"{schema}.{table}",)).fetchone()
+        if found and found[0]:
+            return f"{schema}.{table}"
+    return table
+
+
 def table_sizes(conn: psycopg.Connection[Any]) -> dict[str, tuple[float, int]]:
     """table -> (MB including indexes and TOAST, estimated rows)."""
     out = {}
@@ -81,7 +91,7 @@ def table_sizes(conn: psycopg.Connection[Any]) -> dict[str, tuple[float, int]]:
         row = conn.execute(
             "SELECT pg_total_relation_size(c.oid), greatest(c.reltuples, 0)::bigint "
             "FROM pg_class c WHERE c.oid = to_regclass(%s)",
-            (f"public.{table}",),
+            (qualified(conn, table),),
         ).fetchone()
         if row:
             out[table] = (row[0] / 2**20, int(row[1]))
@@ -97,6 +107,13 @@ class Load(threading.Thread):
         self.stop_event = threading.Event()
         self.accepted = 0
         self.failed = 0
+        self.latencies_ms: list[float] = []  # since the last take_latencies()
+        self.lock = threading.Lock()
+
+    def take_latencies(self) -> list[float]:
+        with self.lock:
+            taken, self.latencies_ms = self.latencies_ms, []
+        return taken
 
     def run(self) -> None:
         interval = 1.0 / self.rate
@@ -112,12 +129,15 @@ class Load(threading.Thread):
                 )
                 body = json.dumps(event)
                 header = stripe.WebhookSignature.generate_signature_header(body, self.secret)
+                sent = time.perf_counter()
                 try:
                     answer = client.post(
                         PATH,
                         content=body.encode(),
                         headers={"Content-Type": "application/json", "Stripe-Signature": header},
                     )
+                    with self.lock:
+                        self.latencies_ms.append((time.perf_counter() - sent) * 1000)
                     if answer.status_code == 200:
                         self.accepted += 1
                     else:
@@ -140,6 +160,24 @@ def slope(points: list[tuple[float, float]]) -> float:
     my = sum(p[1] for p in points) / n
     den = sum((p[0] - mx) ** 2 for p in points)
     return sum((p[0] - mx) * (p[1] - my) for p in points) / den if den else 0.0
+
+
+def p99(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def growth_after_warmup(samples: list[dict[str, Any]], warmup_min: float) -> dict[str, float]:
+    """Per process: RSS growth (%) from the first sample past warm-up to the last one."""
+    warm = next((s for s in samples if s["minute"] >= warmup_min), samples[-1])
+    last = samples[-1]
+    out = {}
+    for name, mb in last["rss_mb"].items():
+        base = warm["rss_mb"].get(name, 0.0)
+        out[name] = round((mb - base) / base * 100, 2) if base else 0.0
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,11 +258,13 @@ def main(argv: list[str] | None = None) -> int:
             while True:
                 now = time.monotonic()
                 minute = (now - started) / 60
-                conn.execute("ANALYZE " + ", ".join(OWN_TABLES))
+                conn.execute("ANALYZE " + ", ".join(qualified(conn, t) for t in OWN_TABLES))
                 rss = rss_by_process(procs)
                 sizes = table_sizes(conn)
+                window_p99 = p99(load.take_latencies())
                 sample_: dict[str, Any] = {
                     "minute": round(minute, 2),
+                    "intake_p99_ms": None if window_p99 is None else round(window_p99, 1),
                     "accepted": load.accepted,
                     "failed": load.failed,
                     "rss_mb": rss,
@@ -233,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples.append(sample_)
                 if not header:
                     print(
-                        "min  accepted  "
+                        "min  accepted  p99ms  "
                         + "  ".join(sample_["rss_mb"])
                         + "  | MB(rows) "
                         + " ".join(OWN_TABLES),
@@ -242,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                     header = True
                 print(
                     f"{minute:5.1f} {load.accepted:8d}  "
+                    + f"{window_p99 or 0:5.1f}  "
                     + "  ".join(f"{v:.1f}" for v in rss.values())
                     + "  | "
                     + " ".join(f"{mb:.1f}({rows})" for mb, rows in sizes.values()),
@@ -281,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in samples[-1]["rss_mb"]
     }
     print("RSS slope over the second half (MB/min): " + json.dumps(slopes))
+    warmup = min(10.0, samples[-1]["minute"] / 3)
+    growth = growth_after_warmup(samples, warmup)
+    print(f"RSS growth after a {warmup:.0f}-minute warm-up (%, goal < 5): " + json.dumps(growth))
+    p99s = [s["intake_p99_ms"] for s in samples if s["intake_p99_ms"] is not None]
+    if p99s:
+        low, mid, high = min(p99s), sorted(p99s)[len(p99s) // 2], max(p99s)
+        print(f"intake p99 per sample window (ms): min {low}, median {mid}, max {high}")
     print(
         json.dumps(
             {
@@ -289,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                 "accepted": samples[-1]["accepted"],
                 "failed": samples[-1]["failed"],
                 "rss_slope_mb_per_min": slopes,
+                "rss_growth_pct_after_warmup": growth,
+                "intake_p99_ms": [(s["minute"], s["intake_p99_ms"]) for s in samples],
                 "marks": marks,
             }
         )

@@ -48,6 +48,10 @@ def _pos_int(name: str, raw: str) -> int:
     return value
 
 
+def _optional_pos_int(name: str, raw: str) -> int | None:
+    return _pos_int(name, raw) if raw.strip() else None
+
+
 def _port(name: str, raw: str) -> int:
     value = _int(name, raw)
     if not 0 < value < 65536:
@@ -512,9 +516,10 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "TIDEMILL_BACKUP_FULL_RETENTION_DAYS",
         "backup_full_retention_days",
-        "30",
-        "daily full backups (logical dumps and full base backups) are kept this many days",
-        _pos_int,
+        "",
+        "daily full backups (logical dumps and full base backups) are kept this many days; "
+        "unset: the served app profile's `keep_days` (SaltBitter 7, the others 30)",
+        _optional_pos_int,
     ),
     Field(
         "TIDEMILL_BACKUP_INCREMENTAL_RETENTION_DAYS",
@@ -724,7 +729,7 @@ class Settings:
     backup_zstd_level: int
     backup_zstd_threads: int
     backup_checksum_sample: int
-    backup_full_retention_days: int
+    backup_full_retention_days: int | None
     backup_incremental_retention_days: int
     wal_retention_days: int
     backup_cold_storage_class: str

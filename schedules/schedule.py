@@ -53,17 +53,10 @@ class Schedule:
         return cron_trigger(self.cron, self.timezone)
 
 
-SCHEDULES: tuple[Schedule, ...] = (
-    Schedule(
-        name="outbox-prune",
-        cron="17 * * * *",
-        actor="prune_outbox",
-        queue_name="maintenance",
-        # Pruning is idempotent and the next hour does the same work: never catch up.
-        misfire="skip",
-        misfire_grace_s=600,
-    ),
-)
+# Static schedules (none today). The outbox's done rows are pruned by the lifecycle policy
+# `outbox-relayed-prune` (every 10 minutes, an hour after their job committed); the hourly
+# static `outbox-prune` that preceded it was removed so that one mechanism owns the table.
+SCHEDULES: tuple[Schedule, ...] = ()
 
 _DOW_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 

@@ -273,3 +273,25 @@ def test_prune_sweeps_crashed_uploads_and_marks_interrupted_backups(
     )
     assert rows["backups/full/x/dump.pgc.zst"] == ("failed", "interrupted")
     assert rows["backups/base/y/base.tar.zst"] == ("running", None)
+
+
+def test_full_retention_follows_the_served_apps_profile_unless_set() -> None:
+    """SaltBitter's seed keeps daily backups 7 days, the others 30; the setting overrides."""
+    from core.settings import Settings
+
+    base = {
+        "DATABASE_URL": "postgresql://u@127.0.0.1:5432/d",
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+    }
+    fulls = [entry("full", days(d)) for d in (0.5, 10, 20)]
+
+    def expired(environ: dict[str, str]) -> list[float]:
+        policy = RetentionPolicy.from_settings(Settings.from_env({**base, **environ}))
+        plan = plan_retention(fulls, [], now=NOW, policy=policy)
+        return sorted(round((NOW - e.started_at).total_seconds() / 86400, 1) for e in plan.expire)
+
+    assert expired({"TIDEMILL_APP": "saltbitter"}) == [10, 20]
+    assert expired({"TIDEMILL_APP": "bilten"}) == []
+    assert expired({"TIDEMILL_APP": "lovendo"}) == []
+    over = {"TIDEMILL_APP": "saltbitter", "TIDEMILL_BACKUP_FULL_RETENTION_DAYS": "15"}
+    assert expired(over) == [20]

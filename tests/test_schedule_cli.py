@@ -37,7 +37,7 @@ def test_pause_list_trigger_resume(db, sql) -> None:
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if "cli-hourly" in line)
     assert "active" in line and "0 * * * *" in line
-    assert "outbox-prune" in result.stdout  # the static schedule is listed too
+    assert "outbox-relayed-prune" in result.stdout  # a policy's schedule is listed too
 
     # When an operator pauses it
     result = run_cli("schedule", "pause", "cli-hourly", "--by", "ops:dee", env=env())

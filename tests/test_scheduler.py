@@ -287,7 +287,8 @@ def test_list_shows_next_fire_last_tick_and_last_run_status(db, sql) -> None:
     by_name = {s.name: s for s in control.list_schedules(settings, now=now)}
     assert by_name["hourly"].last_run_status == "error"
     names = [s.name for s in control.list_schedules(settings, now=now)]
-    assert names == sorted(names) and {"purge-old", "hourly", "idle", "outbox-prune"} <= set(names)
+    assert names == sorted(names)
+    assert {"purge-old", "hourly", "idle", "outbox-relayed-prune"} <= set(names)
 
 
 def test_list_shows_a_backup_schedules_own_run_status(db, sql) -> None:

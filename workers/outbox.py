@@ -293,4 +293,6 @@ def prune_dispatched(uow: UnitOfWork, *, older_than_hours: int) -> int:
 
 @actor(queue_name="maintenance")
 def prune_outbox(uow: UnitOfWork, tick: str | None = None, older_than_hours: int = 168) -> None:
+    """A one-off prune an operator can enqueue (`queue_send`-style) with any window; the
+    scheduled pruning is the `outbox-relayed-prune` lifecycle policy."""
     prune_dispatched(uow, older_than_hours=older_than_hours)

@@ -40,6 +40,14 @@ log = get_logger(__name__)
 INCOMPLETE_GRACE = timedelta(days=1)
 
 
+def profile_keep_days(settings: Settings, default: int = 30) -> int:
+    """How long the served app keeps its full backups (its profile's `Backups.keep_days`)."""
+    from apps import get_profile  # issue 14: the served app's backup plan
+
+    backups = get_profile(settings.app).backups
+    return backups.keep_days if backups is not None else default
+
+
 @dataclass(frozen=True)
 class RetentionPolicy:
     full_days: int = 30
@@ -50,8 +58,10 @@ class RetentionPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetentionPolicy:
+        """The settings' windows; full backups follow the served app's profile (`keep_days`)
+        unless TIDEMILL_BACKUP_FULL_RETENTION_DAYS says otherwise."""
         return cls(
-            full_days=settings.backup_full_retention_days,
+            full_days=settings.backup_full_retention_days or profile_keep_days(settings),
             incremental_days=settings.backup_incremental_retention_days,
             wal_days=settings.wal_retention_days,
             cold_after_days=settings.backup_cold_after_days,

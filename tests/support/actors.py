@@ -87,20 +87,41 @@ def hold_then_write_default_limit(uow: UnitOfWork, key: str) -> None:
 def host_job(uow: UnitOfWork, key: str, work_s: float) -> None:
     """One job of tests/test_many_hosts.py: `work_s` of work (no database session held, like a
     call to a vendor), then its effect in one commit, made exactly once by the primary key of
-    the test's ``host_jobs`` table. Every attempt and every commit is noted in Redis with the
-    name of the host (network namespace) that ran it."""
+    the test's ``host_jobs`` table. Every attempt, every commit and every attempt that failed
+    (a connection a cut link ended) is noted in Redis with the name of the host (network
+    namespace) that ran it."""
     import os
 
     host = os.environ.get("TIDEMILL_TEST_HOST", "?")
     r = get_redis()
     r.rpush(f"hosts:started:{key}", host)
     time.sleep(work_s)
-    inserted = uow.sql(
-        "INSERT INTO host_jobs (key, host) VALUES (%(k)s, %(h)s) ON CONFLICT (key) DO NOTHING "
-        "RETURNING key",
-        {"k": key, "h": host},
-    ).fetchone()
-    if inserted is not None:  # the one effect that must not double
-        uow.sql("UPDATE host_job_totals SET done = done + 1")
-    uow.commit()
-    r.rpush(f"hosts:committed:{key}", f"{host}:{int(inserted is not None)}")
+    try:
+        inserted = uow.sql(
+            "INSERT INTO host_jobs (key, host) VALUES (%(k)s, %(h)s) ON CONFLICT (key) DO NOTHING "
+            "RETURNING key",
+            {"k": key, "h": host},
+        ).fetchone()
+        if inserted is not None:  # the one effect that must not double
+            uow.sql("UPDATE host_job_totals SET done = done + 1")
+        uow.commit()
+    except Exception as exc:
+        _note_until_reachable(r, f"hosts:failed:{key}", f"{host}:{type(exc).__name__}")
+        raise
+    _note_until_reachable(r, f"hosts:committed:{key}", f"{host}:{int(inserted is not None)}")
+
+
+def _note_until_reachable(r: object, list_key: str, value: str, within_s: float = 120.0) -> None:
+    """RPUSH that outlasts a cut link (the test reads these notes once the link is back)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            r.rpush(list_key, value)  # type: ignore[attr-defined]
+            return
+        except (RedisConnectionError, RedisTimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
