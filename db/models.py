@@ -812,6 +812,16 @@ class ArchiveSuperseded(Base):
     since: Mapped[datetime] = now_col()
 
 
+class QueuePauseRow(Base):
+    """A paused queue: workers on every host hold its messages until the row is deleted."""
+
+    __tablename__ = "queue_pauses"
+
+    queue: Mapped[str] = mapped_column(primary_key=True)
+    paused_by: Mapped[str]
+    paused_at: Mapped[datetime] = now_col()
+
+
 class GdprExport(Base):
     """A GDPR export in storage and its download window."""
 

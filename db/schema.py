@@ -50,6 +50,7 @@ TIDEMILL_TABLES: tuple[str, ...] = (
     "archive_subjects",
     "archive_superseded",
     "gdpr_exports",
+    "queue_pauses",
 )
 
 # Tables the app may own (Lovendo's seed has ``audit_logs``); `attach` creates tidemill's own

@@ -362,4 +362,4 @@ def test_a_viewer_sees_the_new_pages_and_is_refused_every_new_action(
     context.close()
     from workers.pause import paused_queues
 
-    assert paused_queues(redis_client) == {}
+    assert paused_queues() == {}

@@ -1241,7 +1241,7 @@ def test_a_paused_queue_runs_nothing_until_resumed_across_worker_restarts(
         finally:
             for w in workers:
                 w.stop()
-        # a restarted worker builds a new middleware: it reads the pause from Redis
+        # a restarted worker builds a new middleware: it reads the pause from Postgres
         assert DASH_QUEUE in QueuePause().paused(broker)
         page = operator.get(f"/dashboard/queues/{DASH_QUEUE}").text
         assert 'id="queue-paused"' in page and "Paused by olga" in page
@@ -1460,9 +1460,11 @@ def test_a_pause_holds_through_sigkilled_worker_processes_and_loses_nothing(
             "--queue", "tests", env=env,
         )  # fmt: skip
 
-    def done() -> int:
+    def done(key: str = "pz1") -> int:
         return int(
-            sql.execute("SELECT count(*) FROM audit_logs WHERE entity_id = 'pz1'").fetchone()[0]
+            sql.execute("SELECT count(*) FROM audit_logs WHERE entity_id = %s", (key,)).fetchone()[
+                0
+            ]
         )
 
     broker.flush_all()
@@ -1472,7 +1474,7 @@ def test_a_pause_holds_through_sigkilled_worker_processes_and_loses_nothing(
         TIDEMILL_REDIS_MAINTENANCE_CHANCE="1000000",
     )
     client = support.redis_broker.client
-    assert pause_queue(client, "tests", by="test")
+    assert pause_queue("tests", by="test")
     actors.write_row.send("pz1")
     workers = [start(), start()]
     try:
@@ -1487,12 +1489,21 @@ def test_a_pause_holds_through_sigkilled_worker_processes_and_loses_nothing(
     try:
         time.sleep(8)  # the killed workers' held messages are requeued; still paused
         assert done() == 0
-        assert resume_queue(client, "tests")
-        assert wait_for(lambda: done() == 1, timeout=90)
+        # When the broker's data is gone (FLUSHALL: a failover to an empty replica), the queue
+        # is still paused: a message sent after the wipe is held too. (pz1 may survive the
+        # wipe in the worker's memory, a delayed message waiting for its time, or be gone
+        # with it: re-sending it is the outbox rescuer's job, not this test's.)
+        client.flushall()
+        actors.write_row.send("pz2")
+        assert wait_for(lambda: client.hlen("dramatiq:tests.DQ.msgs") >= 1, timeout=90)
+        time.sleep(7)  # past a recheck: held again
+        assert done() == 0 and done("pz2") == 0
+        assert resume_queue("tests")
+        assert wait_for(lambda: done("pz2") == 1, timeout=90)
         assert wait_for(
             lambda: client.hlen("dramatiq:tests.msgs") + client.hlen("dramatiq:tests.DQ.msgs") == 0,
             timeout=60,
         )
     finally:
         stop_process(replacement, sig=signal.SIGTERM, group=True)
-    assert done() == 1
+    assert done("pz2") == 1 and done() <= 1

@@ -95,7 +95,9 @@ def run_handover(sql, tmp_path: Path, *, retry_s: float, way: str) -> None:
             old_log = procs[first_pid][1]
             # (its leader loop's check says so, or a fire finds the lock's connection gone first)
             assert wait_until(
-                lambda: events(old_log, "leader_lost") + events(old_log, "leader_connection_lost"),
+                lambda: bool(
+                    events(old_log, "leader_lost") + events(old_log, "leader_connection_lost")
+                ),
                 timeout=30,
             ), tail(old_log)
             target = fired_by(standby_pid) + 3

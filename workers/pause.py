@@ -1,58 +1,74 @@
 """Queue pause: an operator pauses a queue from the dashboard; every worker, on every host,
 stops running its messages until it is resumed.
 
-The paused queues are a hash in the broker's Redis (``tidemill:paused_queues``: queue ->
-who and when), so a pause holds across worker restarts and replicas: a worker that boots
-while a queue is paused reads it before its first message.
+A pause is a row of ``queue_pauses`` in Postgres (queue, who, when), like every other record
+tidemill keeps: a wiped broker (FLUSHALL, an eviction, a failover to an empty replica) does not
+resume a paused queue, and a worker that boots while a queue is paused reads it before its
+first message.
 
-Each worker process reads the hash at most once a second. A message of a paused queue that a
-worker fetches is not run: it goes back to the queue's delayed set with the same message id
-and retry count and comes back after ``recheck_ms`` (then again, while the pause lasts), and
-the fetched copy is acknowledged. Nothing is lost and nothing runs. This middleware sits
-before AgeLimit, so time spent paused is not held against a message by this middleware;
-messages older than TIDEMILL's max age when the queue resumes are still dropped by AgeLimit.
+Each worker process reads the table at most once a second (one primary-key scan of a table of
+a few rows). A message of a paused queue that a worker fetches is not run: it goes back to the
+queue's delayed set with the same message id and retry count and comes back after
+``recheck_ms`` (then again, while the pause lasts), and the fetched copy is acknowledged.
+Nothing is lost and nothing runs. This middleware sits before AgeLimit, so time spent paused
+is not held against a message by this middleware; messages older than TIDEMILL's max age when
+the queue resumes are still dropped by AgeLimit.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from typing import Any
 
 from dramatiq.common import q_name
 from dramatiq.middleware import AgeLimit, Middleware, SkipMessage
+from sqlalchemy import text
 
 from core.log import get_logger
+from core.settings import Settings
+from db.engine import get_database
 
 log = get_logger("workers.pause")
 
-PAUSED_KEY = "tidemill:paused_queues"
 REFRESH_S = 1.0
 RECHECK_MS = 5_000
 
 
-def paused_queues(client: Any) -> dict[str, dict[str, Any]]:
+def paused_queues(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
     """queue -> {"by": account, "at": epoch seconds} for every paused queue."""
-    out: dict[str, dict[str, Any]] = {}
-    for k, v in (client.hgetall(PAUSED_KEY) or {}).items():
-        name = k.decode() if isinstance(k, bytes) else str(k)
-        try:
-            out[name] = json.loads(v)
-        except (TypeError, ValueError):
-            out[name] = {}
-    return out
+    with get_database(settings).sessions() as session:
+        rows = session.execute(
+            text("SELECT queue, paused_by, extract(epoch FROM paused_at) FROM queue_pauses")
+        ).all()
+    return {str(row[0]): {"by": str(row[1]), "at": float(row[2])} for row in rows}
 
 
-def pause_queue(client: Any, queue: str, *, by: str, now: float | None = None) -> bool:
+def pause_queue(
+    queue: str, *, by: str, settings: Settings | None = None, now: float | None = None
+) -> bool:
     """Pause `queue`; False if it was already paused (the first pause's record is kept)."""
-    record = json.dumps({"by": by, "at": time.time() if now is None else now})
-    return bool(client.hsetnx(PAUSED_KEY, q_name(queue), record))
+    with get_database(settings).sessions() as session:
+        inserted = session.execute(
+            text(
+                "INSERT INTO queue_pauses (queue, paused_by, paused_at) "
+                "VALUES (:q, :by, coalesce(to_timestamp(:at), now())) "
+                "ON CONFLICT (queue) DO NOTHING RETURNING queue"
+            ),
+            {"q": q_name(queue), "by": by, "at": now},
+        ).first()
+        session.commit()
+    return inserted is not None
 
 
-def resume_queue(client: Any, queue: str) -> bool:
+def resume_queue(queue: str, *, settings: Settings | None = None) -> bool:
     """Resume `queue`; False if it was not paused."""
-    return bool(client.hdel(PAUSED_KEY, q_name(queue)))
+    with get_database(settings).sessions() as session:
+        deleted = session.execute(
+            text("DELETE FROM queue_pauses WHERE queue = :q RETURNING queue"), {"q": q_name(queue)}
+        ).first()
+        session.commit()
+    return deleted is not None
 
 
 class QueuePause(Middleware):
@@ -69,14 +85,12 @@ class QueuePause(Middleware):
             return self._paused
         with self._lock:
             if now - self._read_at >= self.refresh_s:
-                client = getattr(broker, "client", None)
-                if client is not None:
-                    try:
-                        self._paused = frozenset(paused_queues(client))
-                    except Exception as exc:
-                        # Redis unreachable: keep the last known state (a paused queue stays
-                        # paused); the broker itself is failing anyway
-                        log.warning("queue_pause_read_failed", error=type(exc).__name__)
+                try:
+                    self._paused = frozenset(paused_queues())
+                except Exception as exc:
+                    # Postgres unreachable: keep the last known state (a paused queue stays
+                    # paused); no job can commit its effects meanwhile anyway
+                    log.warning("queue_pause_read_failed", error=type(exc).__name__)
                 self._read_at = now
         return self._paused
 

@@ -47,7 +47,7 @@ class Operate(DashboardBase):
                 "known": queue in names,
                 "stats": stats,
                 "page": queue_browser.browse(client, queue, state, cursor=cursor),
-                "paused": paused_queues(client).get(queue),
+                "paused": paused_queues(self.settings).get(queue),
             }
 
         try:
@@ -102,12 +102,14 @@ class Operate(DashboardBase):
 
         def run() -> bool | None:
             client = broker_state.broker_redis(self.settings)
-            if queue not in broker_state.queue_names(client):
+            known = queue in broker_state.queue_names(client)
+            # a paused queue can always be resumed, even one the broker has forgotten
+            if not known and not (op == "resume" and queue in paused_queues(self.settings)):
                 return None
             changed = (
-                pause_queue(client, queue, by=session.user)
+                pause_queue(queue, by=session.user, settings=self.settings)
                 if op == "pause"
-                else resume_queue(client, queue)
+                else resume_queue(queue, settings=self.settings)
             )
             self.audit(session, f"queue.{op}", "queue", queue, changed=changed)
             return changed
