@@ -172,9 +172,11 @@ def run(ctx: RunContext) -> ArchivePlan:
     exprs = subject_expressions(ctx.work, policy.table)
     statement = _copy_statement(policy)
     after: Key | None = None
+    bounds = first  # the plan's probes found the first batch already
     while True:
         with ctx.batch() as conn:
-            bounds = next_bounds(conn, policy, cutoff, after)
+            if after is not None:
+                bounds = next_bounds(conn, policy, cutoff, after)
             if bounds is None:
                 break
             lo, hi = bounds
