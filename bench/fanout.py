@@ -1,6 +1,6 @@
 """Notification fan-out throughput against COPY (the physical limit) and a naive ORM loop.
 
-    .venv/bin/python -m bench.fanout [--quick] [--recipients N] [--sample N]
+    .venv/bin/python -m bench.fanout [--quick] [--recipients N] [--sample N] [--rounds N]
 
 Starts an embedded Postgres (migrated) and Valkey, then builds (triggers off, not timed) a
 creator with N followers (default 1,000,000; 1 % opted out of new_moment notifications,
@@ -8,7 +8,9 @@ creator with N followers (default 1,000,000; 1 % opted out of new_moment notific
 followers and by N / 100 users who do not follow (the audience's second branch), and one
 active moment. The fan-out must insert exactly the audience the rules give (counted by an
 independent query), or the run fails. Three ways to insert that moment's notifications into
-the same, emptied ``notifications`` table, same run:
+the same, emptied ``notifications`` table, same run (fan-out and COPY take turns, ``--rounds``
+times, default 3; rows/s of the median times, ``fanout_vs_copy`` the median of the rounds'
+ratios: on a shared machine one pair of runs is not a measurement):
 
 - fan-out: ``notifications.fan_out('new_moment', id)`` in a real ``tidemill worker`` process
   (1 process, 1 thread), sent through the Redis broker; timed from the moment the worker takes
@@ -19,7 +21,7 @@ the same, emptied ``notifications`` table, same run:
 - naive: what an ORM loop does, on a sample (default 20,000): load the followers, check each
   one's preference and blocks, ``session.add(Notification(…))`` + flush per row, one commit.
 
-Rows/s for each; ``fanout_vs_copy`` (goal >= 0.5) and ``naive_vs_copy``. Goals are printed,
+Rows/s for each; ``fanout_vs_copy`` (goal >= 0.8) and ``naive_vs_copy``. Goals are printed,
 never asserted. Last line: one JSON object.
 """
 
@@ -30,6 +32,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -54,7 +57,8 @@ DEFAULT_RECIPIENTS = 1_000_000
 QUICK_RECIPIENTS = 50_000
 DEFAULT_SAMPLE = 20_000
 QUICK_SAMPLE = 5_000
-GOAL_VS_COPY = 0.5
+ROUNDS = 3
+GOAL_VS_COPY = 0.8
 GOAL_RSS_MB = 200
 MB = 1024 * 1024
 QUEUE = "notifications"
@@ -186,34 +190,45 @@ def count(url: str) -> int:
         return int(row[0]) if row else 0
 
 
-def run_fanout(root: Path, url: str, redis_url: str, moment: str) -> tuple[float, int]:
-    """Seconds the worker spent on the message, and the worker's peak RSS in bytes."""
-    env = dict(
-        os.environ,
-        DATABASE_URL=url,
-        REDIS_URL=redis_url,
-        TIDEMILL_DATA_DIR=str(root / "data"),
-        TIDEMILL_ENV="production",
-        LOG_LEVEL="warning",
-    )
-    log_path = root / "worker.log"
-    out = open(log_path, "wb")  # noqa: SIM115  (closed below)
-    argv = ["worker", "--processes", "1", "--threads", "1", "--queue", QUEUE]
-    proc = spawn(
-        [sys.executable, "-m", "cli.main", *argv], env=env, cwd=ROOT, stdout=out, stderr=out
-    )
-    client = redis.Redis.from_url(redis_url)
-    try:
+class FanoutWorker:
+    """One ``tidemill worker`` (1 process, 1 thread) kept up for every round; ``run`` sends one
+    ``fan_out`` message and times it from the worker taking it off the queue to its ack."""
+
+    def __init__(self, root: Path, url: str, redis_url: str) -> None:
+        env = dict(
+            os.environ,
+            DATABASE_URL=url,
+            REDIS_URL=redis_url,
+            TIDEMILL_DATA_DIR=str(root / "data"),
+            TIDEMILL_ENV="production",
+            LOG_LEVEL="warning",
+        )
+        self.log_path = root / "worker.log"
+        self.out = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
+        argv = ["worker", "--processes", "1", "--threads", "1", "--queue", QUEUE]
+        self.proc = spawn(
+            [sys.executable, "-m", "cli.main", *argv],
+            env=env,
+            cwd=ROOT,
+            stdout=self.out,
+            stderr=self.out,
+        )
+        self.client = redis.Redis.from_url(redis_url)
+        self.broker = RedisBroker(url=redis_url)
+        self.broker.declare_queue(QUEUE)
+        self.sampler: PeakRss | None = None
         # the worker is up once its heartbeat is registered with the broker
         if not wait_until(
-            lambda: bool(client.zcard("dramatiq:__heartbeats__")),
+            lambda: bool(self.client.zcard("dramatiq:__heartbeats__")),
             timeout=60,
-            alive=lambda: proc.poll() is None,
+            alive=lambda: self.proc.poll() is None,
         ):
-            raise BenchError("worker did not start:\n" + tail(log_path))
-        sampler = PeakRss(proc.pid, tree=True)
-        broker = RedisBroker(url=redis_url)
-        broker.declare_queue(QUEUE)
+            self.stop()
+            raise BenchError("worker did not start:\n" + tail(self.log_path))
+        self.sampler = PeakRss(self.proc.pid, tree=True)
+
+    def run(self, moment: str) -> float:
+        """Seconds the worker spent on one fan_out message."""
         message: Message[Any] = Message(
             queue_name=QUEUE,
             actor_name="fan_out",
@@ -222,28 +237,28 @@ def run_fanout(root: Path, url: str, redis_url: str, moment: str) -> tuple[float
             options={},
             message_id=str(uuid.uuid4()),
         )
-        broker.enqueue(message)
-        started = time.monotonic()
+        self.broker.enqueue(message)
         # taken off the queue (the fetch) ... acked (it leaves the .msgs hash)
-        wait_until(lambda: client.llen(f"dramatiq:{QUEUE}") == 0, timeout=60, interval=0.005)
+        wait_until(lambda: self.client.llen(f"dramatiq:{QUEUE}") == 0, timeout=60, interval=0.005)
         taken = time.monotonic()
         if not wait_until(
-            lambda: client.hlen(f"dramatiq:{QUEUE}.msgs") == 0,
+            lambda: self.client.hlen(f"dramatiq:{QUEUE}.msgs") == 0,
             timeout=3600,
             interval=0.01,
-            alive=lambda: proc.poll() is None,
+            alive=lambda: self.proc.poll() is None,
         ):
-            raise BenchError("fan-out did not finish:\n" + tail(log_path))
-        done = time.monotonic()
-        peak = sampler.stop()
-        del started
-        return done - taken, peak
-    finally:
-        stop_process(proc, group=True)
-        out.close()
+            raise BenchError("fan-out did not finish:\n" + tail(self.log_path))
+        return time.monotonic() - taken
+
+    def stop(self) -> int:
+        """Stop the worker; its peak RSS in bytes."""
+        peak = self.sampler.stop() if self.sampler is not None else 0
+        stop_process(self.proc, group=True)
+        self.out.close()
+        return peak
 
 
-def run_copy(url: str, dump: Path) -> float:
+def dump_notifications(url: str, dump: Path) -> None:
     with (
         psycopg.connect(url) as conn,
         conn.cursor() as cur,
@@ -252,6 +267,10 @@ def run_copy(url: str, dump: Path) -> float:
     ):
         for chunk in copy:
             fh.write(chunk)
+
+
+def run_copy(url: str, dump: Path) -> float:
+    """Seconds to COPY the dumped rows into the emptied table, commit included."""
     empty_notifications(url)
     with psycopg.connect(url) as conn, conn.cursor() as cur:
         started = time.monotonic()
@@ -327,11 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--recipients", type=int, help=f"default {DEFAULT_RECIPIENTS:,}")
     parser.add_argument("--sample", type=int, help=f"naive ORM sample (default {DEFAULT_SAMPLE:,})")
+    parser.add_argument(
+        "--rounds", type=int, default=ROUNDS, help=f"fan-out / COPY turns (default {ROUNDS})"
+    )
     args = parser.parse_args(argv)
     n = args.recipients or (QUICK_RECIPIENTS if args.quick else DEFAULT_RECIPIENTS)
     sample = args.sample or (QUICK_SAMPLE if args.quick else DEFAULT_SAMPLE)
-    if n < 1000 or sample < 100:
-        parser.error("--recipients must be at least 1,000 and --sample at least 100")
+    if n < 1000 or sample < 100 or args.rounds < 1:
+        parser.error(
+            "--recipients must be at least 1,000, --sample at least 100, --rounds at least 1"
+        )
+    rounds = args.rounds
     sample = min(sample, n)
 
     signal.signal(signal.SIGTERM, terminate)
@@ -347,18 +372,34 @@ def main(argv: list[str] | None = None) -> int:
         creator, moment = build(url, n)
         expected = expected_audience(url, creator)
 
-        progress("fan-out in a tidemill worker …")
-        fan_s, peak_rss = run_fanout(root, url, valkey.url(0), moment)
-        inserted = count(url)
-        if inserted != expected:
-            raise BenchError(
-                f"fan-out inserted {inserted:,} rows; the audience rules give {expected:,}"
-            )
-
-        progress(f"COPY FROM of the same {inserted:,} rows …")
-        copy_s = run_copy(url, root / "notifications.copy")
-        if count(url) != inserted:
-            raise BenchError("COPY loaded a different number of rows")
+        # Fan-out and COPY take turns, `rounds` times, each into the emptied table: the two
+        # see the same machine (this one is shared, and a single pair of runs swung the
+        # ratio from 0.66 to 0.87); rows/s are of the median times, the ratio is the median
+        # of the rounds' ratios (a round's two runs are neighbours in time, so share the load).
+        worker = FanoutWorker(root, url, valkey.url(0))
+        fan_times: list[float] = []
+        copy_times: list[float] = []
+        inserted = 0
+        try:
+            for r in range(rounds):
+                progress(f"round {r + 1}/{rounds}: fan-out in a tidemill worker …")
+                if r:
+                    empty_notifications(url)
+                fan_times.append(worker.run(moment))
+                inserted = count(url)
+                if inserted != expected:
+                    raise BenchError(
+                        f"fan-out inserted {inserted:,} rows; the audience rules give {expected:,}"
+                    )
+                if not r:
+                    dump_notifications(url, root / "notifications.copy")
+                progress(f"round {r + 1}/{rounds}: COPY FROM of the same {inserted:,} rows …")
+                copy_times.append(run_copy(url, root / "notifications.copy"))
+                if count(url) != inserted:
+                    raise BenchError("COPY loaded a different number of rows")
+        finally:
+            peak_rss = worker.stop()
+        fan_s, copy_s = statistics.median(fan_times), statistics.median(copy_times)
 
         progress(f"naive ORM loop on {sample:,} followers …")
         empty_notifications(url)
@@ -381,9 +422,18 @@ def main(argv: list[str] | None = None) -> int:
         ("naive ORM per-row (sample)", naive_rows, naive_s, naive_rps),
     ):
         print(f"{name:<34}{rows:>12,}{secs:>10.2f}{rps:>12,.0f}{rps / copy_rps:>9.2f}")
+    per_round = " ".join(f"{c / f:.2f}" for f, c in zip(fan_times, copy_times, strict=True))
+    print(
+        "rounds (s): fan-out "
+        + " ".join(f"{t:.2f}" for t in fan_times)
+        + ", COPY "
+        + " ".join(f"{t:.2f}" for t in copy_times)
+        + f"; per-round ratios {per_round} (median taken)"
+    )
     print(f"\nworker peak RSS: {peak_rss / MB:.0f} MB (goal < {GOAL_RSS_MB} MB)")
-    ratio = fan_rps / copy_rps
-    print(f"goal fan-out >= {GOAL_VS_COPY} x COPY: {'met' if ratio >= GOAL_VS_COPY else 'NOT met'}")
+    ratio = statistics.median(c / f for f, c in zip(fan_times, copy_times, strict=True))
+    verdict = "met" if ratio >= GOAL_VS_COPY else "NOT met"
+    print(f"fanout_vs_copy {ratio:.2f}; goal >= {GOAL_VS_COPY}: {verdict}")
     figures = {
         "fanout_rows_per_s": round(fan_rps),
         "copy_rows_per_s": round(copy_rps),
@@ -394,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         "recipients": n,
         "notifications": inserted,
         "naive_sample": naive_rows,
+        "rounds": rounds,
+        "fanout_s": [round(t, 3) for t in fan_times],
+        "copy_s": [round(t, 3) for t in copy_times],
     }
     print(json.dumps(figures), flush=True)
     return 0

@@ -14,7 +14,8 @@ generate_series`` and time-ordered ids.
             ``pipeline_runs`` row, its longest transaction from its own report.
 Archive. N messages older than 2 years.
   baseline  ``COPY (SELECT * FROM messages WHERE created_at < cutoff) TO STDOUT (FORMAT csv)``
-            read to the end by this process (what it costs just to get the rows out);
+            read to the end by this process (what it costs just to get the rows out), three
+            times, the median;
   pipeline  ``tidemill pipeline run messages-archive`` into ``file://`` (COPY (DELETE …
             RETURNING) per batch of 20,000, zstd, fsync + rename, sha256 read back, one
             archive_objects row per batch, a manifest), then every object's rows are counted.
@@ -22,7 +23,7 @@ Partition drop. N/5 notifications in one old monthly partition; the time of
 ``drop_partition`` (detach + drop).
 Memory. Peak RSS of each pipeline subprocess (sampled every 20 ms); it must not grow with N.
 
-Goals (purge >= 0.4 x DELETE with no transaction over 1 s, archive >= 0.2 x COPY, peak RSS
+Goals (purge >= 0.4 x DELETE with no transaction over 1 s, archive >= 0.6 x COPY, peak RSS
 < 256 MB) are printed, never asserted. The last line is one JSON object.
 """
 
@@ -33,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +55,7 @@ from db.migrate import upgrade
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROWS = 5_000_000
 QUICK_ROWS = 200_000
+COPY_ROUNDS = 3
 
 POLICIES = """
 [[policy]]
@@ -217,16 +220,21 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute("CHECKPOINT")
             print(f"setup: {n:,} messages in {time.monotonic() - t:.1f}s", flush=True)
             a_cutoff = now - timedelta(days=2 * 365)
-            t = time.monotonic()
-            copied = 0
-            with conn.cursor().copy(
-                "COPY (SELECT * FROM messages WHERE created_at < %s) TO STDOUT (FORMAT csv)",
-                (a_cutoff,),
-            ) as copy:
-                for chunk in copy:
-                    copied += bytes(chunk).count(b"\n")
-            copy_s = time.monotonic() - t
-            assert copied == n, (copied, n)
+            # COPY is read COPY_ROUNDS times and its median taken: on a shared machine one
+            # read swung by 2x between runs (the archive itself can run once per fill).
+            copy_times = []
+            for _ in range(COPY_ROUNDS):
+                t = time.monotonic()
+                copied = 0
+                with conn.cursor().copy(
+                    "COPY (SELECT * FROM messages WHERE created_at < %s) TO STDOUT (FORMAT csv)",
+                    (a_cutoff,),
+                ) as copy:
+                    for chunk in copy:
+                        copied += bytes(chunk).count(b"\n")
+                copy_times.append(time.monotonic() - t)
+                assert copied == n, (copied, n)
+            copy_s = statistics.median(copy_times)
             out, archive_rss = run_pipeline_process("messages-archive", env)
             max_txn_s = max(max_txn_s, longest_transaction(out))
             archived, archive_s = run_stats(conn, "messages-archive")
@@ -267,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         ("  one unbatched DELETE", f"{delete_rate:,.0f} rows/s", f"{delete_s:.2f}s"),
         ("  longest transaction (purge, archive)", f"{max_txn_s:.3f}s", "goal < 1 s"),
         ("archive to file:// (pipeline)", f"{archive_rate:,.0f} rows/s", f"{archive_s:.2f}s"),
-        ("  COPY … TO STDOUT", f"{copy_rate:,.0f} rows/s", f"{copy_s:.2f}s"),
+        (
+            "  COPY … TO STDOUT (median of reads)",
+            f"{copy_rate:,.0f} rows/s",
+            " ".join(f"{t:.2f}s" for t in copy_times),
+        ),
         ("  objects / compressed bytes", f"{n_objects}", f"{int(stored_bytes) / 1e6:.1f} MB"),
         (f"drop a monthly partition ({in_part:,} rows)", f"{drop_s:.3f}s", ""),
         (
@@ -282,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<{width}}  {a:>18}  {b}")
     print(
         f"  purge_vs_delete {purge_rate / delete_rate:.2f} (goal >= 0.4), "
-        f"archive_vs_copy {archive_rate / copy_rate:.2f} (goal >= 0.2)",
+        f"archive_vs_copy {archive_rate / copy_rate:.2f} (goal >= 0.6)",
         flush=True,
     )
     summary = {
@@ -291,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_txn_s": round(max_txn_s, 3),
         "archive_vs_copy": round(archive_rate / copy_rate, 3),
         "archive_rows_per_s": round(archive_rate),
+        "archive_s": round(archive_s, 3),
+        "copy_s": [round(t, 3) for t in copy_times],
         "partition_drop_s": round(drop_s, 4),
         "peak_rss_mb": round(peak, 1),
     }

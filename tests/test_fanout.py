@@ -372,3 +372,92 @@ def test_fan_out_matches_the_rules_for_any_audience(sql, case: dict[str, Any]) -
         "SELECT count(*) FROM notifications WHERE dedup_key = %s", (f"new_moment:{mid}",)
     ).fetchone()
     assert rows[0] == len(audience - excluded)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    n=st.integers(3, 12),
+    batch=st.integers(1, 5),
+    holes=st.sets(st.integers(0, 11)),
+)
+def test_a_retry_after_a_partial_fan_out_fills_only_the_holes(
+    sql, expo_server: ExpoServer, n: int, batch: int, holes: set[int]
+) -> None:
+    # Given a fan-out that notified only part of the audience (a crash between batches, or
+    # batches lost anywhere: the first batch may be complete while a later one is not)
+    tag = uuid.uuid4().hex[:8]
+    creator = user(sql, f"p{tag}-c")
+    fans = [user(sql, f"p{tag}-{i}", token=token(f"p{tag}-{i}")) for i in range(n)]
+    for f in fans:
+        follow(sql, f, creator)
+    mid = moment(sql, creator)
+    push = ExpoPush(expo_server.url)
+    with unit_of_work() as uow:
+        deliver_fan_out(uow, "new_moment", mid, push=push, batch=batch)
+    missing = [fans[i] for i in sorted(holes) if i < n]
+    sql.execute(
+        "DELETE FROM notifications WHERE dedup_key = %s AND user_id = ANY(%s::uuid[])",
+        (f"new_moment:{mid}", missing),
+    )
+    pushed_before = len(expo_server.tokens_sent())
+    # When the message is run again
+    with unit_of_work() as uow:
+        again = deliver_fan_out(uow, "new_moment", mid, push=push, batch=batch)
+    # Then exactly the missing ones are inserted and pushed; nobody has two rows
+    assert again.inserted == len(missing)
+    assert again.conflicts == (len(missing) < n)
+    assert notified(sql, mid) == set(fans)
+    rows = sql.execute(
+        "SELECT count(*) FROM notifications WHERE dedup_key = %s", (f"new_moment:{mid}",)
+    ).fetchone()
+    assert rows[0] == n
+    sent = expo_server.tokens_sent()[pushed_before:]
+    assert sorted(sent) == sorted(token(f"p{tag}-{i}") for i in sorted(holes) if i < n)
+
+
+def test_two_copies_of_one_message_at_once_notify_each_recipient_once(sql) -> None:
+    import threading
+
+    # Given a large enough audience that the two runs overlap batch by batch
+    tag = uuid.uuid4().hex[:8]
+    creator = user(sql, f"d{tag}-c")
+    sql.execute(
+        "INSERT INTO users (email) "
+        "SELECT %s || g || '@example.com' FROM generate_series(1, 3000) g",
+        (f"d{tag}-",),
+    )
+    sql.execute(
+        "INSERT INTO follows (follower_id, followee_id) "
+        "SELECT id, %s FROM users WHERE email LIKE %s AND id <> %s",
+        (creator, f"d{tag}-%", creator),
+    )
+    mid = moment(sql, creator)
+    results: list[Any] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def run() -> None:
+        try:
+            start.wait()
+            with unit_of_work() as uow:
+                results.append(deliver_fan_out(uow, "new_moment", mid, batch=200))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    # When two workers run the same fan-out message at the same moment
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    # Then both finish, between them every follower got one row, and neither counted a row
+    # the other inserted
+    assert not errors, errors
+    rows = sql.execute(
+        "SELECT count(*), count(DISTINCT user_id) FROM notifications WHERE dedup_key = %s",
+        (f"new_moment:{mid}",),
+    ).fetchone()
+    assert rows[0] == rows[1] == 3000
+    assert sum(r.inserted for r in results) == 3000

@@ -1,13 +1,13 @@
 """Notification fan-out: a new moment notifies its creator's audience, in SQL, in batches.
 
 The audience (followers, and users who favourited the creator's moments) is walked by keyset
-in batches of ``TIDEMILL_FANOUT_BATCH``; each batch is one ``INSERT … SELECT … ON CONFLICT DO
-NOTHING RETURNING`` that also filters preferences, blocks (either direction) and soft-deleted
-users, and commits on its own. Recipients never come to Python; only the rows a batch actually
-inserted (and that have a push token) come back, to be pushed. A retry therefore inserts
-nothing twice (the dedup key plus the subject's created_at is unique per user) and pushes
-only what it inserted. Push is at most once: a crash between a batch's commit and its push
-loses that push (the in-app notification is there).
+in batches of ``TIDEMILL_FANOUT_BATCH``; each batch is one ``INSERT … SELECT … RETURNING`` (with
+``ON CONFLICT DO NOTHING`` once a batch met rows already there) that also filters preferences,
+blocks (either direction) and soft-deleted users, and commits on its own. Recipients never come
+to Python; only the rows a batch actually inserted (and that have a push token) come back, to
+be pushed. A retry therefore inserts nothing twice (the dedup key plus the subject's created_at
+is unique per user) and pushes only what it inserted. Push is at most once: a crash between a
+batch's commit and its push loses that push (the in-app notification is there).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
+import psycopg
 
 from core.log import get_logger
 from core.push import DEVICE_NOT_REGISTERED, PushError, PushMessage, PushTransport, open_push
@@ -48,6 +49,7 @@ class FanOutResult:
     batches: int = 0
     skipped: str | None = None  # why nothing was done
     receipt_checks: int = 0  # tickets handed to check_push_receipts (not kept: could be 1 M)
+    conflicts: bool = False  # some recipients were notified already (a retry or a duplicate)
 
 
 _SUBJECT = """
@@ -63,7 +65,7 @@ WHERE m.id = %(id)s
 # The creator is excluded inside each branch (follows' CHECK does it there): filtering after
 # the per-branch LIMIT could push a branch's next id out of this batch and past the cursor.
 # The other filters come after the batch is cut, so the cursor walks the raw audience.
-_BATCH = """
+_BATCH_TEMPLATE = """
 WITH batch AS (
   SELECT uid FROM (
     (SELECT f.follower_id AS uid FROM follows f
@@ -81,7 +83,10 @@ WITH batch AS (
 eligible AS MATERIALIZED (
   SELECT b.uid, u.push_token, coalesce(p.push, true) AS push
   FROM batch b
-  JOIN users u ON u.id = b.uid AND u.deleted_at IS NULL
+  -- one index probe per member (OFFSET 0 keeps the subquery from being flattened): a hash
+  -- join read all of users per batch, O(users) each, O(users x batches) in all
+  JOIN LATERAL (SELECT u.push_token FROM users u
+                WHERE u.id = b.uid AND u.deleted_at IS NULL OFFSET 0) u ON true
   LEFT JOIN notification_preferences p ON p.user_id = b.uid AND p.kind = %(kind)s
   WHERE coalesce(p.enabled, true)
     AND NOT EXISTS (SELECT 1 FROM blocks bl
@@ -94,7 +99,7 @@ ins AS (
   SELECT uid, %(kind)s, %(title)s, %(body)s, %(data)s::jsonb, %(created_at)s, %(dedup)s
   FROM eligible
   ORDER BY uid
-  ON CONFLICT (user_id, dedup_key, created_at) DO NOTHING
+  {on_conflict}
   RETURNING user_id
 ),
 -- RETURNING sees only inserted columns: the tokens come from `eligible` by a hash join,
@@ -110,6 +115,18 @@ SELECT (SELECT uid FROM batch ORDER BY uid DESC LIMIT 1) AS last_uid,
        ARRAY(SELECT uid FROM push) AS push_users,
        ARRAY(SELECT push_token FROM push) AS push_tokens
 """
+
+# A fresh fan-out (the common case) inserts with a plain INSERT: ON CONFLICT DO NOTHING costs
+# a speculative insertion per row (an extra index descent and an extra WAL record). The unique
+# index uq_notifications_dedup is what makes a notification exactly-once either way: a batch
+# that meets an existing row (a retry, a duplicate message running alongside) fails whole and
+# is run again with ON CONFLICT DO NOTHING, as is every later batch of that message. ORDER BY
+# uid keeps two overlapping fan-outs waiting on each other's rows in the same order (no
+# deadlock).
+_BATCH = _BATCH_TEMPLATE.replace("{on_conflict}", "")
+_BATCH_RETRY = _BATCH_TEMPLATE.replace(
+    "{on_conflict}", "ON CONFLICT (user_id, dedup_key, created_at) DO NOTHING"
+)
 
 _CLEAR_TOKENS = """
 UPDATE users SET push_token = NULL
@@ -159,8 +176,19 @@ def deliver_fan_out(
         "after": _ZERO_UUID,
     }
     transport = push or open_push(settings=settings)
+    statement = _BATCH
     while True:
-        row: Any = uow.sql(_BATCH, params).fetchone()  # an aggregate: always one row
+        try:
+            row: Any = uow.sql(statement, params).fetchone()  # an aggregate: always one row
+        except psycopg.errors.UniqueViolation:
+            if statement is _BATCH_RETRY:
+                raise
+            # Someone already notified some of this batch (an earlier attempt, a duplicate
+            # message): nothing of the batch is kept; from here on, skip what exists.
+            uow.rollback()
+            statement = _BATCH_RETRY
+            result.conflicts = True
+            continue
         # Commit per batch: progress is durable, locks and the WAL backlog stay bounded, and
         # a retry after a crash re-walks finished batches inserting nothing.
         uow.commit()
@@ -183,6 +211,7 @@ def deliver_fan_out(
         pushed=result.pushed,
         tokens_cleared=result.tokens_cleared,
         batches=result.batches,
+        conflicts=result.conflicts,
     )
     return result
 

@@ -172,9 +172,11 @@ def run(ctx: RunContext) -> ArchivePlan:
     exprs = subject_expressions(ctx.work, policy.table)
     statement = _copy_statement(policy)
     after: Key | None = None
+    bounds = first  # the plan's probes found the first batch already
     while True:
         with ctx.batch() as conn:
-            bounds = next_bounds(conn, policy, cutoff, after)
+            if after is not None:
+                bounds = next_bounds(conn, policy, cutoff, after)
             if bounds is None:
                 break
             lo, hi = bounds
@@ -217,10 +219,11 @@ def run(ctx: RunContext) -> ArchivePlan:
             ).fetchone()
             assert object_row is not None
             if subjects:
-                conn.cursor().executemany(
-                    "INSERT INTO archive_subjects (subject, object_id) VALUES (%s, %s) "
-                    "ON CONFLICT DO NOTHING",
-                    [(subject, object_row[0]) for subject in subjects],
+                # one statement for the batch's subjects, however many (distinct already)
+                conn.execute(
+                    "INSERT INTO archive_subjects (subject, object_id) "
+                    "SELECT unnest(%s::text[]), %s ON CONFLICT DO NOTHING",
+                    (subjects, object_row[0]),
                 )
         after = hi
         log.info("archive_batch_committed", table=policy.table, key=key, rows=rows)
@@ -248,9 +251,10 @@ SUBJECT_EXPRESSIONS: dict[str, tuple[str, ...]] = {
 
 def subject_expressions(conn: Any, table: str) -> list[str]:
     """SQL expressions over ``table``'s rows that name a subject an erase looks for: every
-    column referencing ``users`` (found in the catalog), plus SUBJECT_EXPRESSIONS."""
+    column referencing ``users`` (found in the catalog, in its own type), plus
+    SUBJECT_EXPRESSIONS; _subjects_of_batch turns their values into text."""
     cols = scrub.user_columns(scrub.foreign_keys(conn), table)
-    return [f'"{c}"::text' for c in cols] + list(SUBJECT_EXPRESSIONS.get(table, ()))
+    return [f'"{c}"' for c in cols] + list(SUBJECT_EXPRESSIONS.get(table, ()))
 
 
 def _subjects_of_batch(
@@ -260,16 +264,16 @@ def _subjects_of_batch(
     index: an erase later rewrites exactly the objects that hold its user."""
     if not exprs:
         return []
-    union = sql.SQL(" UNION ").join(
-        sql.SQL("SELECT ({e}) AS s FROM {t} WHERE {w}").format(
-            e=sql.SQL(e),
-            t=sql.Identifier(policy.table),
-            w=range_where(policy),
+    # Each expression's values are made distinct as they are (a uuid hashes and compares
+    # cheaper than its 36-character text: half the query's cost), then turned into text.
+    branches = sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT s::text FROM (SELECT DISTINCT ({e}) AS s FROM {t} WHERE {w}) b").format(
+            e=sql.SQL(e), t=sql.Identifier(policy.table), w=range_where(policy)
         )
         for e in exprs
     )
     rows = conn.execute(
-        sql.SQL("SELECT DISTINCT s FROM ({u}) x WHERE s IS NOT NULL").format(u=union), params
+        sql.SQL("SELECT DISTINCT s FROM ({u}) x WHERE s IS NOT NULL").format(u=branches), params
     ).fetchall()
     return [str(r[0]) for r in rows]
 
