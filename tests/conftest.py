@@ -170,6 +170,27 @@ def redis_client(servers: Servers) -> Any:
     return redis_lib.Redis.from_url(servers.redis_url, decode_responses=True)
 
 
+@pytest.fixture(autouse=True)
+def _forget_stopped_workers() -> Iterator[None]:
+    """dramatiq leaves a stopped in-process Worker's hook on the broker, and that hook starts
+    a consumer for every queue declared afterwards (an actor module imported by a later test):
+    consumers that fetch messages into a live process's acks and never run them. Drop the
+    hooks of workers that are no longer running after each test."""
+    yield
+    broker_module = sys.modules.get("workers.broker")
+    if broker_module is None:
+        return
+    from dramatiq.worker import _WorkerMiddleware
+
+    broker = broker_module.broker
+    broker.middleware[:] = [
+        m
+        for m in broker.middleware
+        if not isinstance(m, _WorkerMiddleware)
+        or any(thread.is_alive() for thread in m.worker.workers)
+    ]
+
+
 @pytest.fixture
 def inproc_worker(db: str) -> Iterator[Any]:
     """A real dramatiq Worker (2 threads) in this process, on tidemill's broker, emptied first."""
