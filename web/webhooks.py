@@ -46,12 +46,15 @@ _MAX_CREATED = 253_402_300_799
 
 # Group commit: the events of concurrent requests are stored by one statement. It is atomic
 # like any single statement: an outbox row exists exactly for each event row that was new, and
-# a duplicate delivery (even twice in one batch) inserts neither.
+# a duplicate delivery (even twice in one batch) inserts neither. The arrays go in binary
+# (%(…)b): a text array quotes every element and escapes each '"' of a JSON payload with a
+# regular-expression substitution in Python, ~70 us of the server's CPU per event; the binary
+# form copies the UTF-8 bytes.
 _STORE_EVENTS = """
     WITH input AS (
-        SELECT * FROM unnest(%(ids)s::text[], %(types)s::text[], %(created)s::timestamptz[],
-                             %(livemode)s::boolean[], %(api_versions)s::text[],
-                             %(payloads)s::text[])
+        SELECT * FROM unnest(%(ids)b::text[], %(types)b::text[], %(created)b::timestamptz[],
+                             %(livemode)b::boolean[], %(api_versions)b::text[],
+                             %(payloads)b::text[])
             AS t(id, type, created, livemode, api_version, payload)
     ), event AS (
         INSERT INTO webhook_events (id, type, created, livemode, api_version, payload, status,
@@ -316,6 +319,11 @@ class EventWriter:
     async def _run(self) -> None:
         while True:
             batch = [await self.queue.get()]
+            # One turn of the loop first: requests whose tasks are already runnable (parsed in
+            # the same turn that woke this one) join this batch instead of waiting for the next
+            # commit. Idle, it costs one loop iteration; under load it makes batches ~20 %
+            # larger, and a batch's fixed cost (~200 us of this process's CPU) is shared wider.
+            await asyncio.sleep(0)
             while len(batch) < MAX_BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             try:
