@@ -147,11 +147,12 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         middleware=[Middleware(SecurityHeaders)],
         routes=[
+            # first: the router tries routes in order, and webhooks are most of the traffic
+            webhooks.route(settings),
             Route("/", root),
             Route("/favicon.ico", favicon),
             Route("/healthz", healthz),
             Route("/metrics", metrics),
-            webhooks.route(settings),
             *dashboard_routes(settings),
         ],
     )

@@ -270,17 +270,23 @@ def parse_event(payload: str) -> StripeEvent:
 # --- I/O ---------------------------------------------------------------------------------------
 
 
-async def read_body(request: Request) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     """The body, refused as soon as it passes the cap: a chunked or lying client cannot push
-    more than MAX_BODY_BYTES into memory."""
+    more than MAX_BODY_BYTES into memory. Read from ASGI messages directly (what Starlette's
+    `Request.stream` does, without its async generator: a few us per request)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise Rejected(413, "body too large")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _batch_params(events: list[StripeEvent]) -> dict[str, list[Any]]:
@@ -392,7 +398,7 @@ class StripeWebhook:
             size = check_declared_size(request.headers.get("content-length"))
             header = check_signature_header(request.headers.get(SIGNATURE_HEADER))
             try:
-                body = await read_body(request)
+                body = await read_body(request.receive)
             except ClientDisconnect:
                 raise Rejected(400, "client disconnected") from None
             size = len(body)
