@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from starlette.types import Message
 
 from web.app import RequestLimits
 
@@ -35,9 +36,9 @@ def chunks(*delays: float) -> Any:
 
 
 async def call(app: RequestLimits, receive: Any) -> int:
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     await app(dict(SCOPE), receive, send)
@@ -45,18 +46,20 @@ async def call(app: RequestLimits, receive: Any) -> int:
 
 
 def test_slow_bodies_get_408_and_timely_ones_200_side_by_side() -> None:
-    async def main() -> list[tuple[int, float]]:
+    async def main() -> tuple[tuple[int, float], ...]:
         app = RequestLimits(read_all, body_timeout_s=0.3)
 
         async def timed(receive: Any) -> tuple[int, float]:
             started = time.monotonic()
             return await call(app, receive), time.monotonic() - started
 
-        return await asyncio.gather(
-            timed(chunks(60)),  # never completes: cancelled inside receive
-            timed(chunks(0.01, 0.01, 0.01)),  # chunked, in time
-            timed(chunks(0.1, 0.1, 0.1, 0.1, 0.1)),  # every chunk quick, the whole too slow
-            timed(chunks(0.2)),  # started later than the first, still in time
+        return tuple(
+            await asyncio.gather(
+                timed(chunks(60)),  # never completes: cancelled inside receive
+                timed(chunks(0.01, 0.01, 0.01)),  # chunked, in time
+                timed(chunks(0.1, 0.1, 0.1, 0.1, 0.1)),  # every chunk quick, the whole too slow
+                timed(chunks(0.2)),  # started later than the first, still in time
+            )
         )
 
     (never, never_s), (chunked, _), (trickle, trickle_s), (late, _) = asyncio.run(main())

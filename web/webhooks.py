@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from stripe import WebhookSignature  # bound once: `stripe.X` is a lazy module __getattr__
 
 from core.log import get_logger
 from core.settings import Settings
@@ -141,7 +142,7 @@ def verify_signature(
     reasons = []
     for secret in secrets:
         try:
-            stripe.WebhookSignature.verify_header(payload, header, secret, tolerance=tolerance)
+            WebhookSignature.verify_header(payload, header, secret, tolerance=tolerance)
             return
         except stripe.SignatureVerificationError as exc:
             reasons.append(_signature_reason(exc))
