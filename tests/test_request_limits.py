@@ -85,6 +85,16 @@ def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
         task.cancel()  # say, the server shutting down
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert not app.deadlines.reads  # nothing left behind to watch
+        assert not app.deadlines[asyncio.get_running_loop()].reads  # nothing left to watch
 
     asyncio.run(main())
+
+
+def test_each_event_loop_gets_a_working_deadline() -> None:
+    """A test client may run every request on a loop of its own: a timer armed on a loop
+    that has since closed must not leave the next loop's slow bodies unwatched."""
+    app = RequestLimits(read_all, body_timeout_s=0.2)
+    assert asyncio.run(call(app, chunks(0.01))) == 200  # arms a timer on this loop, then closes
+    started = time.monotonic()
+    assert asyncio.run(call(app, chunks(60))) == 408
+    assert time.monotonic() - started < 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from typing import Any
 
 from sqlalchemy import text
@@ -110,7 +111,12 @@ class RequestLimits:
 
     def __init__(self, app: ASGIApp, *, body_timeout_s: float) -> None:
         self.app = app
-        self.deadlines = _BodyDeadlines(body_timeout_s)
+        self.body_timeout_s = body_timeout_s
+        # One watch per event loop: its timer belongs to that loop (uvicorn runs one; a test
+        # client may run one per request, and a timer left on a closed loop would never fire).
+        self.deadlines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _BodyDeadlines] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,13 +128,16 @@ class RequestLimits:
             return
         read: _BodyRead | None = None
         started = False
-        deadlines = self.deadlines
+        loop = asyncio.get_running_loop()
+        deadlines = self.deadlines.get(loop)
+        if deadlines is None:
+            deadlines = self.deadlines[loop] = _BodyDeadlines(self.body_timeout_s)
 
         async def timed_receive() -> Message:
             nonlocal read
             if read is None:
                 read = _BodyRead()
-                deadlines.start(read, asyncio.get_running_loop())
+                deadlines.start(read, loop)
             elif read.complete:  # the body is in: later reads wait for a disconnect, unbounded
                 return await receive()
             if read.expired:
