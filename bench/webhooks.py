@@ -140,6 +140,10 @@ def report(
     intake_ratio = receiver.median_rate() / noop.median_rate()
     verdict = "met" if intake_ratio >= GOAL_INTAKE_RATIO else "NOT met"
     print(f"intake / no-op: {intake_ratio:.2f} (goal >= {GOAL_INTAKE_RATIO}: {verdict})")
+    # What throughput converges to when the server's CPU is the limit (a quiet machine): the
+    # figure that moves least with what else loads the machine, printed beside the goal's.
+    cpu_ratio = noop.cpu_us_per_request("server") / receiver.cpu_us_per_request("server")
+    print(f"server CPU per request, no-op / intake: {cpu_ratio:.2f}")
     print()
 
     print(
@@ -197,6 +201,7 @@ def report(
     noop_lat = noop.latencies()
     figures: dict[str, Any] = {
         "intake_ratio": round(intake_ratio, 3),
+        "intake_cpu_ratio": round(cpu_ratio, 3),
         "intake_p50_ms": round(percentile(lat, 50) * 1e3, 2),
         "intake_p99_ms": round(percentile(lat, 99) * 1e3, 2),
         "processing_ratio": round(processing_ratio, 3),

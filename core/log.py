@@ -113,6 +113,21 @@ def mask_personal_data(
     return event_dict
 
 
+class _NamedWriteLogger(structlog.WriteLogger):
+    """structlog's line writer (a lock per file, write and flush per line) with the name
+    `add_logger_name` reads, as a stdlib logger has."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(sys.stderr)
+        self.name = name
+
+
+class _StderrLoggerFactory:
+    def __call__(self, *args: Any) -> _NamedWriteLogger:
+        # get_logger(name) passes the name (every module names its logger)
+        return _NamedWriteLogger(args[0] if args and isinstance(args[0], str) else "root")
+
+
 def configure_logging(
     *, env: str = "development", level: str = "info", force: bool = False
 ) -> None:
@@ -133,21 +148,31 @@ def configure_logging(
     if env == "production":
         renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)
+        # Our own lines skip the stdlib: rendered by structlog and written straight to stderr,
+        # through the same processors (context, level, logger name, time, masking) and the
+        # same renderer as the library lines below. The stdlib round trip (two LogRecords,
+        # the caller's frame, the formatter) cost ~2/3 of a line's ~30 us, paid per webhook.
+        structlog.configure(
+            processors=[*shared, renderer],
+            logger_factory=_StderrLoggerFactory(),
+            # a line below LOG_LEVEL is a no-op method: no processor runs
+            wrapper_class=structlog.make_filtering_bound_logger(numeric),
+            cache_logger_on_first_use=True,
+        )
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-
-    structlog.configure(
-        # filter_by_level first: a debug line below LOG_LEVEL costs a level check, not the
-        # timestamp, masking and rendering it would otherwise pay before being dropped.
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
+        structlog.configure(
+            # filter_by_level first: a debug line below LOG_LEVEL costs a level check, not the
+            # timestamp, masking and rendering it would otherwise pay before being dropped.
+            processors=[
+                structlog.stdlib.filter_by_level,
+                *shared,
+                structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            ],
+            logger_factory=structlog.stdlib.LoggerFactory(),
+            wrapper_class=structlog.stdlib.BoundLogger,
+            cache_logger_on_first_use=True,
+        )
     # Library logs (dramatiq, apscheduler, uvicorn, alembic) go through the same renderer,
     # so a production process writes nothing but JSON lines.
     formatter = structlog.stdlib.ProcessorFormatter(

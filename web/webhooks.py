@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from stripe import WebhookSignature  # bound once: `stripe.X` is a lazy module __getattr__
 
 from core.log import get_logger
 from core.settings import Settings
@@ -46,12 +47,15 @@ _MAX_CREATED = 253_402_300_799
 
 # Group commit: the events of concurrent requests are stored by one statement. It is atomic
 # like any single statement: an outbox row exists exactly for each event row that was new, and
-# a duplicate delivery (even twice in one batch) inserts neither.
+# a duplicate delivery (even twice in one batch) inserts neither. The arrays go in binary
+# (%(…)b): a text array quotes every element and escapes each '"' of a JSON payload with a
+# regular-expression substitution in Python, ~70 us of the server's CPU per event; the binary
+# form copies the UTF-8 bytes.
 _STORE_EVENTS = """
     WITH input AS (
-        SELECT * FROM unnest(%(ids)s::text[], %(types)s::text[], %(created)s::timestamptz[],
-                             %(livemode)s::boolean[], %(api_versions)s::text[],
-                             %(payloads)s::text[])
+        SELECT * FROM unnest(%(ids)b::text[], %(types)b::text[], %(created)b::timestamptz[],
+                             %(livemode)b::boolean[], %(api_versions)b::text[],
+                             %(payloads)b::text[])
             AS t(id, type, created, livemode, api_version, payload)
     ), event AS (
         INSERT INTO webhook_events (id, type, created, livemode, api_version, payload, status,
@@ -138,7 +142,7 @@ def verify_signature(
     reasons = []
     for secret in secrets:
         try:
-            stripe.WebhookSignature.verify_header(payload, header, secret, tolerance=tolerance)
+            WebhookSignature.verify_header(payload, header, secret, tolerance=tolerance)
             return
         except stripe.SignatureVerificationError as exc:
             reasons.append(_signature_reason(exc))
@@ -267,17 +271,23 @@ def parse_event(payload: str) -> StripeEvent:
 # --- I/O ---------------------------------------------------------------------------------------
 
 
-async def read_body(request: Request) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     """The body, refused as soon as it passes the cap: a chunked or lying client cannot push
-    more than MAX_BODY_BYTES into memory."""
+    more than MAX_BODY_BYTES into memory. Read from ASGI messages directly (what Starlette's
+    `Request.stream` does, without its async generator: a few us per request)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise Rejected(413, "body too large")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _batch_params(events: list[StripeEvent]) -> dict[str, list[Any]]:
@@ -316,6 +326,11 @@ class EventWriter:
     async def _run(self) -> None:
         while True:
             batch = [await self.queue.get()]
+            # One turn of the loop first: requests whose tasks are already runnable (parsed in
+            # the same turn that woke this one) join this batch instead of waiting for the next
+            # commit. Idle, it costs one loop iteration; under load it makes batches ~20 %
+            # larger, and a batch's fixed cost (~200 us of this process's CPU) is shared wider.
+            await asyncio.sleep(0)
             while len(batch) < MAX_BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             try:
@@ -384,7 +399,7 @@ class StripeWebhook:
             size = check_declared_size(request.headers.get("content-length"))
             header = check_signature_header(request.headers.get(SIGNATURE_HEADER))
             try:
-                body = await read_body(request)
+                body = await read_body(request.receive)
             except ClientDisconnect:
                 raise Rejected(400, "client disconnected") from None
             size = len(body)
