@@ -28,6 +28,7 @@ from core.log import get_logger
 from core.settings import Settings, get_settings
 from db.engine import KEEPALIVES, UnitOfWork, direct_url, get_database, libpq_url
 from workers.base import actor
+from workers.cache import fast_path
 from workers.jobs import COALESCED_ACTORS, redeliver_after_s
 
 log = get_logger(__name__)
@@ -60,6 +61,12 @@ _CLAIM = text("""
 # done, so the rescuer can rebuild a lost message; the done-marking empties it
 # (workers.jobs.mark_done), so personal data does not linger in the outbox after, say, a GDPR
 # erase. redeliver_at: the deadline after which the rescuer re-sends the job.
+# The mark's commit does not wait for its WAL flush (synchronous_commit off for this
+# transaction only, set in the same statement to spare a round trip): the flush costs a few ms
+# on a busy disk, while the next changes' NOTIFYs wait. A mark lost with the last instant of a
+# Postgres crash leaves its rows pending, and the relay re-sends them with the same message
+# ids, exactly as after a relay killed before its commit (the done-marking makes the duplicate
+# a no-op); any later synchronous commit (a worker's done-marking) flushes it too.
 _MARK = text("""
     UPDATE outbox SET dispatched_at = CASE WHEN data.error IS NULL THEN now() END,
            message_id = data.message_id, last_error = data.error,
@@ -68,10 +75,10 @@ _MARK = text("""
     FROM (SELECT unnest(CAST(:ids AS bigint[])) AS id,
                  unnest(CAST(:mids AS text[])) AS message_id,
                  unnest(CAST(:errors AS text[])) AS error,
-                 unnest(CAST(:afters AS float8[])) AS after) AS data
+                 unnest(CAST(:afters AS float8[])) AS after) AS data,
+         (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
     WHERE outbox.id = data.id
 """)
-
 
 # Actors whose outbox rows the relay merges, per batch, into one message carrying every row's
 # kwargs as ``changes=[…]``: idempotent and order-free (a cache delete), and frequent (one row
@@ -106,7 +113,13 @@ def build_message(actor: dramatiq.Actor[Any, Any], rows: list[Any]) -> dramatiq.
 def relay_batch(
     broker: dramatiq.Broker, *, batch: int, settings: Settings | None = None
 ) -> RelayStats:
-    """Claim up to `batch` pending rows, enqueue them, mark them; one transaction."""
+    """Claim up to `batch` pending rows, enqueue them, mark them; one transaction.
+
+    Cache invalidations go first, each group followed by the fast path (the relay UNLINKs
+    their keys itself, ``workers.cache.FastPath``): they are the jobs whose latency is the
+    point, and the fast path runs only once their message is in the broker, so whatever
+    happens to the relay from there on the worker's job removes the keys all the same.
+    """
     stats = RelayStats()
     settings = settings or get_settings()
     db = get_database(settings)
@@ -117,36 +130,19 @@ def relay_batch(
         marks: dict[int, tuple[str | None, str | None]] = {}
         afters: dict[int, float] = {}
         merged: dict[tuple[str, str | None], list[Any]] = {}
+        singles: list[Any] = []
         for row in rows:
             if row.actor in COALESCED_ACTORS and not row.args:
-                group = merged.setdefault((row.actor, row.queue_name), [])
-                group.append(row)
-                if len(group) > 1:
-                    continue  # sent with the group's first row, below
-            try:
-                actor = broker.get_actor(row.actor)
-            except dramatiq.errors.ActorNotFound:
-                # Not retried: no deploy of this relay will learn the actor by waiting. The row
-                # stays in the table, undispatched, with its error: outbox_rejected() counts it
-                # and the prune keeps it, until an operator clears last_error or deletes it.
-                log.error("outbox_unknown_actor", outbox_id=row.id, actor=row.actor)
-                marks[row.id] = (None, f"unknown actor {row.actor!r}")
-                stats.rejected += 1
-                continue
-            if row.actor in COALESCED_ACTORS and not row.args:
-                continue  # the whole group is known only after the loop
-            message = build_message(actor, [row])
-            broker.enqueue(message)
-            marks[row.id] = (message.message_id, None)
-            afters[row.id] = redeliver_after_s(actor, settings)
-            stats.sent += 1
+                merged.setdefault((row.actor, row.queue_name), []).append(row)
+            else:
+                singles.append(row)
         for group in merged.values():
-            if group[0].id in marks:  # rejected: unknown actor
+            actor = _known_actor(broker, group[0], marks, stats)
+            if actor is None:
                 for row in group[1:]:
                     marks[row.id] = marks[group[0].id]
                     stats.rejected += 1
                 continue
-            actor = broker.get_actor(group[0].actor)
             message = build_message(actor, group)
             broker.enqueue(message)
             after = redeliver_after_s(actor, settings)
@@ -154,6 +150,17 @@ def relay_batch(
                 marks[row.id] = (message.message_id, None)
                 afters[row.id] = after
             stats.sent += len(group)
+            if group[0].actor == "invalidate":
+                fast_path.invalidate([row.kwargs or {} for row in group], settings=settings)
+        for row in singles:
+            actor = _known_actor(broker, row, marks, stats)
+            if actor is None:
+                continue
+            message = build_message(actor, [row])
+            broker.enqueue(message)
+            marks[row.id] = (message.message_id, None)
+            afters[row.id] = redeliver_after_s(actor, settings)
+            stats.sent += 1
         ids = list(marks)
         session.execute(
             _MARK,
@@ -167,6 +174,24 @@ def relay_batch(
     if stats.sent or stats.rejected:
         log.info("outbox_relayed", sent=stats.sent, rejected=stats.rejected)
     return stats
+
+
+def _known_actor(
+    broker: dramatiq.Broker,
+    row: Any,
+    marks: dict[int, tuple[str | None, str | None]],
+    stats: RelayStats,
+) -> dramatiq.Actor[Any, Any] | None:
+    try:
+        return broker.get_actor(row.actor)
+    except dramatiq.errors.ActorNotFound:
+        # Not retried: no deploy of this relay will learn the actor by waiting. The row stays
+        # in the table, undispatched, with its error: outbox_rejected() counts it and the
+        # prune keeps it, until an operator clears last_error or deletes it.
+        log.error("outbox_unknown_actor", outbox_id=row.id, actor=row.actor)
+        marks[row.id] = (None, f"unknown actor {row.actor!r}")
+        stats.rejected += 1
+        return None
 
 
 def drain(broker: dramatiq.Broker, *, batch: int, settings: Settings | None = None) -> int:
