@@ -9,6 +9,7 @@ fetching the rows and deleting; a burst leaves no key behind; the row ends done 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -21,11 +22,14 @@ import psycopg
 import pytest
 import redis
 import structlog
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg.types.json import Jsonb
 
 import workers.actors  # noqa: F401  (the relay must know every actor the triggers name)
 from core.proc import free_port, stop_process, wait_until
 from core.settings import get_settings
-from db.cache_keys import moment_key, user_email_key, user_key
+from db.cache_keys import CACHE_MAP, moment_key, user_email_key, user_key
 from db.embedded import EmbeddedValkey
 from tests.conftest import start_cli
 from tests.test_cache_invalidation import (  # noqa: F401  (second_valkey is a fixture)
@@ -35,10 +39,10 @@ from tests.test_cache_invalidation import (  # noqa: F401  (second_valkey is a f
     second_valkey,
 )
 from tests.test_outbox_relay import _listening, running_relay
-from workers.broker import broker
-from workers.cache import fast_path
+from workers.broker import broker, build_broker
+from workers.cache import fast_path, keys_of_changes
 from workers.jobs import done_marker
-from workers.outbox import drain, outbox_backlog
+from workers.outbox import CHANNEL, Relay, drain, outbox_backlog, wakeup_changes
 
 
 @pytest.fixture(autouse=True)
@@ -250,7 +254,7 @@ STALLED_CLAIM = """
 
 
 @pytest.mark.slow
-def test_relay_sigkilled_between_fetching_and_deleting_the_durable_path_deletes(
+def test_relay_sigkilled_after_its_unlink_the_durable_path_finishes_the_rows(
     db, sql, redis_client, tmp_path: Path
 ) -> None:
     # The broker on a Valkey of its own, which the test freezes; the cache Redis stays up.
@@ -269,8 +273,8 @@ def test_relay_sigkilled_between_fetching_and_deleting_the_durable_path_deletes(
         redis_client.set(key, "stale")  # no TTL
     procs: list[Any] = []
     try:
-        # Given a relay that has fetched a burst of changes and is stuck sending their message
-        # (the broker frozen), so its fast path has not run yet
+        # Given a relay that has claimed a burst of changes and is stuck sending their message
+        # (the broker frozen)
         relay = start_cli("relay", env=env, stderr=open(tmp_path / "relay.log", "wb"))  # noqa: SIM115
         procs.append(relay)
         assert wait_until(lambda: _listening(sql), timeout=60), (tmp_path / "relay.log").read_text()
@@ -280,19 +284,21 @@ def test_relay_sigkilled_between_fetching_and_deleting_the_durable_path_deletes(
         assert wait_until(lambda: sql.execute(STALLED_CLAIM).fetchone()[0] == 1, timeout=30), (
             sql.execute("SELECT state, query FROM pg_stat_activity").fetchall()
         )
-        # When it is SIGKILLed there
+        # Then its fast path removed every key already, from the NOTIFYs alone
+        assert wait_until(lambda: redis_client.exists(*keys) == 0, timeout=30)
+        # When it is SIGKILLed there, and readers cache the old values again meanwhile
         os.killpg(relay.pid, signal.SIGKILL)
         relay.wait(timeout=10)
-        # Then no key was deleted by it
-        assert redis_client.exists(*keys) == len(keys)
+        for key in keys:
+            redis_client.set(key, "stale")
         os.kill(broker_valkey.proc.pid, signal.SIGCONT)
-        # and its claim rolls back: every row pending again
+        # its claim rolls back: every row pending again, the outbox their only record
         assert wait_until(lambda: outbox_backlog()[0] >= len(mids), timeout=30)
         # When the durable path alone runs (a relay without the fast path, and a worker)
         env["TIDEMILL_CACHE_FAST_PATH"] = "false"
         procs.append(start_cli("relay", env=env))
         procs.append(start_cli("worker", "--queue", "cache", "--processes", "1", env=env))
-        # Then every key goes, and every row ends dispatched and done
+        # Then every key goes again, and every row ends dispatched and done
         assert wait_until(lambda: redis_client.exists(*keys) == 0, timeout=60)
         assert wait_until(lambda: set(row_states(sql)) == {(True, True, True)}, timeout=60)
     finally:
@@ -300,3 +306,178 @@ def test_relay_sigkilled_between_fetching_and_deleting_the_durable_path_deletes(
         for proc in procs:
             stop_process(proc, group=True)
         broker_valkey.stop()
+
+
+# --- the wake-up's payload (migration 0016): commit -> NOTIFY -> UNLINK ---------------------
+
+
+def wakeups(listener: psycopg.Connection[Any], n: int) -> list[str]:
+    """The next n payloads on the relay's channel (generous deadline: a loaded machine)."""
+    got = [note.payload for note in listener.notifies(timeout=20, stop_after=n)]
+    assert len(got) >= n, got
+    return got
+
+
+def skip_pending(listener: psycopg.Connection[Any]) -> None:
+    """Read away the wake-ups already sent (the arrangement's own)."""
+    listener.execute("SELECT 1")  # a round trip: every earlier commit's NOTIFY is in by now
+    while list(listener.notifies(timeout=0.1)):
+        pass
+
+
+@pytest.fixture
+def listener(db: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(f"LISTEN {CHANNEL}")
+        yield conn
+
+
+def test_the_wakeup_carries_the_statements_invalidations_and_nothing_else(
+    db, sql, listener
+) -> None:
+    (mid,) = quiet_moments(sql, 1)
+    skip_pending(listener)  # the arrangement's own wake-ups
+    # A change to a cached table: its one outbox row's kwargs, as a JSON array
+    sql.execute("UPDATE moments SET title = 'new' WHERE id = %s", (mid,))
+    (payload,) = wakeups(listener, 1)
+    changes, complete = wakeup_changes([payload])
+    assert complete and len(changes) == 1
+    assert changes[0]["table"] == "moments"
+    assert keys_of_changes(changes, CACHE_MAP)[0] == {moment_key(mid)}
+    # One statement writing other jobs, an `invalidate` with args (not merged by the relay:
+    # not the fast path's) and two merged ones: only the two merged ones ride along
+    sql.execute(
+        """INSERT INTO outbox (actor, queue_name, args, kwargs) VALUES
+           ('write_row', 'default', '[]', '{"value": "x"}'),
+           ('invalidate', 'cache', '[["k0"]]', '{}'),
+           ('invalidate', 'cache', '[]', '{"keys": ["k1"]}'),
+           ('invalidate', 'cache', '[]', '{"keys": ["k2", "ü—\u00e9"]}')"""
+    )
+    (payload,) = wakeups(listener, 1)
+    changes, complete = wakeup_changes([payload])
+    assert complete
+    assert sorted(keys_of_changes(changes, CACHE_MAP)[0]) == ["k1", "k2", "ü—é"]
+    # Other jobs alone: a plain wake-up
+    sql.execute("INSERT INTO outbox (actor, kwargs) VALUES ('write_row', '{}')")
+    assert wakeups(listener, 1) == [""]
+    assert wakeup_changes([""]) == ([], False)
+
+
+@pytest.mark.parametrize("shape", ["many rows", "big rows"])
+def test_an_oversized_statement_sends_a_plain_wakeup_and_the_durable_path_removes_all(
+    db, sql, redis_client, listener, inproc_worker, shape: str
+) -> None:
+    if shape == "big rows":
+        # one UPDATE of 300 moments: one outbox row whose kwargs are ~16 kB, past NOTIFY's limit
+        mids = quiet_moments(sql, 300)
+        keys = [moment_key(m) for m in mids]
+        statement = ("UPDATE moments SET title = 'big' WHERE id = ANY(%s::uuid[])", (mids,))
+    else:
+        # 250 explicit invalidations in one INSERT, each small: past the 200-row cut-off
+        keys = [f"many:{i}" for i in range(250)]
+        statement = (
+            "INSERT INTO outbox (actor, queue_name, kwargs) "
+            "SELECT 'invalidate', 'cache', jsonb_build_object('keys', jsonb_build_array(k)) "
+            "FROM unnest(%s::text[]) AS k",
+            (keys,),
+        )
+    skip_pending(listener)
+    for key in keys:
+        redis_client.set(key, "stale")
+    sql.execute(*statement)
+    # Then the wake-up is a plain one (no payload over the limit, no error for the writer)
+    assert wakeups(listener, 1) == [""]
+    # and a running relay with a worker removes every key and ends every row done
+    with running_relay(sql, poll_s=3600):
+        assert wait_until(lambda: redis_client.exists(*keys) == 0, timeout=60)
+        assert wait_until(lambda: outbox_backlog()[0] == 0, timeout=30)
+    broker.join("cache", timeout=30_000)
+    inproc_worker.join()
+    done_marker.flush()
+    assert set(row_states(sql)) == {(True, True, True)}
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(
+        # (no NUL: Postgres text cannot hold one, so no outbox row can either)
+        st.lists(
+            st.text(
+                st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=80
+            ),
+            min_size=1,
+            max_size=30,
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_the_payload_is_exactly_the_rows_kwargs_or_plain_when_too_big(
+    db, listener, key_lists: list[list[str]]
+) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        skip_pending(listener)
+        kwargs = [{"keys": keys} for keys in key_lists]
+        conn.execute(
+            "INSERT INTO outbox (actor, queue_name, kwargs) "
+            "SELECT 'invalidate', 'cache', k FROM unnest(%s::jsonb[]) AS k",
+            ([Jsonb(k) for k in kwargs],),
+        )
+        (payload,) = wakeups(listener, 1)
+        size = len(json.dumps(kwargs, ensure_ascii=False).encode())
+        if payload:
+            assert len(payload.encode()) <= 7000
+            changes, complete = wakeup_changes([payload])
+            assert complete
+            assert sorted(map(json.dumps, changes)) == sorted(map(json.dumps, kwargs))
+        else:
+            assert (
+                size > 6000
+            )  # only a payload near the limit falls back (the JSON spacing differs)
+
+
+def test_the_relay_unlinks_on_the_notify_before_any_claim_of_the_row(
+    db, sql, redis_client, tmp_path: Path
+) -> None:
+    # A relay in this process on a broker Valkey of its own, which the test freezes; the cache
+    # Redis stays up; no worker at all.
+    valkey = EmbeddedValkey(tmp_path, port=free_port())
+    valkey.start()
+    assert valkey.proc is not None
+    cfg = dataclasses.replace(get_settings(), broker_url=valkey.url(0), relay_poll_s=3600)
+    own_broker = build_broker(cfg, metrics=False)
+    for actor in broker.actors.values():
+        own_broker.declare_actor(actor)
+    first, second = quiet_moments(sql, 2)
+    for mid in (first, second):
+        redis_client.set(moment_key(mid), "stale")
+    relay = Relay(cfg, own_broker)
+    thread = threading.Thread(target=relay.run)
+    thread.start()
+    try:
+        assert wait_until(lambda: _listening(sql), timeout=20)
+        # Given the relay's drainer stuck enqueueing a first change (its broker frozen)
+        os.kill(valkey.proc.pid, signal.SIGSTOP)
+        sql.execute("UPDATE moments SET title = 'new' WHERE id = %s", (first,))
+        assert wait_until(lambda: sql.execute(STALLED_CLAIM).fetchone()[0] == 1, timeout=30)
+        # When a second change commits
+        sql.execute("UPDATE moments SET title = 'new' WHERE id = %s", (second,))
+        # Then its key goes, from the NOTIFY alone
+        assert wait_until(lambda: gone(redis_client, moment_key(second)), timeout=20)
+        # while its row is pending and claimed by nobody (the test can lock it), no message sent
+        pending = sql.execute(
+            "SELECT id FROM outbox WHERE dispatched_at IS NULL FOR UPDATE SKIP LOCKED"
+        ).fetchall()
+        assert len(pending) == 1
+        assert row_states(sql) == [(False, False, False)] * 2
+        assert gone(redis_client, moment_key(first))
+        # When the broker answers again, the durable path dispatches both rows
+        os.kill(valkey.proc.pid, signal.SIGCONT)
+        assert wait_until(lambda: outbox_backlog()[0] == 0, timeout=30)
+        assert row_states(sql) == [(True, False, False)] * 2
+    finally:
+        os.kill(valkey.proc.pid, signal.SIGCONT)
+        relay.stop()
+        thread.join(timeout=30)
+        valkey.stop()
+    assert not thread.is_alive()

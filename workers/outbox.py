@@ -12,9 +12,10 @@ actor's commit marks it done; ``workers.rescuer`` re-sends what misses its deadl
 
 from __future__ import annotations
 
+import json
 import threading
-import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,14 +112,19 @@ def build_message(actor: dramatiq.Actor[Any, Any], rows: list[Any]) -> dramatiq.
 
 
 def relay_batch(
-    broker: dramatiq.Broker, *, batch: int, settings: Settings | None = None
+    broker: dramatiq.Broker,
+    *,
+    batch: int,
+    settings: Settings | None = None,
+    fast_path_after_enqueue: bool = True,
 ) -> RelayStats:
     """Claim up to `batch` pending rows, enqueue them, mark them; one transaction.
 
-    Cache invalidations go first, each group followed by the fast path (the relay UNLINKs
-    their keys itself, ``workers.cache.FastPath``): they are the jobs whose latency is the
-    point, and the fast path runs only once their message is in the broker, so whatever
-    happens to the relay from there on the worker's job removes the keys all the same.
+    Cache invalidations go first: they are the jobs whose latency is the point. With
+    `fast_path_after_enqueue`, each of their groups is followed by the fast path (the relay
+    UNLINKs their keys itself, ``workers.cache.FastPath``), once their message is in the
+    broker. The running relay turns it off for a drain that only payload wake-ups started: it
+    UNLINKed those keys on receipt of the NOTIFY already (``Relay``).
     """
     stats = RelayStats()
     settings = settings or get_settings()
@@ -150,7 +156,7 @@ def relay_batch(
                 marks[row.id] = (message.message_id, None)
                 afters[row.id] = after
             stats.sent += len(group)
-            if group[0].actor == "invalidate":
+            if fast_path_after_enqueue and group[0].actor == "invalidate":
                 fast_path.invalidate([row.kwargs or {} for row in group], settings=settings)
         for row in singles:
             actor = _known_actor(broker, row, marks, stats)
@@ -194,26 +200,71 @@ def _known_actor(
         return None
 
 
-def drain(broker: dramatiq.Broker, *, batch: int, settings: Settings | None = None) -> int:
+def drain(
+    broker: dramatiq.Broker,
+    *,
+    batch: int,
+    settings: Settings | None = None,
+    fast_path_after_enqueue: bool = True,
+) -> int:
     total = 0
     while True:
-        stats = relay_batch(broker, batch=batch, settings=settings)
+        stats = relay_batch(
+            broker,
+            batch=batch,
+            settings=settings,
+            fast_path_after_enqueue=fast_path_after_enqueue,
+        )
         total += stats.sent + stats.rejected
         if stats.sent + stats.rejected < batch:
             return total
 
 
+def wakeup_changes(payloads: Iterable[str]) -> tuple[list[dict[str, Any]], bool]:
+    """(the cache changes that wake-up payloads carry, whether every payload carried some).
+
+    A payload is the JSON array that migration 0016's trigger sends: the kwargs of one
+    statement's ``invalidate`` rows, or '' for a plain wake-up (none, or too many to fit).
+    Anything else counts as a plain wake-up: the claim will find its rows all the same.
+    """
+    changes: list[dict[str, Any]] = []
+    complete = True
+    for payload in payloads:
+        try:
+            parsed = json.loads(payload) if payload else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, list) or not all(isinstance(c, dict) for c in parsed):
+            complete = False
+            continue
+        changes.extend(parsed)
+    return changes, complete
+
+
 class Relay:
-    """LISTEN for wake-ups, and poll every `poll_s` in case a NOTIFY was lost."""
+    """LISTEN for wake-ups, and poll every `poll_s` in case a NOTIFY was lost.
+
+    Two threads, so that a wake-up's UNLINK never waits for a drain: this one reads the
+    notifications and runs the fast path on the changes their payloads carry (commit ->
+    NOTIFY -> UNLINK: NOTIFY is delivered after the commit, so the delete never precedes it),
+    then wakes the drainer, which claims, enqueues and marks as always (the durable path: the
+    worker deletes again and marks the rows done).
+    """
 
     def __init__(self, settings: Settings, broker: dramatiq.Broker) -> None:
         self.settings = settings
         self.broker = broker
         self.stopping = threading.Event()
         self._backoff = 0.5
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        # The next drain UNLINKs after enqueueing unless only payload wake-ups asked for it:
+        # rows found at start-up, by the poll or after a plain wake-up had no UNLINK yet.
+        self._unlink_next = True
 
     def stop(self) -> None:
         self.stopping.set()
+        self._wake.set()
 
     def run(self) -> None:
         assert self.settings.database_url
@@ -245,18 +296,57 @@ class Relay:
         self._backoff = min(self._backoff * 2, 30.0)
 
     def _loop(self, conn: psycopg.Connection[Any]) -> None:
-        while not self.stopping.is_set():
-            drain(self.broker, batch=self.settings.relay_batch, settings=self.settings)
-            self._backoff = 0.5  # a full drain worked: both stores are back
-            deadline = time.monotonic() + self.settings.relay_poll_s
-            while not self.stopping.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                # Wake at least every 0.5 s to notice a stop request promptly; a lost
+        """Listen here while a drainer thread drains; either one's error ends both, and
+        run() reconnects (a drain's error is raised here)."""
+        ended = threading.Event()
+        failed: list[BaseException] = []
+        with self._lock:
+            self._unlink_next = True  # whatever committed while we were not listening
+        self._wake.set()
+        drainer = threading.Thread(
+            target=self._drain_loop, args=(ended, failed), name="relay-drain", daemon=True
+        )
+        drainer.start()
+        try:
+            while not self.stopping.is_set() and drainer.is_alive():
+                # Wake at least every 0.5 s to notice a stop or a drainer's end; a lost
                 # connection raises here and run() reconnects.
-                if any(True for _ in conn.notifies(timeout=min(remaining, 0.5), stop_after=1)):
-                    break
+                notes = list(conn.notifies(timeout=0.5, stop_after=1))
+                if not notes:
+                    continue
+                notes += conn.notifies(timeout=0)  # whatever else is already here: one UNLINK
+                changes, complete = wakeup_changes(n.payload for n in notes)
+                if changes:
+                    fast_path.invalidate(changes, settings=self.settings)
+                with self._lock:
+                    self._unlink_next = self._unlink_next or not complete
+                self._wake.set()
+        finally:
+            ended.set()
+            self._wake.set()
+            drainer.join()
+        if failed:
+            raise failed[0]
+
+    def _drain_loop(self, ended: threading.Event, failed: list[BaseException]) -> None:
+        try:
+            while not self.stopping.is_set() and not ended.is_set():
+                woken = self._wake.wait(self.settings.relay_poll_s)
+                self._wake.clear()
+                if self.stopping.is_set() or ended.is_set():
+                    return
+                with self._lock:
+                    unlink = self._unlink_next or not woken  # the poll: no NOTIFY seen
+                    self._unlink_next = False
+                drain(
+                    self.broker,
+                    batch=self.settings.relay_batch,
+                    settings=self.settings,
+                    fast_path_after_enqueue=unlink,
+                )
+                self._backoff = 0.5  # a full drain worked: both stores are back
+        except BaseException as exc:  # raised again by _loop, in run()'s thread
+            failed.append(exc)
 
 
 _BACKLOG = text("""
