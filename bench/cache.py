@@ -9,9 +9,10 @@ over 8 client connections:
 - ``SETEX moment:{id} 300 …`` for a moment of its own (one moment per commit, so every commit
   is measured and no later commit can stamp its key), then ``UPDATE moments … WHERE id = …``
   in autocommit; the clock starts when the commit returns;
-- the moments trigger writes the outbox row, NOTIFY wakes the relay, the relay enqueues
-  ``cache.invalidate`` and, on the fast path (``TIDEMILL_CACHE_FAST_PATH``, on by default),
-  UNLINKs the key itself; the worker's job UNLINKs it again and marks the row done;
+- the moments trigger writes the outbox row, whose wake-up NOTIFY carries the change; on the
+  fast path (``TIDEMILL_CACHE_FAST_PATH``, on by default) the relay UNLINKs the key on
+  receipt (commit -> NOTIFY -> UNLINK), then enqueues ``cache.invalidate``, and the worker's
+  job UNLINKs it again and marks the row done;
 - a Redis keyspace-notification subscriber (``__keyevent@0__:unlink`` / ``del``) stamps the
   moment the key is gone. latency = gone - commit; p50 / p99 over all commits after a warm-up.
 

@@ -2,14 +2,16 @@
 
 Two paths remove a change's keys, and both always run (a key deleted twice is a no-op):
 
-- the fast path (``FastPath``): the relay, awake on the change's NOTIFY, UNLINKs the keys
-  itself, right after it has enqueued the job's message and before it commits the batch;
-- the durable path: the ``invalidate`` actor, from that message, deletes them again and its
-  commit marks the outbox rows done; if the message is lost, the rescuer re-sends it.
+- the fast path (``FastPath``): the outbox wake-up's NOTIFY carries the change (migration
+  0016), and the relay's listening thread UNLINKs its keys on receipt, before any claim
+  (commit -> NOTIFY -> UNLINK; NOTIFY is delivered only after the commit). A drain that no
+  payload announced (start-up, the poll, a plain wake-up) UNLINKs after enqueueing instead;
+- the durable path: the ``invalidate`` actor, from the relay's message, deletes them again and
+  its commit marks the outbox rows done; if the message is lost, the rescuer re-sends it.
 
 The fast path only shortens the wait; nothing depends on it. It may fail (Redis away, a
-timeout), or the relay may die before it runs: the outbox row and its message still remove
-the keys, and the row still ends done.
+timeout), the payload may be too big to carry (a plain wake-up), or the relay may die after
+it: the outbox row and its message still remove the keys, and the row still ends done.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def invalidate(
 
 
 class FastPath:
-    """The relay's own UNLINK of the keys of the invalidations it has just enqueued.
+    """The relay's own UNLINK of the keys of changes it has been told of (a wake-up's payload,
+    or the invalidations a drain has just enqueued).
 
     Bounded so it can never hold the relay up for long: its client waits at most
     ``timeout_s`` and never retries, and after a failure the fast path stays off for
