@@ -481,3 +481,46 @@ def test_the_relay_unlinks_on_the_notify_before_any_claim_of_the_row(
         thread.join(timeout=30)
         valkey.stop()
     assert not thread.is_alive()
+
+
+def test_migration_0016_downgrades_to_the_plain_wakeup_and_upgrades_again(servers) -> None:
+    from alembic import command
+
+    from db import migrate
+    from db.engine import dispose_all
+
+    name = "wakeup_roundtrip"
+    with psycopg.connect(servers.admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = servers.pg.url(name)
+    trigger = (
+        "SELECT t.tgnewtable FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE t.tgname = 'outbox_wakeup' AND n.nspname = 'tidemill' AND c.relname = 'outbox'"
+    )
+    insert = "INSERT INTO tidemill.outbox (actor, queue_name, kwargs) VALUES %s"
+    row = "('invalidate', 'cache', '{\"keys\": [\"k\"]}')"
+
+    def payload_of_one_insert() -> str:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"LISTEN {CHANNEL}")
+            conn.execute(insert % row)
+            return wakeups(conn, 1)[0]
+
+    try:
+        migrate.upgrade(url)
+        with psycopg.connect(url) as conn:
+            assert conn.execute(trigger).fetchone() == ("new_rows",)
+        assert wakeup_changes([payload_of_one_insert()]) == ([{"keys": ["k"]}], True)
+        dispose_all()
+        command.downgrade(migrate.alembic_config(url), "-1")
+        with psycopg.connect(url) as conn:
+            assert conn.execute(trigger).fetchone() == (None,)  # no transition table
+        assert payload_of_one_insert() == ""
+        migrate.upgrade(url)
+        assert wakeup_changes([payload_of_one_insert()]) == ([{"keys": ["k"]}], True)
+    finally:
+        dispose_all()
+        with psycopg.connect(servers.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
