@@ -524,3 +524,24 @@ def test_migration_0016_downgrades_to_the_plain_wakeup_and_upgrades_again(server
         dispose_all()
         with psycopg.connect(servers.admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_rows_no_wakeup_announced_are_unlinked_by_the_polling_drain(db, sql, redis_client) -> None:
+    broker.flush_all()
+    mids = quiet_moments(sql, 2)
+    keys = [moment_key(m) for m in mids]
+    for key in keys:
+        redis_client.set(key, "stale")
+    with running_relay(sql, poll_s=0.2):
+        # Given changes committed while the relay listens, with the wake-up trigger off (a
+        # NOTIFY lost), and no worker running
+        sql.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_wakeup")
+        try:
+            for mid in mids:
+                sql.execute("UPDATE moments SET title = 'new' WHERE id = %s", (mid,))
+        finally:
+            sql.execute("ALTER TABLE outbox ENABLE TRIGGER outbox_wakeup")
+        # Then the relay's poll finds them and UNLINKs their keys after enqueueing
+        assert wait_until(lambda: gone(redis_client, *keys), timeout=20)
+        assert wait_until(lambda: outbox_backlog()[0] == 0, timeout=20)
+    assert row_states(sql) == [(True, False, False)] * 2  # dispatched, the worker's to finish
