@@ -34,18 +34,31 @@ from db.schema import (
     search_path,
 )
 
-# Live copies of the functions migrations 0002 and 0004 installed for Lovendo (a migration is
-# frozen; this is what attach installs today).
+# Live copies of the functions migrations 0002 (as 0016 changed it) and 0004 installed for
+# Lovendo (a migration is frozen; this is what attach installs today).
 OUTBOX_WAKEUP = f"""
 CREATE OR REPLACE FUNCTION {SCHEMA}.tidemill_outbox_wakeup() RETURNS trigger
 LANGUAGE plpgsql SET search_path = {SCHEMA}, pg_catalog AS $$
+DECLARE
+  n integer;
+  payload text;
 BEGIN
-  PERFORM pg_notify('tidemill_outbox', '');
+  -- the statement's cache invalidations ride on the wake-up (migration 0016: the relay UNLINKs
+  -- their keys on receipt); '' past 200 rows or 7,000 bytes (NOTIFY's limit is 8,000)
+  SELECT count(*), '[' || string_agg(s.kwargs::text, ',') || ']' INTO n, payload
+  FROM (SELECT r.kwargs FROM new_rows r
+        WHERE r.actor = 'invalidate' AND (r.args IS NULL OR r.args = '[]'::jsonb)
+        LIMIT 201) AS s;
+  IF n = 0 OR n > 200 OR octet_length(payload) > 7000 THEN
+    payload := '';
+  END IF;
+  PERFORM pg_notify('tidemill_outbox', payload);
   RETURN NULL;
 END;
 $$;
 DROP TRIGGER IF EXISTS outbox_wakeup ON {SCHEMA}.outbox;
 CREATE TRIGGER outbox_wakeup AFTER INSERT ON {SCHEMA}.outbox
+REFERENCING NEW TABLE AS new_rows
 FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.tidemill_outbox_wakeup();
 """
 

@@ -319,6 +319,18 @@ FIELDS: tuple[Field, ...] = (
         "outbox rows claimed per relay transaction",
         _pos_int,
     ),
+    Field(
+        "TIDEMILL_CACHE_FAST_PATH",
+        "cache_fast_path",
+        "true",
+        "true: the relay also UNLINKs the keys of the cache invalidations it sends, so they go "
+        "within milliseconds of the commit; the worker's invalidate job still runs and marks "
+        "the outbox row done (docs/app-writes.md)",
+        lambda name, raw: (
+            _choice("true", "false", "1", "0", "yes", "no", "on", "off")(name, raw)
+            in {"true", "1", "yes", "on"}
+        ),
+    ),
     # ---- issue #12 settings: FIELDS ----
     Field(
         "TIDEMILL_REDELIVER_AFTER_S",
@@ -697,6 +709,7 @@ class Settings:
     redis_maintenance_chance: int
     relay_poll_s: float
     relay_batch: int
+    cache_fast_path: bool
     # ---- issue #12 settings: Settings attributes ----
     redeliver_after_s: float | None
     rescuer_poll_s: float

@@ -75,7 +75,9 @@ def test_outbox_rows_from_triggers_notify_the_relay_channel(db, sql) -> None:
         listener.execute("LISTEN tidemill_outbox")
         new_user(sql, "wake@example.com")
         got = list(listener.notifies(timeout=10, stop_after=1))
-    assert [n.channel for n in got] == ["tidemill_outbox"]
+    # (one wake-up per distinct payload since migration 0016: the welcome job's plain one and
+    # the cache row's, which carries its change, may come together)
+    assert got and {n.channel for n in got} == {"tidemill_outbox"}
 
 
 def test_active_moment_fans_out_and_a_draft_only_when_published(sql) -> None:
