@@ -62,7 +62,7 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-BENCHES := queue_roundtrip durability webhooks logmask fanout cache lifecycle gdpr backup scheduler dashboard pgbouncer
+BENCHES := queue_roundtrip durability webhooks logmask fanout cache lifecycle gdpr backup scheduler dashboard pgbouncer soak
 
 # Each bench prints its figures; bench/record.py also writes them, with the machine and the
 # date, to docs/benchmarks-results.md.
