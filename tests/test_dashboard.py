@@ -1461,11 +1461,8 @@ def test_a_pause_holds_through_sigkilled_worker_processes_and_loses_nothing(
         )  # fmt: skip
 
     def done(key: str = "pz1") -> int:
-        return int(
-            sql.execute("SELECT count(*) FROM audit_logs WHERE entity_id = %s", (key,)).fetchone()[
-                0
-            ]
-        )
+        count = sql.execute("SELECT count(*) FROM audit_logs WHERE entity_id = %s", (key,))
+        return int(count.fetchone()[0])
 
     broker.flush_all()
     env = dict(

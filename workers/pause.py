@@ -44,18 +44,15 @@ def paused_queues(settings: Settings | None = None) -> dict[str, dict[str, Any]]
     return {str(row[0]): {"by": str(row[1]), "at": float(row[2])} for row in rows}
 
 
-def pause_queue(
-    queue: str, *, by: str, settings: Settings | None = None, now: float | None = None
-) -> bool:
+def pause_queue(queue: str, *, by: str, settings: Settings | None = None) -> bool:
     """Pause `queue`; False if it was already paused (the first pause's record is kept)."""
     with get_database(settings).sessions() as session:
         inserted = session.execute(
             text(
-                "INSERT INTO queue_pauses (queue, paused_by, paused_at) "
-                "VALUES (:q, :by, coalesce(to_timestamp(:at), now())) "
+                "INSERT INTO queue_pauses (queue, paused_by) VALUES (:q, :by) "
                 "ON CONFLICT (queue) DO NOTHING RETURNING queue"
             ),
-            {"q": q_name(queue), "by": by, "at": now},
+            {"q": q_name(queue), "by": by},
         ).first()
         session.commit()
     return inserted is not None

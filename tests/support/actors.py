@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import text
 
 from db.engine import UnitOfWork
@@ -111,15 +114,15 @@ def host_job(uow: UnitOfWork, key: str, work_s: float) -> None:
     _note_until_reachable(r, f"hosts:committed:{key}", f"{host}:{int(inserted is not None)}")
 
 
-def _note_until_reachable(r: object, list_key: str, value: str, within_s: float = 120.0) -> None:
+def _note_until_reachable(
+    r: redis.Redis, list_key: str, value: str, within_s: float = 120.0
+) -> None:
     """RPUSH that outlasts a cut link (the test reads these notes once the link is back)."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
 
     deadline = time.monotonic() + within_s
     while True:
         try:
-            r.rpush(list_key, value)  # type: ignore[attr-defined]
+            r.rpush(list_key, value)
             return
         except (RedisConnectionError, RedisTimeoutError):
             if time.monotonic() > deadline:
