@@ -98,3 +98,39 @@ def test_each_event_loop_gets_a_working_deadline() -> None:
     started = time.monotonic()
     assert asyncio.run(call(app, chunks(60))) == 408
     assert time.monotonic() - started < 2
+
+
+def test_shield_answers_an_unexpected_error_with_500_and_logs_it(capsys: Any, caplog: Any) -> None:
+    # The webhook runs outside Starlette's error middleware (web.app.Front): with `shield`,
+    # a bug in it still gets an answer, not a dropped connection.
+    async def broken(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        raise RuntimeError("a bug")
+
+    async def answered_late(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("a bug after the answer started")
+
+    async def scenario() -> tuple[list[Message], list[Message]]:
+        results = []
+        for app in (broken, answered_late):
+            sent: list[Message] = []
+
+            async def send(message: Message, sent: list[Message] = sent) -> None:
+                sent.append(message)
+
+            await RequestLimits(app, body_timeout_s=5, shield=True)(dict(SCOPE), chunks(0), send)
+            results.append(sent)
+        return results[0], results[1]
+
+    first, second = asyncio.run(scenario())
+    assert first[0]["status"] == 500
+    assert first[1]["body"] == b'{"error": "internal error"}'
+    # (where the line lands depends on how this process configured logging)
+    logged = capsys.readouterr()
+    assert "request_failed" in caplog.text + logged.out + logged.err
+    # an answer already started is not followed by a second one
+    assert [m["type"] for m in second] == ["http.response.start"]
+    # without `shield` the error propagates (Starlette's own middleware answers it there)
+    with pytest.raises(RuntimeError):
+        asyncio.run(call(RequestLimits(broken, body_timeout_s=5), chunks(0)))

@@ -77,10 +77,15 @@ def signature(payload: str, *, key: str | None = None, timestamp: int | None = N
 
 
 def post_signed(
-    client: httpx.Client, payload: str, *, key: str | None = None, timestamp: int | None = None
+    client: httpx.Client,
+    payload: str,
+    *,
+    key: str | None = None,
+    timestamp: int | None = None,
+    path: str = PATH,
 ) -> httpx.Response:
     headers = {**JSON_HEADERS, "Stripe-Signature": signature(payload, key=key, timestamp=timestamp)}
-    return client.post(PATH, content=payload.encode(), headers=headers)
+    return client.post(path, content=payload.encode(), headers=headers, follow_redirects=True)
 
 
 def counts(sql: Any) -> tuple[int, int]:
@@ -130,6 +135,26 @@ def test_valid_event_is_stored_with_one_outbox_row(client, sql) -> None:
         "SELECT actor, queue_name, args, kwargs, dispatched_at FROM outbox"
     ).fetchall()
     assert outbox == [("process_event", "payments", ["evt_1PxTest"], {}, None)]
+
+
+def test_answers_carry_the_security_headers_of_every_response(client, sql) -> None:
+    # The receiver is called before the router and its middleware (web.app.Front): its
+    # answers must still carry what SecurityHeaders puts on every other response.
+    accepted = post_signed(client, json.dumps(sample_event()))
+    refused = client.post(PATH, content=b"{}", headers={"content-type": "application/json"})
+    for response in (accepted, refused):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["content-type"] == "application/json"
+        assert int(response.headers["content-length"]) == len(response.content)
+    assert (accepted.status_code, refused.status_code) == (200, 400)
+
+
+def test_a_trailing_slash_still_leads_to_the_receiver(client, sql) -> None:
+    # The route stays in the router, so its trailing-slash redirect still works.
+    response = post_signed(client, json.dumps(sample_event()), path=PATH + "/")
+    assert response.status_code == 200, response.text
+    assert counts(sql) == (1, 1)
 
 
 def test_duplicate_delivery_is_acknowledged_and_stores_nothing_new(client, sql) -> None:

@@ -21,8 +21,7 @@ from typing import Any
 
 import psycopg
 import stripe
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from stripe import WebhookSignature  # bound once: `stripe.X` is a lazy module __getattr__
@@ -320,7 +319,7 @@ class EventWriter:
     async def store(self, event: StripeEvent) -> bool:
         """True if the event was new; raises if it could not be stored."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        await self.queue.put((event, future))
+        self.queue.put_nowait((event, future))  # unbounded: never waits
         return await future
 
     async def _run(self) -> None:
@@ -377,29 +376,66 @@ def _settle(
         future.set_result(result)
 
 
-class StripeWebhook:
-    """ASGI endpoint. A plain ASGI app (not a Starlette function endpoint), so every method
-    reaches it and a wrong one gets the same JSON error shape as every other refusal."""
+# The answers, rendered once: most requests get one of the first two.
+_NEW = b'{"received":true,"duplicate":false}'
+_DUPLICATE = b'{"received":true,"duplicate":true}'
+_JSON = (b"content-type", b"application/json")
 
-    def __init__(self, settings: Settings) -> None:
+
+def _error(reason: str) -> bytes:
+    return json.dumps({"error": reason}, separators=(",", ":")).encode()
+
+
+def _request_headers(scope: Scope) -> tuple[str | None, str | None, str | None]:
+    """Content type, content length and signature header, each the first one sent. One pass
+    over the raw pairs (ASGI lowercases the names), as Starlette's `Headers.get` decodes them:
+    latin-1."""
+    content_type = length = signature = None
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            if content_type is None:
+                content_type = value.decode("latin-1")
+        elif name == b"content-length":
+            if length is None:
+                length = value.decode("latin-1")
+        elif name == b"stripe-signature" and signature is None:
+            signature = value.decode("latin-1")
+    return content_type, length, signature
+
+
+class StripeWebhook:
+    """ASGI endpoint. A plain ASGI app (not a Starlette function endpoint): every method
+    reaches it and a wrong one gets the same JSON error shape as every other refusal, and the
+    server's front (`web.app.Front`) calls it without the router or the dashboard's
+    middleware, whose per-request layers cost more than the checks here. The answer carries
+    `headers` (the security headers every response gets) besides its own."""
+
+    def __init__(self, settings: Settings, headers: list[tuple[bytes, bytes]]) -> None:
         self.settings = settings
+        self.headers = [_JSON, *headers]
         self.writer: EventWriter | None = None  # started on the first event, inside the loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        response = await self.handle(request)
-        await response(scope, receive, send)
+        status, body, extra = await self.handle(scope, receive)
+        headers = [(b"content-length", str(len(body)).encode()), *self.headers, *extra]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
-    async def handle(self, request: Request) -> JSONResponse:
+    async def handle(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """(status, body, extra headers) of the answer."""
+        method = scope["method"]
         size: int | None = None
         try:
-            if request.method != "POST":
+            if method != "POST":
                 raise Rejected(405, "method not allowed", headers={"Allow": "POST"})
-            check_content_type(request.headers.get("content-type"))
-            size = check_declared_size(request.headers.get("content-length"))
-            header = check_signature_header(request.headers.get(SIGNATURE_HEADER))
+            content_type, length, signature = _request_headers(scope)
+            check_content_type(content_type)
+            size = check_declared_size(length)
+            header = check_signature_header(signature)
             try:
-                body = await read_body(request.receive)
+                body = await read_body(receive)
             except ClientDisconnect:
                 raise Rejected(400, "client disconnected") from None
             size = len(body)
@@ -419,12 +455,11 @@ class StripeWebhook:
                 "webhook_rejected",
                 reason=rejected.reason,
                 status=rejected.status,
-                method=request.method,
+                method=method,
                 size=size,
             )
-            return JSONResponse(
-                {"error": rejected.reason}, status_code=rejected.status, headers=rejected.headers
-            )
+            extra = [(k.lower().encode(), v.encode()) for k, v in rejected.headers.items()]
+            return rejected.status, _error(rejected.reason), extra
 
         try:
             if self.writer is None:
@@ -435,17 +470,19 @@ class StripeWebhook:
             # a 400 (nothing was stored), not a 503 Stripe would retry for three days.
             log.warning("webhook_rejected", reason="body is not storable", status=400, size=size)
             log.debug("webhook_unstorable", error=type(exc).__name__)
-            return JSONResponse({"error": "body is not storable"}, status_code=400)
+            return 400, _error("body is not storable"), []
         except (psycopg.Error, OSError) as exc:
             # Stripe retries any non-2xx for three days: 503 hands the event back to it.
             log.error(
                 "webhook_store_failed", event_id=event.id, type=event.type, error=type(exc).__name__
             )
-            return JSONResponse({"error": "storage unavailable"}, status_code=503)
+            return 503, _error("storage unavailable"), []
         log.info("webhook_received", event_id=event.id, type=event.type, duplicate=not inserted)
-        return JSONResponse({"received": True, "duplicate": not inserted})
+        return 200, _NEW if inserted else _DUPLICATE, []
 
 
-def route(settings: Settings) -> Route:
-    """The `POST /webhooks/stripe` route for `create_app`."""
-    return Route(PATH, StripeWebhook(settings), name="stripe_webhook")
+def route(endpoint: StripeWebhook) -> Route:
+    """The `POST /webhooks/stripe` route inside the Starlette app. `web.app.Front` sends that
+    exact path to `endpoint` before routing; the route stays so that the router's trailing-slash
+    redirect still leads there."""
+    return Route(PATH, endpoint, name="stripe_webhook")
