@@ -168,6 +168,10 @@ def _parse_float(text: str) -> float:
     return float(text)
 
 
+# Built once: json.loads with hooks builds a decoder and its scanner on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
+
+
 def _check_string(value: str) -> None:
     if len(value) > MAX_STRING:
         raise Unstorable("string too long")
@@ -217,7 +221,7 @@ def parse_event(payload: str) -> StripeEvent:
     """The verified body as a Stripe event; raises `Rejected` if it is not JSON, cannot be
     stored as it is, or is not a Stripe event."""
     try:
-        data = json.loads(payload, parse_constant=_reject_constant, parse_float=_parse_float)
+        data = _DECODER.decode(payload)
         if not _plainly_storable(payload):
             check_storable(data)
     except RecursionError:
