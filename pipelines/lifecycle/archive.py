@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -170,6 +171,23 @@ def run(ctx: RunContext) -> ArchivePlan:
         return plan
     version = schema_version(ctx.work)
     exprs = subject_expressions(ctx.work, policy.table)
+    paths = {"partitions": _PathFigures(), "batches": _PathFigures()}
+    whole = _whole_partitions(ctx, policy, cutoff)
+    if whole:
+        started = time.monotonic()
+        for part in whole:
+            _archive_partition(ctx, part, version, exprs, paths["partitions"])
+        # the emptied months go in one short transaction (a catalog change and one commit)
+        parts.drop_partitions(
+            ctx.work,
+            policy.table,
+            whole,
+            lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
+            require_empty=True,
+        )
+        paths["partitions"].seconds = time.monotonic() - started
+        first = next_bounds(ctx.work, policy, cutoff, None)  # what is left: the batched path
+    started = time.monotonic()
     statement = _copy_statement(policy)
     after: Key | None = None
     bounds = first  # the plan's probes found the first batch already
@@ -198,34 +216,9 @@ def run(ctx: RunContext) -> ArchivePlan:
                 )
             if policy.storage_class:
                 ctx.storage.set_storage_class(key, policy.storage_class)
-            object_row = conn.execute(
-                "INSERT INTO archive_objects (run_id, pipeline, table_name, key, format, rows, "
-                "size_bytes, sha256, first_key, last_key, storage_url, schema_version) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                (
-                    ctx.run_id,
-                    policy.name,
-                    policy.table,
-                    key,
-                    policy.format,
-                    rows,
-                    put.size,
-                    put.sha256,
-                    json.dumps(_key_json(policy, lo)),
-                    json.dumps(_key_json(policy, hi)),
-                    ctx.storage.url,
-                    version,
-                ),
-            ).fetchone()
-            assert object_row is not None
-            if subjects:
-                # one statement for the batch's subjects, however many (distinct already)
-                conn.execute(
-                    "INSERT INTO archive_subjects (subject, object_id) "
-                    "SELECT unnest(%s::text[]), %s ON CONFLICT DO NOTHING",
-                    (subjects, object_row[0]),
-                )
+            _catalogue(ctx, conn, key, rows, put, lo, hi, version, subjects)
         after = hi
+        paths["batches"].add(rows, 1)
         log.info("archive_batch_committed", table=policy.table, key=key, rows=rows)
         ctx.advance(
             scanned=rows,
@@ -234,8 +227,218 @@ def run(ctx: RunContext) -> ArchivePlan:
             objects=1,
             cursor={"a": str(hi[0]), "k": str(hi[1])},
         )
+    paths["batches"].seconds = time.monotonic() - started
     _drop_empty_partitions(ctx, policy, cutoff)
+    # Which path moved how many rows in how long: the run row's record for operators (and
+    # bench/lifecycle.py, which reports each path against COPY).
+    ctx.meta.execute(
+        "UPDATE pipeline_runs SET progress = coalesce(progress, '{}'::jsonb) || "
+        "jsonb_build_object('paths', %s::jsonb) WHERE id = %s",
+        (json.dumps({k: v.as_dict() for k, v in paths.items()}), ctx.run_id),
+    )
     return plan
+
+
+@dataclass
+class _PathFigures:
+    rows: int = 0
+    objects: int = 0
+    seconds: float = 0.0
+
+    def add(self, rows: int, objects: int) -> None:
+        self.rows += rows
+        self.objects += objects
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "objects": self.objects, "seconds": round(self.seconds, 4)}
+
+
+# ------------------------------------------------------------------- whole-partition archive
+
+
+def _whole_partitions(ctx: RunContext, policy: Policy, cutoff: datetime) -> list[parts.Partition]:
+    """Monthly partitions lying wholly before the cutoff, archived whole (no DELETE). Not for
+    a filtered policy (a month holds rows the filter keeps) nor one aged by another column
+    than the partition key."""
+    if policy.filter or policy.age_column != "created_at":
+        return []
+    if not parts.is_partitioned(ctx.work, policy.table):
+        return []
+    return parts.plan_expired(parts.list_partitions(ctx.work, policy.table), cutoff)
+
+
+def _slices(conn: Any, part: parts.Partition, rows: int, batch_size: int) -> list[_Slice]:
+    """Block ranges of the partition holding about ``batch_size`` rows each: a TID range scan
+    reads one as cheaply as a sequential scan, with no sort and no index pass to find where
+    each object starts. The partition is locked, so the ranges cover every row exactly once
+    (the last one runs to the end of the table)."""
+    size = conn.execute(
+        "SELECT pg_relation_size(format('%%I.%%I', %s::text, %s::text)::regclass) "
+        "/ current_setting('block_size')::bigint",
+        (part.schema, part.name),
+    ).fetchone()
+    blocks = max(int(size[0]) if size else 1, 1)
+    step = max(blocks * batch_size // max(rows, 1), 1)
+    out = [_Slice(lo, lo + step) for lo in range(0, blocks, step)]
+    return [*out[:-1], _Slice(out[-1].lo, None)]
+
+
+@dataclass(frozen=True)
+class _Slice:
+    lo: int  # first heap block
+    hi: int | None  # first block after it; None: to the end
+
+    def where(self) -> sql.Composable:
+        lo = sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({self.lo},0)"))
+        if self.hi is None:
+            return lo
+        return sql.SQL("{} AND ctid < {}::tid").format(lo, sql.Literal(f"({self.hi},0)"))
+
+
+def _archive_partition(
+    ctx: RunContext,
+    part: parts.Partition,
+    version: str | None,
+    exprs: list[str],
+    figures: _PathFigures,
+) -> None:
+    """Archive a month wholly before the cutoff in ONE transaction; the caller then drops it.
+
+    ``LOCK … IN SHARE MODE`` holds writes to this month (not reads, not other months) until
+    the commit, so what is copied is what is emptied. Slices of about ``batch_size`` rows go
+    out with ``COPY (SELECT …)`` (no DELETE: no dead tuples, no per-row WAL), each an object
+    written, read back and catalogued as a batch's is; the rows copied must add up to the
+    month's count; then ``TRUNCATE`` empties the month and the transaction commits: the
+    catalogue rows and the emptying are one commit. A crash before it leaves the month whole
+    and its objects pending (the next run removes them first); after it, an empty month that
+    ``_drop_if_empty`` detaches and drops, now or in the next run.
+    """
+    policy = ctx.policy
+    rel = sql.Identifier(part.schema, part.name)
+    with ctx.batch() as conn:
+        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(rel))
+        found = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(rel)).fetchone()
+        count = int(found[0]) if found else 0
+        if count == 0:
+            return  # empty already: the caller drops it
+        slices = _slices(conn, part, count, policy.batch_size)
+        month = part.lo.astimezone(UTC) if part.lo else ctx.cutoff
+        suffix = f".{policy.format}.zst"
+        keys = [
+            f"{policy.table}/{month:%Y/%m}/{part.name}.{i:04d}{suffix}" for i in range(len(slices))
+        ]
+        taken = {
+            r[0]
+            for r in conn.execute(
+                "SELECT key FROM archive_objects WHERE storage_url = %s AND key = ANY(%s)",
+                (ctx.storage.url, keys),
+            )
+        }
+        # rows restored into an archived month, archived again: never overwrite
+        keys = [k.replace(suffix, f".r{ctx.run_id}{suffix}") if k in taken else k for k in keys]
+        ctx.note_pending_keys(keys)
+        total = 0
+        size = 0
+        for piece, key in zip(slices, keys, strict=True):
+            where = piece.where()
+            subjects = _subjects_of_batch(conn, policy, {}, exprs, relation=rel, where=where)
+            rows, put = _stream_batch(ctx, conn, _select_statement(policy, rel, where), {}, key)
+            stored = ctx.storage.sha256(key)
+            if stored != put.sha256:
+                raise ArchiveError(
+                    f"object {key} reads back with sha256 {stored}, not {put.sha256}: "
+                    f"nothing deleted, {part.name} kept"
+                )
+            if policy.storage_class:
+                ctx.storage.set_storage_class(key, policy.storage_class)
+            bounds = _month_bounds(policy, part, piece)
+            _catalogue(ctx, conn, key, rows, put, *bounds, version, subjects)
+            total += rows
+            size += put.size
+        if total != count:  # nothing can write to the month: a slice missed rows
+            raise ArchiveError(
+                f"{part.name} holds {count} rows but {total} were archived: nothing deleted"
+            )
+        conn.execute(sql.SQL("TRUNCATE {}").format(rel))
+    # The keys stay noted: a committed key is never removed as an orphan (remove_orphan
+    # checks the catalogue), and the next partition's note replaces them.
+    figures.add(total, len(keys))
+    log.info(
+        "archive_partition_committed",
+        table=policy.table,
+        partition=part.name,
+        rows=total,
+        objects=len(keys),
+    )
+    ctx.advance(scanned=total, affected=total, bytes_written=size, objects=len(keys))
+
+
+def _month_bounds(
+    policy: Policy, part: parts.Partition, piece: _Slice
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """first_key / last_key of a partition's object: the month's bounds (its rows lie in
+    between, in heap order) and the blocks it was read from."""
+    base = {"partition": part.name, "blocks": [piece.lo, piece.hi]}
+    return (
+        {policy.age_column: str(part.lo), **base},
+        {policy.age_column: str(part.hi), **base},
+    )
+
+
+def _select_statement(policy: Policy, rel: sql.Composable, where: sql.Composable) -> sql.Composable:
+    """A slice of a locked partition: the batch statement with SELECT in place of DELETE."""
+    select = sql.SQL("SELECT * FROM {r} WHERE {w}").format(r=rel, w=where)
+    if policy.format == "jsonl":
+        return sql.SQL(
+            "COPY (WITH gone AS ({s}), "
+            "lines AS (SELECT row_to_json(gone)::text AS line, row_number() OVER () AS n "
+            "FROM gone) "
+            "SELECT string_agg(line || E'\\n', '') FROM lines GROUP BY (n - 1) / {c}) "
+            "TO STDOUT"
+        ).format(s=select, c=sql.Literal(JSONL_CHUNK))
+    return sql.SQL("COPY ({s}) TO STDOUT (FORMAT csv, HEADER true)").format(s=select)
+
+
+def _catalogue(
+    ctx: RunContext,
+    conn: Any,
+    key: str,
+    rows: int,
+    put: Any,
+    lo: Key | dict[str, Any],
+    hi: Key | dict[str, Any],
+    version: str | None,
+    subjects: list[str],
+) -> None:
+    """The object's ``archive_objects`` row and its subjects (for a GDPR erase)."""
+    policy = ctx.policy
+    object_row = conn.execute(
+        "INSERT INTO archive_objects (run_id, pipeline, table_name, key, format, rows, "
+        "size_bytes, sha256, first_key, last_key, storage_url, schema_version) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+        (
+            ctx.run_id,
+            policy.name,
+            policy.table,
+            key,
+            policy.format,
+            rows,
+            put.size,
+            put.sha256,
+            json.dumps(lo if isinstance(lo, dict) else _key_json(policy, lo)),
+            json.dumps(hi if isinstance(hi, dict) else _key_json(policy, hi)),
+            ctx.storage.url,
+            version,
+        ),
+    ).fetchone()
+    assert object_row is not None
+    if subjects:
+        # one statement for the batch's subjects, however many (distinct already)
+        conn.execute(
+            "INSERT INTO archive_subjects (subject, object_id) "
+            "SELECT unnest(%s::text[]), %s ON CONFLICT DO NOTHING",
+            (subjects, object_row[0]),
+        )
 
 
 # Subjects (Stripe customer ids) found in tables that reference users without a foreign key.
@@ -258,7 +461,13 @@ def subject_expressions(conn: Any, table: str) -> list[str]:
 
 
 def _subjects_of_batch(
-    conn: Any, policy: Policy, params: dict[str, Any], exprs: list[str]
+    conn: Any,
+    policy: Policy,
+    params: dict[str, Any],
+    exprs: list[str],
+    *,
+    relation: sql.Composable | None = None,
+    where: sql.Composable | None = None,
 ) -> list[str]:
     """The subjects of the batch's rows, read before the DELETE, for the archive_subjects
     index: an erase later rewrites exactly the objects that hold its user."""
@@ -268,7 +477,9 @@ def _subjects_of_batch(
     # cheaper than its 36-character text: half the query's cost), then turned into text.
     branches = sql.SQL(" UNION ALL ").join(
         sql.SQL("SELECT s::text FROM (SELECT DISTINCT ({e}) AS s FROM {t} WHERE {w}) b").format(
-            e=sql.SQL(e), t=sql.Identifier(policy.table), w=range_where(policy)
+            e=sql.SQL(e),
+            t=relation or sql.Identifier(policy.table),
+            w=where or range_where(policy),
         )
         for e in exprs
     )
@@ -328,19 +539,23 @@ def _drop_empty_partitions(ctx: RunContext, policy: Policy, cutoff: datetime) ->
     if not parts.is_partitioned(ctx.work, policy.table):
         return
     for p in parts.plan_expired(parts.list_partitions(ctx.work, policy.table), cutoff):
-        left = ctx.work.execute(
-            sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(p.schema, p.name))
-        ).fetchone()
-        if left and not left[0]:
-            # Rows may arrive between this check and the drop: drop_partition checks again
-            # under the DETACH's lock and keeps the partition if any did.
-            parts.drop_partition(
-                ctx.work,
-                policy.table,
-                p,
-                lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
-                require_empty=True,
-            )
+        _drop_if_empty(ctx, policy, p)
+
+
+def _drop_if_empty(ctx: RunContext, policy: Policy, p: parts.Partition) -> None:
+    left = ctx.work.execute(
+        sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(p.schema, p.name))
+    ).fetchone()
+    if left and not left[0]:
+        # Rows may arrive between this check and the drop: drop_partition checks again
+        # under the DETACH's lock and keeps the partition if any did.
+        parts.drop_partition(
+            ctx.work,
+            policy.table,
+            p,
+            lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
+            require_empty=True,
+        )
 
 
 # --------------------------------------------------------------------------- crash recovery

@@ -77,13 +77,17 @@ def _recover(meta: psycopg.Connection[Any], policy: Policy, settings: Settings) 
         # rows are still in Postgres, so the object goes before they are archived again (unless
         # a committed batch, of that run or a later one, owns that key). A storage error here
         # stops this run: archiving again beside an orphan would store those rows twice.
+        # A whole-partition archive notes all its keys at once ('pending_keys'): its objects
+        # commit together or not at all.
         leftovers = meta.execute(
-            "SELECT id, progress->>'pending' FROM pipeline_runs WHERE pipeline = %s "
-            "AND status IN ('interrupted', 'failed') AND progress ? 'pending' ORDER BY id",
+            "SELECT id, progress->'pending', progress->'pending_keys' FROM pipeline_runs "
+            "WHERE pipeline = %s AND status IN ('interrupted', 'failed') "
+            "AND (progress ? 'pending' OR progress ? 'pending_keys') ORDER BY id",
             (policy.name,),
         ).fetchall()
-        for run_id, pending in leftovers:
-            remove_orphan(meta, settings, pending, pipeline=policy.name, run_id=run_id)
+        for run_id, pending, many in leftovers:
+            for key in _pending_keys(pending, many):
+                remove_orphan(meta, settings, key, pipeline=policy.name, run_id=run_id)
             clear_pending(meta, run_id)
 
         # Runs that died or failed after committing batches still get their manifest (a
@@ -103,29 +107,38 @@ def _recover(meta: psycopg.Connection[Any], policy: Policy, settings: Settings) 
     return ids
 
 
+def _pending_keys(pending: Any, many: Any) -> list[str]:
+    keys = [str(k) for k in many] if isinstance(many, list) else []
+    return ([str(pending)] if pending else []) + keys
+
+
 def clear_pending(meta: psycopg.Connection[Any], run_id: int) -> None:
     meta.execute(
-        "UPDATE pipeline_runs SET progress = progress - 'pending' WHERE id = %s", (run_id,)
+        "UPDATE pipeline_runs SET progress = progress - 'pending' - 'pending_keys' WHERE id = %s",
+        (run_id,),
     )
 
 
 def _remove_failed_upload(
     meta: psycopg.Connection[Any], settings: Settings, policy: Policy, run_id: int
 ) -> None:
-    """Best effort, in the failure handler: the object of the batch that did not commit."""
+    """Best effort, in the failure handler: the objects of the batch (or the whole-partition
+    archive) that did not commit."""
     row = meta.execute(
-        "SELECT progress->>'pending' FROM pipeline_runs WHERE id = %s", (run_id,)
+        "SELECT progress->'pending', progress->'pending_keys' FROM pipeline_runs WHERE id = %s",
+        (run_id,),
     ).fetchone()
-    pending = row[0] if row else None
-    if not pending:
+    keys = _pending_keys(row[0], row[1]) if row else []
+    if not keys:
         return
-    try:
-        remove_orphan(meta, settings, pending, pipeline=policy.name, run_id=run_id)
-    except Exception as exc:  # storage may be what failed; the next run's _recover retries
-        log.warning(
-            "archive_orphan_removal_deferred", run_id=run_id, key=pending, error=_describe(exc)
-        )
-        return
+    for key in keys:
+        try:
+            remove_orphan(meta, settings, key, pipeline=policy.name, run_id=run_id)
+        except Exception as exc:  # storage may be what failed; the next run's _recover retries
+            log.warning(
+                "archive_orphan_removal_deferred", run_id=run_id, key=key, error=_describe(exc)
+            )
+            return
     clear_pending(meta, run_id)
 
 
