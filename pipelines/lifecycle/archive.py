@@ -17,9 +17,12 @@ manifest (row counts, key ranges, checksums, schema version) is written for the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +52,7 @@ log = get_logger(__name__)
 
 ZSTD_LEVEL = 1  # cheap: the pipeline shares the CPU with Postgres; CSV rows compress well anyway
 COMPRESS_CHUNK = 1 << 20
+UPLOAD_QUEUE_CHUNKS = 4  # chunks of COMPRESS_CHUNK waiting for the upload thread, at most
 JSONL_CHUNK = 2000  # JSON lines per COPY row
 # JSON lines through COPY's CSV mode with a delimiter and quote that JSON text never contains
 # raw (control characters are escaped as \u00XX in JSON), so each line is the JSON untouched.
@@ -71,16 +75,26 @@ class ArchivePlan:
     storage_class: str | None
     format: str
     first_key: str | None
+    whole_months: tuple[str, ...] = ()  # partitions wholly before the cutoff: COPY + TRUNCATE
+    rows_in_whole_months: int = 0
 
     def lines(self) -> list[str]:
-        return [
+        out = [
             f"archive rows of {self.table} older than {self.cutoff.isoformat()} "
             f"({self.eligible_rows} rows) to {self.storage_url}",
+        ]
+        if self.whole_months:
+            out.append(
+                f"  {len(self.whole_months)} months whole ({self.rows_in_whole_months} rows: "
+                f"COPY + TRUNCATE, then detach + drop): {', '.join(self.whole_months)}"
+            )
+        out += [
             f"  {self.batches} batches of at most {self.batch_size} rows, "
             f"{self.format} + zstd, storage class {self.storage_class or 'default'}",
             f"  first object: {self.first_key or '(none)'}",
             "  then drop partitions left empty below the cutoff; write a run manifest",
         ]
+        return out
 
 
 def _stamp(value: Any) -> str:
@@ -112,18 +126,32 @@ def plan_archive(
     first: tuple[Key, Key] | None,
 ) -> ArchivePlan:
     """What an archive run will do (no I/O)."""
+    whole = whole_months(policy, state, cutoff)
+    in_whole = sum(state.partition_rows.get(p.name, 0) for p in whole)
+    by_batch = max(state.eligible_rows - in_whole, 0)
     return ArchivePlan(
         pipeline=policy.name,
         table=policy.table,
         cutoff=cutoff,
         eligible_rows=state.eligible_rows,
         batch_size=policy.batch_size,
-        batches=-(-state.eligible_rows // policy.batch_size),
+        batches=-(-by_batch // policy.batch_size),
         storage_url=storage_url,
         storage_class=policy.storage_class,
         format=policy.format,
         first_key=object_key(policy.table, first[0], first[1], policy.format) if first else None,
+        whole_months=tuple(p.qualified for p in whole),
+        rows_in_whole_months=in_whole,
     )
+
+
+def whole_months(policy: Policy, state: TableState, cutoff: datetime) -> list[parts.Partition]:
+    """Monthly partitions lying wholly before the cutoff: archived whole, without a DELETE.
+    Never for a filtered policy (a month holds rows the filter keeps); ``state`` lists
+    partitions only when the table is partitioned on the policy's age column."""
+    if policy.filter:
+        return []
+    return parts.plan_expired(state.partitions, cutoff)
 
 
 def schema_version(conn: Any) -> str | None:
@@ -172,7 +200,7 @@ def run(ctx: RunContext) -> ArchivePlan:
     version = schema_version(ctx.work)
     exprs = subject_expressions(ctx.work, policy.table)
     paths = {"partitions": _PathFigures(), "batches": _PathFigures()}
-    whole = _whole_partitions(ctx, policy, cutoff)
+    whole = whole_months(policy, state, cutoff)
     if whole:
         started = time.monotonic()
         for part in whole:
@@ -207,13 +235,8 @@ def run(ctx: RunContext) -> ArchivePlan:
                 key = key.replace(f".{policy.format}.zst", f".r{ctx.run_id}.{policy.format}.zst")
             subjects = _subjects_of_batch(conn, policy, range_params(cutoff, lo, hi), exprs)
             ctx.note_pending(key)
-            rows, put = _stream_batch(ctx, conn, statement, range_params(cutoff, lo, hi), key)
-            stored = ctx.storage.sha256(key)
-            if stored != put.sha256:
-                raise ArchiveError(
-                    f"object {key} reads back with sha256 {stored}, not {put.sha256}: "
-                    "nothing deleted"
-                )
+            rows, upload = _stream_batch(ctx, conn, statement, range_params(cutoff, lo, hi), key)
+            put = upload.finish()  # stored, read back, sha256 compared
             if policy.storage_class:
                 ctx.storage.set_storage_class(key, policy.storage_class)
             _catalogue(ctx, conn, key, rows, put, lo, hi, version, subjects)
@@ -254,17 +277,6 @@ class _PathFigures:
 
 
 # ------------------------------------------------------------------- whole-partition archive
-
-
-def _whole_partitions(ctx: RunContext, policy: Policy, cutoff: datetime) -> list[parts.Partition]:
-    """Monthly partitions lying wholly before the cutoff, archived whole (no DELETE). Not for
-    a filtered policy (a month holds rows the filter keeps) nor one aged by another column
-    than the partition key."""
-    if policy.filter or policy.age_column != "created_at":
-        return []
-    if not parts.is_partitioned(ctx.work, policy.table):
-        return []
-    return parts.plan_expired(parts.list_partitions(ctx.work, policy.table), cutoff)
 
 
 def _slices(conn: Any, part: parts.Partition, rows: int, batch_size: int) -> list[_Slice]:
@@ -339,16 +351,25 @@ def _archive_partition(
         ctx.note_pending_keys(keys)
         total = 0
         size = 0
-        for piece, key in zip(slices, keys, strict=True):
-            where = piece.where()
-            subjects = _subjects_of_batch(conn, policy, {}, exprs, relation=rel, where=where)
-            rows, put = _stream_batch(ctx, conn, _select_statement(policy, rel, where), {}, key)
-            stored = ctx.storage.sha256(key)
-            if stored != put.sha256:
-                raise ArchiveError(
-                    f"object {key} reads back with sha256 {stored}, not {put.sha256}: "
-                    f"nothing deleted, {part.name} kept"
+        done: list[tuple[_Slice, str, int, list[str], _Upload]] = []
+        try:
+            for piece, key in zip(slices, keys, strict=True):
+                where = piece.where()
+                subjects = _subjects_of_batch(conn, policy, {}, exprs, relation=rel, where=where)
+                # the previous slice's object is still being compressed, written and read
+                # back by its thread while this slice is read: at most two uploads at once
+                if done:
+                    done[-1][4].finish()
+                rows, upload = _stream_batch(
+                    ctx, conn, _select_statement(policy, rel, where), {}, key
                 )
+                done.append((piece, key, rows, subjects, upload))
+            puts = [d[4].finish() for d in done]  # each stored, read back, sha256 compared
+        except BaseException:
+            for d in done:
+                d[4].abort()
+            raise
+        for (piece, key, rows, subjects, _), put in zip(done, puts, strict=True):
             if policy.storage_class:
                 ctx.storage.set_storage_class(key, policy.storage_class)
             bounds = _month_bounds(policy, part, piece)
@@ -493,16 +514,100 @@ def _key_json(policy: Policy, key: Key) -> dict[str, str]:
     return {policy.age_column: str(key[0]), policy.key_column: str(key[1])}
 
 
+class _Upload:
+    """One object written by a thread of its own: the COPY loop hands it ~1 MiB chunks and
+    goes on reading while the thread compresses (zstd), writes (fsync + rename, or S3
+    multipart) and reads the stored object back to compare its sha256 with what was sent.
+    zstd, hashing and file I/O release the GIL, so this overlaps the client's per-row COPY
+    work instead of following it. The queue is bounded: memory stays a few MiB per object.
+
+    ``finish()`` ends the object and waits for its verification (raising ArchiveError or the
+    storage error); ``abort()`` makes the thread give up without publishing anything."""
+
+    _END: Any = None
+    _ABORT: Any = object()
+
+    def __init__(self, storage: Any, key: str) -> None:
+        self.storage = storage
+        self.key = key
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=UPLOAD_QUEUE_CHUNKS)
+        self._error: BaseException | None = None
+        self._put: Any = None
+        self._thread = threading.Thread(target=self._run, name="archive-upload", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            # Written in the default class and moved to the policy's class only after
+            # verification: a GLACIER object cannot be read back to check it.
+            with self.storage.writer(self.key) as writer:
+                compressor = zstandard.ZstdCompressor(
+                    level=ZSTD_LEVEL, write_checksum=True
+                ).stream_writer(writer, closefd=False)
+                while (data := self._queue.get()) is not self._END:
+                    if data is self._ABORT:
+                        raise _Aborted
+                    compressor.write(data)
+                compressor.flush(zstandard.FLUSH_FRAME)
+                compressor.close()
+            put = writer.result
+            if put is None:
+                raise ArchiveError(f"storage returned no result for {self.key}")
+            stored = self.storage.sha256(self.key)
+            if stored != put.sha256:
+                raise ArchiveError(
+                    f"object {self.key} reads back with sha256 {stored}, not {put.sha256}: "
+                    "nothing deleted"
+                )
+            self._put = put
+        except BaseException as exc:  # handed to the caller by finish()
+            self._error = exc
+
+    def _send(self, item: Any) -> None:
+        while self._thread.is_alive():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None and not isinstance(self._error, _Aborted):
+            raise self._error
+        raise ArchiveError(f"the upload of {self.key} stopped")
+
+    def write(self, data: bytes) -> None:
+        self._send(data)
+
+    def end(self) -> None:
+        """No more data: the thread finishes and verifies the object."""
+        self._send(self._END)
+
+    def finish(self) -> Any:
+        self._thread.join()
+        if self._put is None:
+            self._raise()
+        return self._put
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(ArchiveError, Exception):
+                self._send(self._ABORT)
+        self._thread.join()
+
+
+class _Aborted(Exception):
+    pass
+
+
 def _stream_batch(
     ctx: RunContext, conn: Any, statement: sql.Composable, params: dict[str, Any], key: str
-) -> tuple[int, Any]:
-    # Written in the default class and moved to the policy's class only after verification:
-    # a GLACIER object cannot be read back to check it.
-    with ctx.storage.writer(key) as writer:
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(
-            writer,  # type: ignore[arg-type]
-            closefd=False,
-        )
+) -> tuple[int, _Upload]:
+    """COPY the statement's rows into a new object; returns the row count and the upload,
+    ended but maybe still writing: ``finish()`` it before counting the object as stored."""
+    upload = _Upload(ctx.storage, key)
+    try:
         cur = conn.cursor()
         if ctx.policy.format == "jsonl":
             rows = 0
@@ -511,25 +616,24 @@ def _stream_batch(
                 for (text,) in copy.rows():
                     data = text.encode()
                     rows += data.count(b"\n")  # JSON text has no raw newline: one per row
-                    compressor.write(data)
+                    upload.write(data)
         else:
-            # COPY sends one message per row: gather them into ~1 MiB before compressing,
-            # so the per-row cost is one bytearray append rather than a call into zstd.
+            # COPY sends one message per row: gather them into ~1 MiB before handing them
+            # on, so the per-row cost is one bytearray append.
             buffer = bytearray()
             with cur.copy(statement, params) as copy:
                 for chunk in copy:
                     buffer += chunk
                     if len(buffer) >= COMPRESS_CHUNK:
-                        compressor.write(buffer)
+                        upload.write(bytes(buffer))
                         buffer.clear()
-            compressor.write(buffer)
+            upload.write(bytes(buffer))
             rows = cur.rowcount
-        compressor.flush(zstandard.FLUSH_FRAME)
-        compressor.close()
-    put = writer.result
-    if put is None:
-        raise ArchiveError(f"storage returned no result for {key}")
-    return rows, put
+        upload.end()
+    except BaseException:
+        upload.abort()
+        raise
+    return rows, upload
 
 
 def _drop_empty_partitions(ctx: RunContext, policy: Policy, cutoff: datetime) -> None:
