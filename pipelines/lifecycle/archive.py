@@ -13,16 +13,34 @@ One batch, one transaction:
 Any failure before the commit rolls the DELETE back: the rows stay, and the object (if it got
 written) is an orphan the next run removes before archiving the same rows again. At the end a
 manifest (row counts, key ranges, checksums, schema version) is written for the run.
+
+Whole months first. On a table partitioned by month on the policy's age column (``messages``,
+``notifications``) and an unfiltered policy, each partition lying wholly before the cutoff is
+archived without a DELETE, in ONE transaction (``_archive_partition``):
+
+1. ``LOCK TABLE <month> IN SHARE MODE``: writes to that month wait (reads do not);
+2. its rows are counted, cut into heap-block ranges of about ``batch_size`` rows (TID range
+   scans: no sort, no index pass) and every object key
+   (``<table>/<yyyy>/<mm>/<partition>.<nnnn>.<fmt>.zst``) is recorded as pending at once;
+3. per range: its subjects are read, ``COPY (SELECT * … WHERE ctid …) TO STDOUT`` streams it
+   through zstd into storage, the sha256 is read back, an ``archive_objects`` row (first/last
+   key: the month's bounds, the partition and its blocks) and its ``archive_subjects`` go in;
+4. the rows archived must add up to the month's count, then ``TRUNCATE`` and commit;
+5. after every whole month, the emptied months are detached and dropped in one transaction
+   (re-checked empty under the DETACH's lock).
+
+A crash before the commit leaves the month whole and its objects pending (removed by the next
+run, as above); after it, an empty month that the next run drops. Rows of the month holding
+the cutoff and of the DEFAULT partition then go through the batches. ``TRUNCATE`` fires no
+DELETE triggers (nor does a purge's partition drop); the run row's ``progress.paths`` records
+rows, objects and seconds per path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import queue
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,7 +70,6 @@ log = get_logger(__name__)
 
 ZSTD_LEVEL = 1  # cheap: the pipeline shares the CPU with Postgres; CSV rows compress well anyway
 COMPRESS_CHUNK = 1 << 20
-UPLOAD_QUEUE_CHUNKS = 4  # chunks of COMPRESS_CHUNK waiting for the upload thread, at most
 JSONL_CHUNK = 2000  # JSON lines per COPY row
 # JSON lines through COPY's CSV mode with a delimiter and quote that JSON text never contains
 # raw (control characters are escaped as \u00XX in JSON), so each line is the JSON untouched.
@@ -235,8 +252,7 @@ def run(ctx: RunContext) -> ArchivePlan:
                 key = key.replace(f".{policy.format}.zst", f".r{ctx.run_id}.{policy.format}.zst")
             subjects = _subjects_of_batch(conn, policy, range_params(cutoff, lo, hi), exprs)
             ctx.note_pending(key)
-            rows, upload = _stream_batch(ctx, conn, statement, range_params(cutoff, lo, hi), key)
-            put = upload.finish()  # stored, read back, sha256 compared
+            rows, put = _stream_batch(ctx, conn, statement, range_params(cutoff, lo, hi), key)
             if policy.storage_class:
                 ctx.storage.set_storage_class(key, policy.storage_class)
             _catalogue(ctx, conn, key, rows, put, lo, hi, version, subjects)
@@ -351,25 +367,11 @@ def _archive_partition(
         ctx.note_pending_keys(keys)
         total = 0
         size = 0
-        done: list[tuple[_Slice, str, int, list[str], _Upload]] = []
-        try:
-            for piece, key in zip(slices, keys, strict=True):
-                where = piece.where()
-                subjects = _subjects_of_batch(conn, policy, {}, exprs, relation=rel, where=where)
-                # the previous slice's object is still being compressed, written and read
-                # back by its thread while this slice is read: at most two uploads at once
-                if done:
-                    done[-1][4].finish()
-                rows, upload = _stream_batch(
-                    ctx, conn, _select_statement(policy, rel, where), {}, key
-                )
-                done.append((piece, key, rows, subjects, upload))
-            puts = [d[4].finish() for d in done]  # each stored, read back, sha256 compared
-        except BaseException:
-            for d in done:
-                d[4].abort()
-            raise
-        for (piece, key, rows, subjects, _), put in zip(done, puts, strict=True):
+        for piece, key in zip(slices, keys, strict=True):
+            where = piece.where()
+            subjects = _subjects_of_batch(conn, policy, {}, exprs, relation=rel, where=where)
+            statement = _select_statement(policy, rel, where)
+            rows, put = _stream_batch(ctx, conn, statement, {}, key)  # stored and read back
             if policy.storage_class:
                 ctx.storage.set_storage_class(key, policy.storage_class)
             bounds = _month_bounds(policy, part, piece)
@@ -514,100 +516,18 @@ def _key_json(policy: Policy, key: Key) -> dict[str, str]:
     return {policy.age_column: str(key[0]), policy.key_column: str(key[1])}
 
 
-class _Upload:
-    """One object written by a thread of its own: the COPY loop hands it ~1 MiB chunks and
-    goes on reading while the thread compresses (zstd), writes (fsync + rename, or S3
-    multipart) and reads the stored object back to compare its sha256 with what was sent.
-    zstd, hashing and file I/O release the GIL, so this overlaps the client's per-row COPY
-    work instead of following it. The queue is bounded: memory stays a few MiB per object.
-
-    ``finish()`` ends the object and waits for its verification (raising ArchiveError or the
-    storage error); ``abort()`` makes the thread give up without publishing anything."""
-
-    _END: Any = None
-    _ABORT: Any = object()
-
-    def __init__(self, storage: Any, key: str) -> None:
-        self.storage = storage
-        self.key = key
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=UPLOAD_QUEUE_CHUNKS)
-        self._error: BaseException | None = None
-        self._put: Any = None
-        self._thread = threading.Thread(target=self._run, name="archive-upload", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            # Written in the default class and moved to the policy's class only after
-            # verification: a GLACIER object cannot be read back to check it.
-            with self.storage.writer(self.key) as writer:
-                compressor = zstandard.ZstdCompressor(
-                    level=ZSTD_LEVEL, write_checksum=True
-                ).stream_writer(writer, closefd=False)
-                while (data := self._queue.get()) is not self._END:
-                    if data is self._ABORT:
-                        raise _Aborted
-                    compressor.write(data)
-                compressor.flush(zstandard.FLUSH_FRAME)
-                compressor.close()
-            put = writer.result
-            if put is None:
-                raise ArchiveError(f"storage returned no result for {self.key}")
-            stored = self.storage.sha256(self.key)
-            if stored != put.sha256:
-                raise ArchiveError(
-                    f"object {self.key} reads back with sha256 {stored}, not {put.sha256}: "
-                    "nothing deleted"
-                )
-            self._put = put
-        except BaseException as exc:  # handed to the caller by finish()
-            self._error = exc
-
-    def _send(self, item: Any) -> None:
-        while self._thread.is_alive():
-            try:
-                self._queue.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-        self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None and not isinstance(self._error, _Aborted):
-            raise self._error
-        raise ArchiveError(f"the upload of {self.key} stopped")
-
-    def write(self, data: bytes) -> None:
-        self._send(data)
-
-    def end(self) -> None:
-        """No more data: the thread finishes and verifies the object."""
-        self._send(self._END)
-
-    def finish(self) -> Any:
-        self._thread.join()
-        if self._put is None:
-            self._raise()
-        return self._put
-
-    def abort(self) -> None:
-        if self._thread.is_alive():
-            with contextlib.suppress(ArchiveError, Exception):
-                self._send(self._ABORT)
-        self._thread.join()
-
-
-class _Aborted(Exception):
-    pass
-
-
 def _stream_batch(
     ctx: RunContext, conn: Any, statement: sql.Composable, params: dict[str, Any], key: str
-) -> tuple[int, _Upload]:
-    """COPY the statement's rows into a new object; returns the row count and the upload,
-    ended but maybe still writing: ``finish()`` it before counting the object as stored."""
-    upload = _Upload(ctx.storage, key)
-    try:
+) -> tuple[int, Any]:
+    """COPY the statement's rows through zstd into a new object, then read the stored object
+    back and compare its sha256 with what was sent. Returns the row count and the put."""
+    # Written in the default class and moved to the policy's class only after verification:
+    # a GLACIER object cannot be read back to check it.
+    with ctx.storage.writer(key) as writer:
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(
+            writer,  # type: ignore[arg-type]
+            closefd=False,
+        )
         cur = conn.cursor()
         if ctx.policy.format == "jsonl":
             rows = 0
@@ -616,24 +536,30 @@ def _stream_batch(
                 for (text,) in copy.rows():
                     data = text.encode()
                     rows += data.count(b"\n")  # JSON text has no raw newline: one per row
-                    upload.write(data)
+                    compressor.write(data)
         else:
-            # COPY sends one message per row: gather them into ~1 MiB before handing them
-            # on, so the per-row cost is one bytearray append.
+            # COPY sends one message per row: gather them into ~1 MiB before compressing,
+            # so the per-row cost is one bytearray append rather than a call into zstd.
             buffer = bytearray()
             with cur.copy(statement, params) as copy:
                 for chunk in copy:
                     buffer += chunk
                     if len(buffer) >= COMPRESS_CHUNK:
-                        upload.write(bytes(buffer))
+                        compressor.write(buffer)
                         buffer.clear()
-            upload.write(bytes(buffer))
+            compressor.write(buffer)
             rows = cur.rowcount
-        upload.end()
-    except BaseException:
-        upload.abort()
-        raise
-    return rows, upload
+        compressor.flush(zstandard.FLUSH_FRAME)
+        compressor.close()
+    put = writer.result
+    if put is None:
+        raise ArchiveError(f"storage returned no result for {key}")
+    stored = ctx.storage.sha256(key)
+    if stored != put.sha256:
+        raise ArchiveError(
+            f"object {key} reads back with sha256 {stored}, not {put.sha256}: nothing deleted"
+        )
+    return rows, put
 
 
 def _drop_empty_partitions(ctx: RunContext, policy: Policy, cutoff: datetime) -> None:

@@ -8,7 +8,8 @@ so a run never holds locks for long and app writes never queue behind it.
 
 A new run first closes what a dead run left: its row is marked ``interrupted`` and, for an
 archive, an object uploaded but never committed (no ``archive_objects`` row: its rows are still
-in Postgres) is removed before those rows are archived again. A run that fails after an upload
+in Postgres) is removed before those rows are archived again (a whole month's objects, which
+commit together, are all noted as pending before the first upload). A run that fails after an upload
 removes that object in its failure handler (best effort); if it cannot (storage down), the key
 stays pending on its row and the next run removes it, as for a dead run. Deletes need nothing
 more: a batch either committed or did not, and the next run starts from the oldest remaining row.
@@ -261,7 +262,7 @@ def run_pipeline(
         meta.execute(
             "UPDATE pipeline_runs SET status = 'succeeded', finished_at = now(), "
             "rows_scanned = %s, rows_affected = %s, bytes_written = %s, objects = %s, "
-            "progress = coalesce(progress, '{}'::jsonb) - 'pending' WHERE id = %s",
+            "progress = coalesce(progress, '{}'::jsonb) - 'pending' - 'pending_keys' WHERE id = %s",
             (
                 ctx.stats.rows_scanned,
                 ctx.stats.rows_affected,
