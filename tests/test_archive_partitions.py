@@ -319,3 +319,69 @@ def test_erased_users_rows_never_reach_a_months_archive_and_an_erase_rewrites_on
     assert rewritten == holding >= 1
     assert scan_storage(file_storage, [str(later), "later.user@example.org"]) == []
     assert Counter(archived_ids(file_storage, "messages/")).most_common(1)[0][1] == 1
+
+
+def test_an_archive_committing_in_the_middle_of_an_erase_gets_rewritten_too(
+    sql, db, file_storage, monkeypatch
+) -> None:
+    import threading
+
+    from core.settings import get_settings, reset_settings_cache
+
+    # Given a month holding messages of a user due for erasure
+    monkeypatch.setenv("TIDEMILL_PIPELINE_LOCK_TIMEOUT_MS", "60000")
+    reset_settings_cache()
+    _create(db, OLD_A)
+    late = make_user(sql, email="late.user@example.org")
+    other = make_user(sql)
+    conv = make_conversation(sql, [late, other])
+    for sender in (late, other):
+        add_messages(
+            sql,
+            conversation=conv,
+            sender=sender,
+            n=40,
+            start=_at(OLD_A, hours=5),
+            content=f"from {sender}",
+        )
+    sql.execute("UPDATE users SET deleted_at = now() - interval '31 days' WHERE id = %s", (late,))
+    # and an erase held, after its archive rewrite (nothing archived yet), at its transaction
+    blocker = psycopg.connect(db)
+    # (NO KEY UPDATE: the erase's earlier inserts referencing the user still pass)
+    blocker.execute("SELECT 1 FROM users WHERE id = %s FOR NO KEY UPDATE", (late,))
+    outcome: list[Any] = []
+
+    def run_erase() -> None:
+        try:
+            outcome.append(erase(late, by="test"))
+        except BaseException as exc:  # handed to the test below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run_erase)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not sql.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE 'SELECT * FROM users WHERE id = % FOR UPDATE'"
+        ).fetchone():
+            assert time.monotonic() < deadline and thread.is_alive(), outcome
+            time.sleep(0.05)
+        # When the archive takes the month (the user's rows with it) meanwhile
+        # (its drop of the emptied month waits for no one: the held erase locks `users`,
+        # which the drop needs briefly for the foreign key, so it leaves the month for later)
+        quick = dataclasses.replace(get_settings(), pipeline_lock_timeout_ms=300)
+        archived = run_pipeline("messages-archive", now=NOW, settings=quick)
+        assert archived.status == "succeeded" and archived.stats.rows_affected == 80
+        assert _pname(OLD_A) in _names(sql)  # empty, dropped by a later run
+    finally:
+        blocker.rollback()
+        blocker.close()
+        thread.join(timeout=60)
+    # Then the erase saw the new objects, rewrote them, and nothing of the user is stored
+    assert len(outcome) == 1 and not isinstance(outcome[0], BaseException), outcome
+    assert outcome[0].erased and outcome[0].archives_rewritten >= 1
+    assert scan_storage(file_storage, [str(late), "late.user@example.org"]) == []
+    assert str(late) not in {r[0] for r in sql.execute("SELECT subject FROM archive_subjects")}
+    assert run_pipeline("messages-archive", now=NOW).stats.rows_affected == 0
+    assert _pname(OLD_A) not in _names(sql)

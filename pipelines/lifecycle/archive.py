@@ -222,14 +222,25 @@ def run(ctx: RunContext) -> ArchivePlan:
         started = time.monotonic()
         for part in whole:
             _archive_partition(ctx, part, version, exprs, paths["partitions"])
-        # the emptied months go in one short transaction (a catalog change and one commit)
-        parts.drop_partitions(
-            ctx.work,
-            policy.table,
-            whole,
-            lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
-            require_empty=True,
-        )
+        # The emptied months go in one short transaction (a catalog change and one commit).
+        # DETACH and DROP need brief strong locks on the parent and on the tables its foreign
+        # keys reference (users, ...): behind a long transaction the drop gives up after
+        # lock_timeout and the empty months wait for the next run; their rows are archived.
+        try:
+            parts.drop_partitions(
+                ctx.work,
+                policy.table,
+                whole,
+                lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
+                require_empty=True,
+            )
+        except psycopg.errors.LockNotAvailable:
+            log.warning(
+                "archive_partition_drop_deferred",
+                table=policy.table,
+                partitions=[p.name for p in whole],
+                reason="lock_timeout",
+            )
         paths["partitions"].seconds = time.monotonic() - started
         first = next_bounds(ctx.work, policy, cutoff, None)  # what is left: the batched path
     started = time.monotonic()
@@ -578,14 +589,23 @@ def _drop_if_empty(ctx: RunContext, policy: Policy, p: parts.Partition) -> None:
     ).fetchone()
     if left and not left[0]:
         # Rows may arrive between this check and the drop: drop_partition checks again
-        # under the DETACH's lock and keeps the partition if any did.
-        parts.drop_partition(
-            ctx.work,
-            policy.table,
-            p,
-            lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
-            require_empty=True,
-        )
+        # under the DETACH's lock and keeps the partition if any did. Its rows are archived:
+        # a drop that meets a long transaction waits for the next run (see run()).
+        try:
+            parts.drop_partition(
+                ctx.work,
+                policy.table,
+                p,
+                lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
+                require_empty=True,
+            )
+        except psycopg.errors.LockNotAvailable:
+            log.warning(
+                "archive_partition_drop_deferred",
+                table=policy.table,
+                partitions=[p.name],
+                reason="lock_timeout",
+            )
 
 
 # --------------------------------------------------------------------------- crash recovery
