@@ -43,6 +43,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import IO, Any
@@ -70,6 +71,9 @@ log = get_logger(__name__)
 
 ZSTD_LEVEL = 1  # cheap: the pipeline shares the CPU with Postgres; CSV rows compress well anyway
 COMPRESS_CHUNK = 1 << 20
+# zstd compresses in a worker thread of its own (C, no GIL) while this one reads the COPY:
+# the client's per-row loop is the bottleneck, so the compression runs on the idle core.
+ZSTD_THREADS = 1
 JSONL_CHUNK = 2000  # JSON lines per COPY row
 # JSON lines through COPY's CSV mode with a delimiter and quote that JSON text never contains
 # raw (control characters are escaped as \u00XX in JSON), so each line is the JSON untouched.
@@ -378,15 +382,26 @@ def _archive_partition(
         ctx.note_pending_keys(keys)
         total = 0
         size = 0
-        for piece, key in zip(slices, keys, strict=True):
-            where = piece.where()
-            subjects = _subjects_of_batch(conn, policy, {}, exprs, relation=rel, where=where)
-            statement = _select_statement(policy, rel, where)
-            rows, put = _stream_batch(ctx, conn, statement, {}, key)  # stored and read back
+        # The subjects of every range are read on the run's other connection while this one
+        # streams: the month is locked against writes, so both see the same rows, and the
+        # server's second backend works while the client is busy with the COPY.
+        with ThreadPoolExecutor(1, thread_name_prefix="archive-subjects") as pool:
+            pending = pool.submit(
+                lambda: [
+                    _subjects_of_batch(ctx.meta, policy, {}, exprs, relation=rel, where=s.where())
+                    for s in slices
+                ]
+            )
+            written = []
+            for piece, key in zip(slices, keys, strict=True):
+                statement = _select_statement(policy, rel, piece.where())
+                written.append(_stream_batch(ctx, conn, statement, {}, key))  # read back too
+            subjects = pending.result()
+        for piece, key, (rows, put), found in zip(slices, keys, written, subjects, strict=True):
             if policy.storage_class:
                 ctx.storage.set_storage_class(key, policy.storage_class)
             bounds = _month_bounds(policy, part, piece)
-            _catalogue(ctx, conn, key, rows, put, *bounds, version, subjects)
+            _catalogue(ctx, conn, key, rows, put, *bounds, version, found)
             total += rows
             size += put.size
         if total != count:  # nothing can write to the month: a slice missed rows
@@ -535,7 +550,9 @@ def _stream_batch(
     # Written in the default class and moved to the policy's class only after verification:
     # a GLACIER object cannot be read back to check it.
     with ctx.storage.writer(key) as writer:
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(
+        compressor = zstandard.ZstdCompressor(
+            level=ZSTD_LEVEL, write_checksum=True, threads=ZSTD_THREADS
+        ).stream_writer(
             writer,  # type: ignore[arg-type]
             closefd=False,
         )
