@@ -12,13 +12,19 @@ generate_series`` and time-ordered ids.
   pipeline  ``tidemill pipeline run notifications-purge`` as a real subprocess (batches of
             10,000, each its own transaction with lock/statement timeouts); rows/s from its
             ``pipeline_runs`` row, its longest transaction from its own report.
-Archive. N messages older than 2 years.
+Archive. N messages older than 2 years where production keeps them: 90 % spread over
+ARCHIVE_MONTHS old monthly partitions made by ``partitions.create_month`` (as maintenance makes
+them), 10 % in the DEFAULT partition (a month nobody prepared).
   baseline  ``COPY (SELECT * FROM messages WHERE created_at < cutoff) TO STDOUT (FORMAT csv)``
             read to the end by this process (what it costs just to get the rows out), three
             times, the median;
-  pipeline  ``tidemill pipeline run messages-archive`` into ``file://`` (COPY (DELETE …
-            RETURNING) per batch of 20,000, zstd, fsync + rename, sha256 read back, one
-            archive_objects row per batch, a manifest), then every object's rows are counted.
+  pipeline  ``tidemill pipeline run messages-archive`` into ``file://``: each old month whole
+            (SHARE lock, ``COPY (SELECT …)`` of ~20,000-row heap ranges, TRUNCATE, one
+            commit; then detach + drop) and the DEFAULT rows by batches (``COPY (DELETE …
+            RETURNING)`` per batch of 20,000); zstd, fsync + rename, sha256 read back, one
+            archive_objects row per object, a manifest. The months must be gone afterwards
+            and every object's rows are counted. Each path's rows and seconds come from the
+            run row (``progress.paths``) and are printed against the same COPY rate.
 Partition drop. N/5 notifications in one old monthly partition; the time of
 ``drop_partition`` (detach + drop).
 Memory. Peak RSS of each pipeline subprocess (sampled every 20 ms); it must not grow with N.
