@@ -385,3 +385,24 @@ def test_an_archive_committing_in_the_middle_of_an_erase_gets_rewritten_too(
     assert str(late) not in {r[0] for r in sql.execute("SELECT subject FROM archive_subjects")}
     assert run_pipeline("messages-archive", now=NOW).stats.rows_affected == 0
     assert _pname(OLD_A) not in _names(sql)
+
+
+def test_a_month_archived_whole_as_json_lines_restores_equal(sql, db, file_storage) -> None:
+    # Given an old month and a policy writing JSON lines
+    _fill(sql, db, a=130, b=0)
+    before = table_rows(sql, "messages")
+    # When it is archived whole in objects of about 50 rows
+    result = run_pipeline(
+        "messages-archive", now=NOW, policy=_policy(format="jsonl", batch_size=50)
+    )
+    # Then it went whole, as JSON lines, every row once
+    assert result.stats.rows_affected == 130 and _pname(OLD_A) not in _names(sql)
+    keys = [
+        r[0] for r in sql.execute("SELECT key FROM archive_objects WHERE first_key ? 'partition'")
+    ]
+    assert len(keys) >= 2 and all(k.endswith(".jsonl.zst") for k in keys)
+    assert sorted(archived_ids(file_storage, "messages/")) == sorted(str(r[0]) for r in before)
+    # and restoring the run brings back every column of every row
+    out = run_cli("archive", "restore", "--run", str(result.run_id))
+    assert out.returncode == 0, out.stderr
+    assert table_rows(sql, "messages") == before
