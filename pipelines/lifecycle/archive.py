@@ -354,7 +354,7 @@ def _archive_partition(
     month's count; then ``TRUNCATE`` empties the month and the transaction commits: the
     catalogue rows and the emptying are one commit. A crash before it leaves the month whole
     and its objects pending (the next run removes them first); after it, an empty month that
-    ``_drop_if_empty`` detaches and drops, now or in the next run.
+    ``run`` detaches and drops (``partitions.drop_partitions``), now or in the next run.
     """
     policy = ctx.policy
     rel = sql.Identifier(part.schema, part.name)
@@ -397,11 +397,11 @@ def _archive_partition(
                 statement = _select_statement(policy, rel, piece.where())
                 written.append(_stream_batch(ctx, conn, statement, {}, key))  # read back too
             subjects = pending.result()
-        for piece, key, (rows, put), found in zip(slices, keys, written, subjects, strict=True):
+        for piece, key, (rows, put), names in zip(slices, keys, written, subjects, strict=True):
             if policy.storage_class:
                 ctx.storage.set_storage_class(key, policy.storage_class)
             bounds = _month_bounds(policy, part, piece)
-            _catalogue(ctx, conn, key, rows, put, *bounds, version, found)
+            _catalogue(ctx, conn, key, rows, put, *bounds, version, names)
             total += rows
             size += put.size
         if total != count:  # nothing can write to the month: a slice missed rows
