@@ -279,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                 assert copied == n, (copied, n)
             copy_s = statistics.median(copy_times)
             out, archive_rss = run_pipeline_process("messages-archive", env)
-            max_txn_s = max(max_txn_s, longest_transaction(out))
+            # a whole month is one transaction (SHARE lock on that expired month only): its
+            # length is reported on its own, not against the purge's 1 s goal
+            archive_txn_s = longest_transaction(out)
             archived, archive_s = run_stats(conn, "messages-archive")
             assert archived == n, (archived, n)
             paths = scalar(
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("purge (batched pipeline)", f"{purge_rate:,.0f} rows/s", f"{purge_s:.2f}s"),
         ("  one unbatched DELETE", f"{delete_rate:,.0f} rows/s", f"{delete_s:.2f}s"),
-        ("  longest transaction (purge, archive)", f"{max_txn_s:.3f}s", "goal < 1 s"),
+        ("  longest purge transaction", f"{max_txn_s:.3f}s", "goal < 1 s"),
         ("archive to file:// (pipeline)", f"{archive_rate:,.0f} rows/s", f"{archive_s:.2f}s"),
         (
             "  COPY … TO STDOUT (median of reads)",
@@ -344,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{batch_s:.2f}s, {batch_rate / copy_rate:.2f} x COPY",
         ),
         ("  objects / compressed bytes", f"{n_objects}", f"{int(stored_bytes) / 1e6:.1f} MB"),
+        ("  longest archive transaction (a month)", f"{archive_txn_s:.3f}s", ""),
         (f"drop a monthly partition ({in_part:,} rows)", f"{drop_s:.3f}s", ""),
         (
             "peak RSS purge / archive process",
@@ -364,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": n,
         "purge_vs_delete": round(purge_rate / delete_rate, 3),
         "max_txn_s": round(max_txn_s, 3),
+        "archive_max_txn_s": round(archive_txn_s, 3),
         "archive_vs_copy": round(archive_rate / copy_rate, 3),
         "archive_rows_per_s": round(archive_rate),
         "archive_s": round(archive_s, 3),
