@@ -101,7 +101,12 @@ def test_whole_months_go_without_delete_boundary_and_default_by_batches_restore_
     before = table_rows(sql, "messages")
     expired = sorted(str(r[0]) for r in before if r[-1] < CUTOFF)
     assert len(expired) == 700 + 450 + 100 + 40
-    # When the archive runs with objects of about 200 rows
+    # When the archive plans (a dry run names both months, its first object the first month's)
+    dry = run_pipeline("messages-archive", now=NOW, dry_run=True, policy=_policy(batch_size=200))
+    assert dry.plan.whole_months == (f"partitions.{_pname(OLD_A)}", f"partitions.{_pname(OLD_B)}")
+    assert dry.plan.rows_in_whole_months == 1150
+    assert dry.plan.first_key == f"messages/{OLD_A:%Y/%m}/{_pname(OLD_A)}.0000.csv.zst"
+    # and runs with objects of about 200 rows
     result = run_pipeline("messages-archive", now=NOW, policy=_policy(batch_size=200))
     # Then the two old months are dropped whole; the boundary month stays with its new rows
     assert result.status == "succeeded"

@@ -160,10 +160,23 @@ def plan_archive(
         storage_url=storage_url,
         storage_class=policy.storage_class,
         format=policy.format,
-        first_key=object_key(policy.table, first[0], first[1], policy.format) if first else None,
+        first_key=(
+            partition_object_key(policy, whole[0], 0)
+            if whole
+            else object_key(policy.table, first[0], first[1], policy.format)
+            if first
+            else None
+        ),
         whole_months=tuple(p.qualified for p in whole),
         rows_in_whole_months=in_whole,
     )
+
+
+def partition_object_key(policy: Policy, part: parts.Partition, index: int) -> str:
+    """``table/yyyy/mm/<partition>.<nnnn>.<fmt>.zst``: the ``index``-th object of a month
+    archived whole (yyyy/mm: the month's)."""
+    month = part.lo.astimezone(UTC) if part.lo else datetime.now(UTC)
+    return f"{policy.table}/{month:%Y/%m}/{part.name}.{index:04d}.{policy.format}.zst"
 
 
 def whole_months(policy: Policy, state: TableState, cutoff: datetime) -> list[parts.Partition]:
@@ -365,11 +378,8 @@ def _archive_partition(
         if count == 0:
             return  # empty already: the caller drops it
         slices = _slices(conn, part, count, policy.batch_size)
-        month = part.lo.astimezone(UTC) if part.lo else ctx.cutoff
         suffix = f".{policy.format}.zst"
-        keys = [
-            f"{policy.table}/{month:%Y/%m}/{part.name}.{i:04d}{suffix}" for i in range(len(slices))
-        ]
+        keys = [partition_object_key(policy, part, i) for i in range(len(slices))]
         taken = {
             r[0]
             for r in conn.execute(
