@@ -97,7 +97,7 @@ class ArchivePlan:
     format: str
     first_key: str | None
     whole_months: tuple[str, ...] = ()  # partitions wholly before the cutoff: COPY + TRUNCATE
-    rows_in_whole_months: int = 0
+    rows_in_whole_months: int = 0  # counted in a dry run only (a run counts each under lock)
 
     def lines(self) -> list[str]:
         out = [
@@ -225,7 +225,7 @@ def _copy_statement(policy: Policy) -> sql.Composable:
 def run(ctx: RunContext) -> ArchivePlan:
     policy: Policy = ctx.policy
     cutoff = ctx.cutoff
-    state = scan_state(ctx.work, policy, cutoff, exact=ctx.dry_run)
+    state = scan_state(ctx.work, policy, cutoff, exact=ctx.dry_run, count_partitions=ctx.dry_run)
     first = next_bounds(ctx.work, policy, cutoff, None)
     plan = plan_archive(policy, state, cutoff, storage_url=ctx.storage.url, first=first)
     ctx.expected = plan.eligible_rows
