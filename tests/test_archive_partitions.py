@@ -411,3 +411,23 @@ def test_a_month_archived_whole_as_json_lines_restores_equal(sql, db, file_stora
     out = run_cli("archive", "restore", "--run", str(result.run_id))
     assert out.returncode == 0, out.stderr
     assert table_rows(sql, "messages") == before
+
+
+def test_dropping_emptied_months_together_keeps_one_a_row_reached(sql, db) -> None:
+    # Given two emptied months, one of which got a row after it was found empty
+    _create(db, OLD_A, OLD_B)
+    x = make_user(sql)
+    conv = make_conversation(sql, [x])
+    add_messages(sql, conversation=conv, sender=x, n=1, start=_at(OLD_B, days=2))
+    months = [
+        p
+        for p in parts.list_partitions(sql, "messages")
+        if p.name in (_pname(OLD_A), _pname(OLD_B))
+    ]
+    # When both are dropped in one transaction, each re-checked under its DETACH's lock
+    with psycopg.connect(db, autocommit=True) as conn:
+        dropped = parts.drop_partitions(conn, "messages", months, require_empty=True)
+    # Then the empty one is gone and the other stays attached with its row
+    assert dropped == [_pname(OLD_A)]
+    assert _pname(OLD_A) not in _names(sql) and _pname(OLD_B) in _names(sql)
+    assert sql.execute(f"SELECT count(*) FROM partitions.{_pname(OLD_B)}").fetchone()[0] == 1
