@@ -23,6 +23,7 @@ from pipelines.lifecycle.gdpr import erase
 from pipelines.lifecycle.policies import Policy, get_policy
 from tests.conftest import run_cli, start_cli
 from tests.support import lifecycle as _lifecycle
+from tests.support import s3 as _s3
 from tests.support.lifecycle import (
     add_messages,
     archived_ids,
@@ -33,6 +34,8 @@ from tests.support.lifecycle import (
 )
 
 file_storage = _lifecycle.file_storage
+moto_server = _s3.moto_server
+s3_url = _s3.s3_url
 
 _today = datetime.now(UTC)
 # mid-month, so the boundary month has rows on both sides of the cutoff whatever the date
@@ -431,3 +434,38 @@ def test_dropping_emptied_months_together_keeps_one_a_row_reached(sql, db) -> No
     assert dropped == [_pname(OLD_A)]
     assert _pname(OLD_A) not in _names(sql) and _pname(OLD_B) in _names(sql)
     assert sql.execute(f"SELECT count(*) FROM partitions.{_pname(OLD_B)}").fetchone()[0] == 1
+
+
+def test_a_month_failing_after_its_uploads_leaves_no_object_then_goes_once_to_s3(
+    sql, db, s3_url, moto_server, monkeypatch
+) -> None:
+    from core.storage import StorageError
+    from tests.support.lifecycle import use_storage
+    from tests.support.s3 import s3_client
+
+    # Given an old month and an archive to S3 whose storage class S3 rejects: every object of
+    # the month is uploaded and verified, then moving the first to the class fails
+    use_storage(monkeypatch, s3_url)
+    _fill(sql, db, a=120, b=0)
+    ids = sorted(str(r[0]) for r in sql.execute("SELECT id FROM messages"))
+    bad = _policy(batch_size=40, storage_class="NOT_A_STORAGE_CLASS")
+    with pytest.raises(StorageError):
+        run_pipeline("messages-archive", now=NOW, policy=bad)
+    # Then the failure handler removed all of the month's objects; the month is whole
+    bucket, prefix = s3_url[5:].split("/", 1)
+    client = s3_client(moto_server)
+    assert client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []) == []
+    assert sql.execute("SELECT count(*) FROM messages").fetchone()[0] == 120
+    assert sql.execute(
+        "SELECT status, progress ? 'pending_keys' FROM pipeline_runs"
+    ).fetchone() == ("failed", False)
+    # When the next run has a class S3 knows
+    result = run_pipeline("messages-archive", now=NOW, policy=_policy(batch_size=40))
+    # Then the month went whole, in GLACIER, every row exactly once
+    assert result.stats.rows_affected == 120 and _pname(OLD_A) not in _names(sql)
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+    data = {o["Key"]: o.get("StorageClass") for o in listed if o["Key"].endswith(".csv.zst")}
+    assert len(data) >= 2 and set(data.values()) == {"GLACIER"}
+    for key in data:
+        client.restore_object(Bucket=bucket, Key=key, RestoreRequest={"Days": 1})
+    assert sorted(archived_ids(s3_url, "messages/")) == ids
