@@ -19,7 +19,7 @@ them), 10 % in the DEFAULT partition (a month nobody prepared).
             read to the end by this process (what it costs just to get the rows out), three
             times, the median;
   pipeline  ``tidemill pipeline run messages-archive`` into ``file://``: each old month whole
-            (SHARE lock, ``COPY (SELECT …)`` of ~20,000-row heap ranges, TRUNCATE, one
+            (SHARE lock, ``COPY (SELECT …)`` of 20,000 to 40,000-row heap ranges, TRUNCATE, one
             commit; then detach + drop) and the DEFAULT rows by batches (``COPY (DELETE …
             RETURNING)`` per batch of 20,000); zstd, fsync + rename, sha256 read back, one
             archive_objects row per object, a manifest. The months must be gone afterwards

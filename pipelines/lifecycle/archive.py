@@ -19,7 +19,7 @@ Whole months first. On a table partitioned by month on the policy's age column (
 archived without a DELETE, in ONE transaction (``_archive_partition``):
 
 1. ``LOCK TABLE <month> IN SHARE MODE``: writes to that month wait (reads do not);
-2. its rows are counted, cut into heap-block ranges of about ``batch_size`` rows (TID range
+2. its rows are counted, cut into heap-block ranges of ``batch_size`` to ~2x rows (TID range
    scans: no sort, no index pass) and every object key
    (``<table>/<yyyy>/<mm>/<partition>.<nnnn>.<fmt>.zst``) is recorded as pending at once;
 3. per range: its subjects are read, ``COPY (SELECT * … WHERE ctid …) TO STDOUT`` streams it
@@ -324,17 +324,19 @@ class _PathFigures:
 
 
 def _slices(conn: Any, part: parts.Partition, rows: int, batch_size: int) -> list[_Slice]:
-    """Block ranges of the partition holding about ``batch_size`` rows each: a TID range scan
-    reads one as cheaply as a sequential scan, with no sort and no index pass to find where
-    each object starts. The partition is locked, so the ranges cover every row exactly once
-    (the last one runs to the end of the table)."""
+    """Block ranges of the partition holding ``batch_size`` to about twice that many rows
+    each (``rows // batch_size`` ranges of equal size: no small tail object, which S3 charges
+    like a full one, 40 KB of overhead each in GLACIER): a TID range scan reads one as cheaply
+    as a sequential scan, with no sort and no index pass to find where each object starts.
+    The partition is locked, so the ranges cover every row exactly once (the last one runs to
+    the end of the table)."""
     size = conn.execute(
         "SELECT pg_relation_size(format('%%I.%%I', %s::text, %s::text)::regclass) "
         "/ current_setting('block_size')::bigint",
         (part.schema, part.name),
     ).fetchone()
     blocks = max(int(size[0]) if size else 1, 1)
-    step = max(blocks * batch_size // max(rows, 1), 1)
+    step = max(-(-blocks // max(rows // batch_size, 1)), 1)
     out = [_Slice(lo, lo + step) for lo in range(0, blocks, step)]
     return [*out[:-1], _Slice(out[-1].lo, None)]
 
@@ -361,7 +363,7 @@ def _archive_partition(
     """Archive a month wholly before the cutoff in ONE transaction; the caller then drops it.
 
     ``LOCK … IN SHARE MODE`` holds writes to this month (not reads, not other months) until
-    the commit, so what is copied is what is emptied. Slices of about ``batch_size`` rows go
+    the commit, so what is copied is what is emptied. Slices of ``batch_size`` to ~2x rows go
     out with ``COPY (SELECT …)`` (no DELETE: no dead tuples, no per-row WAL), each an object
     written, read back and catalogued as a batch's is; the rows copied must add up to the
     month's count; then ``TRUNCATE`` empties the month and the transaction commits: the
