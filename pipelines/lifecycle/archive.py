@@ -13,6 +13,27 @@ One batch, one transaction:
 Any failure before the commit rolls the DELETE back: the rows stay, and the object (if it got
 written) is an orphan the next run removes before archiving the same rows again. At the end a
 manifest (row counts, key ranges, checksums, schema version) is written for the run.
+
+Whole months first. On a table partitioned by month on the policy's age column (``messages``,
+``notifications``) and an unfiltered policy, each partition lying wholly before the cutoff is
+archived without a DELETE, in ONE transaction (``_archive_partition``):
+
+1. ``LOCK TABLE <month> IN SHARE MODE``: writes to that month wait (reads do not);
+2. its rows are counted, cut into heap-block ranges of ``batch_size`` to ~2x rows (TID range
+   scans: no sort, no index pass) and every object key
+   (``<table>/<yyyy>/<mm>/<partition>.<nnnn>.<fmt>.zst``) is recorded as pending at once;
+3. per range: its subjects are read, ``COPY (SELECT * … WHERE ctid …) TO STDOUT`` streams it
+   through zstd into storage, the sha256 is read back, an ``archive_objects`` row (first/last
+   key: the month's bounds, the partition and its blocks) and its ``archive_subjects`` go in;
+4. the rows archived must add up to the month's count, then ``TRUNCATE`` and commit;
+5. after every whole month, the emptied months are detached and dropped in one transaction
+   (re-checked empty under the DETACH's lock).
+
+A crash before the commit leaves the month whole and its objects pending (removed by the next
+run, as above); after it, an empty month that the next run drops. Rows of the month holding
+the cutoff and of the DEFAULT partition then go through the batches. ``TRUNCATE`` fires no
+DELETE triggers (nor does a purge's partition drop); the run row's ``progress.paths`` records
+rows, objects and seconds per path.
 """
 
 from __future__ import annotations
@@ -20,7 +41,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import IO, Any
@@ -48,6 +71,9 @@ log = get_logger(__name__)
 
 ZSTD_LEVEL = 1  # cheap: the pipeline shares the CPU with Postgres; CSV rows compress well anyway
 COMPRESS_CHUNK = 1 << 20
+# zstd compresses in a worker thread of its own (C, no GIL) while this one reads the COPY:
+# the client's per-row loop is the bottleneck, so the compression runs on the idle core.
+ZSTD_THREADS = 1
 JSONL_CHUNK = 2000  # JSON lines per COPY row
 # JSON lines through COPY's CSV mode with a delimiter and quote that JSON text never contains
 # raw (control characters are escaped as \u00XX in JSON), so each line is the JSON untouched.
@@ -70,16 +96,26 @@ class ArchivePlan:
     storage_class: str | None
     format: str
     first_key: str | None
+    whole_months: tuple[str, ...] = ()  # partitions wholly before the cutoff: COPY + TRUNCATE
+    rows_in_whole_months: int = 0  # counted in a dry run only (a run counts each under lock)
 
     def lines(self) -> list[str]:
-        return [
+        out = [
             f"archive rows of {self.table} older than {self.cutoff.isoformat()} "
             f"({self.eligible_rows} rows) to {self.storage_url}",
+        ]
+        if self.whole_months:
+            out.append(
+                f"  {len(self.whole_months)} months whole ({self.rows_in_whole_months} rows: "
+                f"COPY + TRUNCATE, then detach + drop): {', '.join(self.whole_months)}"
+            )
+        out += [
             f"  {self.batches} batches of at most {self.batch_size} rows, "
             f"{self.format} + zstd, storage class {self.storage_class or 'default'}",
             f"  first object: {self.first_key or '(none)'}",
             "  then drop partitions left empty below the cutoff; write a run manifest",
         ]
+        return out
 
 
 def _stamp(value: Any) -> str:
@@ -111,18 +147,45 @@ def plan_archive(
     first: tuple[Key, Key] | None,
 ) -> ArchivePlan:
     """What an archive run will do (no I/O)."""
+    whole = whole_months(policy, state, cutoff)
+    in_whole = sum(state.partition_rows.get(p.name, 0) for p in whole)
+    by_batch = max(state.eligible_rows - in_whole, 0)
     return ArchivePlan(
         pipeline=policy.name,
         table=policy.table,
         cutoff=cutoff,
         eligible_rows=state.eligible_rows,
         batch_size=policy.batch_size,
-        batches=-(-state.eligible_rows // policy.batch_size),
+        batches=-(-by_batch // policy.batch_size),
         storage_url=storage_url,
         storage_class=policy.storage_class,
         format=policy.format,
-        first_key=object_key(policy.table, first[0], first[1], policy.format) if first else None,
+        first_key=(
+            partition_object_key(policy, whole[0], 0)
+            if whole
+            else object_key(policy.table, first[0], first[1], policy.format)
+            if first
+            else None
+        ),
+        whole_months=tuple(p.qualified for p in whole),
+        rows_in_whole_months=in_whole,
     )
+
+
+def partition_object_key(policy: Policy, part: parts.Partition, index: int) -> str:
+    """``table/yyyy/mm/<partition>.<nnnn>.<fmt>.zst``: the ``index``-th object of a month
+    archived whole (yyyy/mm: the month's)."""
+    month = part.lo.astimezone(UTC) if part.lo else datetime.now(UTC)
+    return f"{policy.table}/{month:%Y/%m}/{part.name}.{index:04d}.{policy.format}.zst"
+
+
+def whole_months(policy: Policy, state: TableState, cutoff: datetime) -> list[parts.Partition]:
+    """Monthly partitions lying wholly before the cutoff: archived whole, without a DELETE.
+    Never for a filtered policy (a month holds rows the filter keeps); ``state`` lists
+    partitions only when the table is partitioned on the policy's age column."""
+    if policy.filter:
+        return []
+    return parts.plan_expired(state.partitions, cutoff)
 
 
 def schema_version(conn: Any) -> str | None:
@@ -162,7 +225,7 @@ def _copy_statement(policy: Policy) -> sql.Composable:
 def run(ctx: RunContext) -> ArchivePlan:
     policy: Policy = ctx.policy
     cutoff = ctx.cutoff
-    state = scan_state(ctx.work, policy, cutoff, exact=ctx.dry_run)
+    state = scan_state(ctx.work, policy, cutoff, exact=ctx.dry_run, count_partitions=ctx.dry_run)
     first = next_bounds(ctx.work, policy, cutoff, None)
     plan = plan_archive(policy, state, cutoff, storage_url=ctx.storage.url, first=first)
     ctx.expected = plan.eligible_rows
@@ -170,6 +233,34 @@ def run(ctx: RunContext) -> ArchivePlan:
         return plan
     version = schema_version(ctx.work)
     exprs = subject_expressions(ctx.work, policy.table)
+    paths = {"partitions": _PathFigures(), "batches": _PathFigures()}
+    whole = whole_months(policy, state, cutoff)
+    if whole:
+        started = time.monotonic()
+        for part in whole:
+            _archive_partition(ctx, part, version, exprs, paths["partitions"])
+        # The emptied months go in one short transaction (a catalog change and one commit).
+        # DETACH and DROP need brief strong locks on the parent and on the tables its foreign
+        # keys reference (users, ...): behind a long transaction the drop gives up after
+        # lock_timeout and the empty months wait for the next run; their rows are archived.
+        try:
+            parts.drop_partitions(
+                ctx.work,
+                policy.table,
+                whole,
+                lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
+                require_empty=True,
+            )
+        except psycopg.errors.LockNotAvailable:
+            log.warning(
+                "archive_partition_drop_deferred",
+                table=policy.table,
+                partitions=[p.name for p in whole],
+                reason="lock_timeout",
+            )
+        paths["partitions"].seconds = time.monotonic() - started
+        first = next_bounds(ctx.work, policy, cutoff, None)  # what is left: the batched path
+    started = time.monotonic()
     statement = _copy_statement(policy)
     after: Key | None = None
     bounds = first  # the plan's probes found the first batch already
@@ -190,42 +281,11 @@ def run(ctx: RunContext) -> ArchivePlan:
             subjects = _subjects_of_batch(conn, policy, range_params(cutoff, lo, hi), exprs)
             ctx.note_pending(key)
             rows, put = _stream_batch(ctx, conn, statement, range_params(cutoff, lo, hi), key)
-            stored = ctx.storage.sha256(key)
-            if stored != put.sha256:
-                raise ArchiveError(
-                    f"object {key} reads back with sha256 {stored}, not {put.sha256}: "
-                    "nothing deleted"
-                )
             if policy.storage_class:
                 ctx.storage.set_storage_class(key, policy.storage_class)
-            object_row = conn.execute(
-                "INSERT INTO archive_objects (run_id, pipeline, table_name, key, format, rows, "
-                "size_bytes, sha256, first_key, last_key, storage_url, schema_version) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                (
-                    ctx.run_id,
-                    policy.name,
-                    policy.table,
-                    key,
-                    policy.format,
-                    rows,
-                    put.size,
-                    put.sha256,
-                    json.dumps(_key_json(policy, lo)),
-                    json.dumps(_key_json(policy, hi)),
-                    ctx.storage.url,
-                    version,
-                ),
-            ).fetchone()
-            assert object_row is not None
-            if subjects:
-                # one statement for the batch's subjects, however many (distinct already)
-                conn.execute(
-                    "INSERT INTO archive_subjects (subject, object_id) "
-                    "SELECT unnest(%s::text[]), %s ON CONFLICT DO NOTHING",
-                    (subjects, object_row[0]),
-                )
+            _catalogue(ctx, conn, key, rows, put, lo, hi, version, subjects)
         after = hi
+        paths["batches"].add(rows, 1)
         log.info("archive_batch_committed", table=policy.table, key=key, rows=rows)
         ctx.advance(
             scanned=rows,
@@ -234,8 +294,212 @@ def run(ctx: RunContext) -> ArchivePlan:
             objects=1,
             cursor={"a": str(hi[0]), "k": str(hi[1])},
         )
+    paths["batches"].seconds = time.monotonic() - started
     _drop_empty_partitions(ctx, policy, cutoff)
+    # Which path moved how many rows in how long: the run row's record for operators (and
+    # bench/lifecycle.py, which reports each path against COPY).
+    ctx.meta.execute(
+        "UPDATE pipeline_runs SET progress = coalesce(progress, '{}'::jsonb) || "
+        "jsonb_build_object('paths', %s::jsonb) WHERE id = %s",
+        (json.dumps({k: v.as_dict() for k, v in paths.items()}), ctx.run_id),
+    )
     return plan
+
+
+@dataclass
+class _PathFigures:
+    rows: int = 0
+    objects: int = 0
+    seconds: float = 0.0
+
+    def add(self, rows: int, objects: int) -> None:
+        self.rows += rows
+        self.objects += objects
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "objects": self.objects, "seconds": round(self.seconds, 4)}
+
+
+# ------------------------------------------------------------------- whole-partition archive
+
+
+def _slices(conn: Any, part: parts.Partition, rows: int, batch_size: int) -> list[_Slice]:
+    """Block ranges of the partition holding ``batch_size`` to about twice that many rows
+    each (``rows // batch_size`` ranges of equal size: no small tail object, which S3 charges
+    like a full one, 40 KB of overhead each in GLACIER): a TID range scan reads one as cheaply
+    as a sequential scan, with no sort and no index pass to find where each object starts.
+    The partition is locked, so the ranges cover every row exactly once (the last one runs to
+    the end of the table)."""
+    size = conn.execute(
+        "SELECT pg_relation_size(format('%%I.%%I', %s::text, %s::text)::regclass) "
+        "/ current_setting('block_size')::bigint",
+        (part.schema, part.name),
+    ).fetchone()
+    blocks = max(int(size[0]) if size else 1, 1)
+    step = max(-(-blocks // max(rows // batch_size, 1)), 1)
+    out = [_Slice(lo, lo + step) for lo in range(0, blocks, step)]
+    return [*out[:-1], _Slice(out[-1].lo, None)]
+
+
+@dataclass(frozen=True)
+class _Slice:
+    lo: int  # first heap block
+    hi: int | None  # first block after it; None: to the end
+
+    def where(self) -> sql.Composable:
+        lo = sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({self.lo},0)"))
+        if self.hi is None:
+            return lo
+        return sql.SQL("{} AND ctid < {}::tid").format(lo, sql.Literal(f"({self.hi},0)"))
+
+
+def _archive_partition(
+    ctx: RunContext,
+    part: parts.Partition,
+    version: str | None,
+    exprs: list[str],
+    figures: _PathFigures,
+) -> None:
+    """Archive a month wholly before the cutoff in ONE transaction; the caller then drops it.
+
+    ``LOCK … IN SHARE MODE`` holds writes to this month (not reads, not other months) until
+    the commit, so what is copied is what is emptied. Slices of ``batch_size`` to ~2x rows go
+    out with ``COPY (SELECT …)`` (no DELETE: no dead tuples, no per-row WAL), each an object
+    written, read back and catalogued as a batch's is; the rows copied must add up to the
+    month's count; then ``TRUNCATE`` empties the month and the transaction commits: the
+    catalogue rows and the emptying are one commit. A crash before it leaves the month whole
+    and its objects pending (the next run removes them first); after it, an empty month that
+    ``run`` detaches and drops (``partitions.drop_partitions``), now or in the next run.
+    """
+    policy = ctx.policy
+    rel = sql.Identifier(part.schema, part.name)
+    with ctx.batch() as conn:
+        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(rel))
+        found = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(rel)).fetchone()
+        count = int(found[0]) if found else 0
+        if count == 0:
+            return  # empty already: the caller drops it
+        slices = _slices(conn, part, count, policy.batch_size)
+        suffix = f".{policy.format}.zst"
+        keys = [partition_object_key(policy, part, i) for i in range(len(slices))]
+        taken = {
+            r[0]
+            for r in conn.execute(
+                "SELECT key FROM archive_objects WHERE storage_url = %s AND key = ANY(%s)",
+                (ctx.storage.url, keys),
+            )
+        }
+        # rows restored into an archived month, archived again: never overwrite
+        keys = [k.replace(suffix, f".r{ctx.run_id}{suffix}") if k in taken else k for k in keys]
+        ctx.note_pending_keys(keys)
+        total = 0
+        size = 0
+        # The subjects of every range are read on the run's other connection while this one
+        # streams: the month is locked against writes, so both see the same rows, and the
+        # server's second backend works while the client is busy with the COPY.
+        with ThreadPoolExecutor(1, thread_name_prefix="archive-subjects") as pool:
+            pending = pool.submit(
+                lambda: [
+                    _subjects_of_batch(ctx.meta, policy, {}, exprs, relation=rel, where=s.where())
+                    for s in slices
+                ]
+            )
+            written = []
+            for piece, key in zip(slices, keys, strict=True):
+                statement = _select_statement(policy, rel, piece.where())
+                written.append(_stream_batch(ctx, conn, statement, {}, key))  # read back too
+            subjects = pending.result()
+        for piece, key, (rows, put), names in zip(slices, keys, written, subjects, strict=True):
+            if policy.storage_class:
+                ctx.storage.set_storage_class(key, policy.storage_class)
+            bounds = _month_bounds(policy, part, piece)
+            _catalogue(ctx, conn, key, rows, put, *bounds, version, names)
+            total += rows
+            size += put.size
+        if total != count:  # nothing can write to the month: a slice missed rows
+            raise ArchiveError(
+                f"{part.name} holds {count} rows but {total} were archived: nothing deleted"
+            )
+        conn.execute(sql.SQL("TRUNCATE {}").format(rel))
+    # The keys stay noted: a committed key is never removed as an orphan (remove_orphan
+    # checks the catalogue), and the next partition's note replaces them.
+    figures.add(total, len(keys))
+    log.info(
+        "archive_partition_committed",
+        table=policy.table,
+        partition=part.name,
+        rows=total,
+        objects=len(keys),
+    )
+    ctx.advance(scanned=total, affected=total, bytes_written=size, objects=len(keys))
+
+
+def _month_bounds(
+    policy: Policy, part: parts.Partition, piece: _Slice
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """first_key / last_key of a partition's object: the month's bounds (its rows lie in
+    between, in heap order) and the blocks it was read from."""
+    base = {"partition": part.name, "blocks": [piece.lo, piece.hi]}
+    return (
+        {policy.age_column: str(part.lo), **base},
+        {policy.age_column: str(part.hi), **base},
+    )
+
+
+def _select_statement(policy: Policy, rel: sql.Composable, where: sql.Composable) -> sql.Composable:
+    """A slice of a locked partition: the batch statement with SELECT in place of DELETE."""
+    select = sql.SQL("SELECT * FROM {r} WHERE {w}").format(r=rel, w=where)
+    if policy.format == "jsonl":
+        return sql.SQL(
+            "COPY (WITH gone AS ({s}), "
+            "lines AS (SELECT row_to_json(gone)::text AS line, row_number() OVER () AS n "
+            "FROM gone) "
+            "SELECT string_agg(line || E'\\n', '') FROM lines GROUP BY (n - 1) / {c}) "
+            "TO STDOUT"
+        ).format(s=select, c=sql.Literal(JSONL_CHUNK))
+    return sql.SQL("COPY ({s}) TO STDOUT (FORMAT csv, HEADER true)").format(s=select)
+
+
+def _catalogue(
+    ctx: RunContext,
+    conn: Any,
+    key: str,
+    rows: int,
+    put: Any,
+    lo: Key | dict[str, Any],
+    hi: Key | dict[str, Any],
+    version: str | None,
+    subjects: list[str],
+) -> None:
+    """The object's ``archive_objects`` row and its subjects (for a GDPR erase)."""
+    policy = ctx.policy
+    object_row = conn.execute(
+        "INSERT INTO archive_objects (run_id, pipeline, table_name, key, format, rows, "
+        "size_bytes, sha256, first_key, last_key, storage_url, schema_version) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+        (
+            ctx.run_id,
+            policy.name,
+            policy.table,
+            key,
+            policy.format,
+            rows,
+            put.size,
+            put.sha256,
+            json.dumps(lo if isinstance(lo, dict) else _key_json(policy, lo)),
+            json.dumps(hi if isinstance(hi, dict) else _key_json(policy, hi)),
+            ctx.storage.url,
+            version,
+        ),
+    ).fetchone()
+    assert object_row is not None
+    if subjects:
+        # one statement for the batch's subjects, however many (distinct already)
+        conn.execute(
+            "INSERT INTO archive_subjects (subject, object_id) "
+            "SELECT unnest(%s::text[]), %s ON CONFLICT DO NOTHING",
+            (subjects, object_row[0]),
+        )
 
 
 # Subjects (Stripe customer ids) found in tables that reference users without a foreign key.
@@ -258,7 +522,13 @@ def subject_expressions(conn: Any, table: str) -> list[str]:
 
 
 def _subjects_of_batch(
-    conn: Any, policy: Policy, params: dict[str, Any], exprs: list[str]
+    conn: Any,
+    policy: Policy,
+    params: dict[str, Any],
+    exprs: list[str],
+    *,
+    relation: sql.Composable | None = None,
+    where: sql.Composable | None = None,
 ) -> list[str]:
     """The subjects of the batch's rows, read before the DELETE, for the archive_subjects
     index: an erase later rewrites exactly the objects that hold its user."""
@@ -268,7 +538,9 @@ def _subjects_of_batch(
     # cheaper than its 36-character text: half the query's cost), then turned into text.
     branches = sql.SQL(" UNION ALL ").join(
         sql.SQL("SELECT s::text FROM (SELECT DISTINCT ({e}) AS s FROM {t} WHERE {w}) b").format(
-            e=sql.SQL(e), t=sql.Identifier(policy.table), w=range_where(policy)
+            e=sql.SQL(e),
+            t=relation or sql.Identifier(policy.table),
+            w=where or range_where(policy),
         )
         for e in exprs
     )
@@ -285,10 +557,14 @@ def _key_json(policy: Policy, key: Key) -> dict[str, str]:
 def _stream_batch(
     ctx: RunContext, conn: Any, statement: sql.Composable, params: dict[str, Any], key: str
 ) -> tuple[int, Any]:
+    """COPY the statement's rows through zstd into a new object, then read the stored object
+    back and compare its sha256 with what was sent. Returns the row count and the put."""
     # Written in the default class and moved to the policy's class only after verification:
     # a GLACIER object cannot be read back to check it.
     with ctx.storage.writer(key) as writer:
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(
+        compressor = zstandard.ZstdCompressor(
+            level=ZSTD_LEVEL, write_checksum=True, threads=ZSTD_THREADS
+        ).stream_writer(
             writer,  # type: ignore[arg-type]
             closefd=False,
         )
@@ -318,6 +594,11 @@ def _stream_batch(
     put = writer.result
     if put is None:
         raise ArchiveError(f"storage returned no result for {key}")
+    stored = ctx.storage.sha256(key)
+    if stored != put.sha256:
+        raise ArchiveError(
+            f"object {key} reads back with sha256 {stored}, not {put.sha256}: nothing deleted"
+        )
     return rows, put
 
 
@@ -328,18 +609,31 @@ def _drop_empty_partitions(ctx: RunContext, policy: Policy, cutoff: datetime) ->
     if not parts.is_partitioned(ctx.work, policy.table):
         return
     for p in parts.plan_expired(parts.list_partitions(ctx.work, policy.table), cutoff):
-        left = ctx.work.execute(
-            sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(p.schema, p.name))
-        ).fetchone()
-        if left and not left[0]:
-            # Rows may arrive between this check and the drop: drop_partition checks again
-            # under the DETACH's lock and keeps the partition if any did.
+        _drop_if_empty(ctx, policy, p)
+
+
+def _drop_if_empty(ctx: RunContext, policy: Policy, p: parts.Partition) -> None:
+    left = ctx.work.execute(
+        sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(p.schema, p.name))
+    ).fetchone()
+    if left and not left[0]:
+        # Rows may arrive between this check and the drop: drop_partition checks again
+        # under the DETACH's lock and keeps the partition if any did. Its rows are archived:
+        # a drop that meets a long transaction waits for the next run (see run()).
+        try:
             parts.drop_partition(
                 ctx.work,
                 policy.table,
                 p,
                 lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
                 require_empty=True,
+            )
+        except psycopg.errors.LockNotAvailable:
+            log.warning(
+                "archive_partition_drop_deferred",
+                table=policy.table,
+                partitions=[p.name],
+                reason="lock_timeout",
             )
 
 

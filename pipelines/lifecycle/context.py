@@ -156,6 +156,17 @@ class RunContext:
             (key, self.run_id),
         )
 
+    def note_pending_keys(self, keys: list[str]) -> None:
+        """note_pending for objects that commit together (a whole partition's): all of them
+        are named before the first upload starts; ``[]`` once they committed."""
+        if self.dry_run:
+            raise PipelineError("a dry run uploads nothing")
+        self.meta.execute(
+            "UPDATE pipeline_runs SET progress = coalesce(progress, '{}'::jsonb) || "
+            "jsonb_build_object('pending_keys', %s::jsonb) WHERE id = %s",
+            (json.dumps(keys), self.run_id),
+        )
+
     def advance(
         self,
         *,

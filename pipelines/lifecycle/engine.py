@@ -8,7 +8,8 @@ so a run never holds locks for long and app writes never queue behind it.
 
 A new run first closes what a dead run left: its row is marked ``interrupted`` and, for an
 archive, an object uploaded but never committed (no ``archive_objects`` row: its rows are still
-in Postgres) is removed before those rows are archived again. A run that fails after an upload
+in Postgres) is removed before those rows are archived again (a whole month's objects, which
+commit together, are all noted as pending before the first upload). A run that fails after an upload
 removes that object in its failure handler (best effort); if it cannot (storage down), the key
 stays pending on its row and the next run removes it, as for a dead run. Deletes need nothing
 more: a batch either committed or did not, and the next run starts from the oldest remaining row.
@@ -77,13 +78,17 @@ def _recover(meta: psycopg.Connection[Any], policy: Policy, settings: Settings) 
         # rows are still in Postgres, so the object goes before they are archived again (unless
         # a committed batch, of that run or a later one, owns that key). A storage error here
         # stops this run: archiving again beside an orphan would store those rows twice.
+        # A whole-partition archive notes all its keys at once ('pending_keys'): its objects
+        # commit together or not at all.
         leftovers = meta.execute(
-            "SELECT id, progress->>'pending' FROM pipeline_runs WHERE pipeline = %s "
-            "AND status IN ('interrupted', 'failed') AND progress ? 'pending' ORDER BY id",
+            "SELECT id, progress->'pending', progress->'pending_keys' FROM pipeline_runs "
+            "WHERE pipeline = %s AND status IN ('interrupted', 'failed') "
+            "AND (progress ? 'pending' OR progress ? 'pending_keys') ORDER BY id",
             (policy.name,),
         ).fetchall()
-        for run_id, pending in leftovers:
-            remove_orphan(meta, settings, pending, pipeline=policy.name, run_id=run_id)
+        for run_id, pending, many in leftovers:
+            for key in _pending_keys(pending, many):
+                remove_orphan(meta, settings, key, pipeline=policy.name, run_id=run_id)
             clear_pending(meta, run_id)
 
         # Runs that died or failed after committing batches still get their manifest (a
@@ -103,29 +108,38 @@ def _recover(meta: psycopg.Connection[Any], policy: Policy, settings: Settings) 
     return ids
 
 
+def _pending_keys(pending: Any, many: Any) -> list[str]:
+    keys = [str(k) for k in many] if isinstance(many, list) else []
+    return ([str(pending)] if pending else []) + keys
+
+
 def clear_pending(meta: psycopg.Connection[Any], run_id: int) -> None:
     meta.execute(
-        "UPDATE pipeline_runs SET progress = progress - 'pending' WHERE id = %s", (run_id,)
+        "UPDATE pipeline_runs SET progress = progress - 'pending' - 'pending_keys' WHERE id = %s",
+        (run_id,),
     )
 
 
 def _remove_failed_upload(
     meta: psycopg.Connection[Any], settings: Settings, policy: Policy, run_id: int
 ) -> None:
-    """Best effort, in the failure handler: the object of the batch that did not commit."""
+    """Best effort, in the failure handler: the objects of the batch (or the whole-partition
+    archive) that did not commit."""
     row = meta.execute(
-        "SELECT progress->>'pending' FROM pipeline_runs WHERE id = %s", (run_id,)
+        "SELECT progress->'pending', progress->'pending_keys' FROM pipeline_runs WHERE id = %s",
+        (run_id,),
     ).fetchone()
-    pending = row[0] if row else None
-    if not pending:
+    keys = _pending_keys(row[0], row[1]) if row else []
+    if not keys:
         return
-    try:
-        remove_orphan(meta, settings, pending, pipeline=policy.name, run_id=run_id)
-    except Exception as exc:  # storage may be what failed; the next run's _recover retries
-        log.warning(
-            "archive_orphan_removal_deferred", run_id=run_id, key=pending, error=_describe(exc)
-        )
-        return
+    for key in keys:
+        try:
+            remove_orphan(meta, settings, key, pipeline=policy.name, run_id=run_id)
+        except Exception as exc:  # storage may be what failed; the next run's _recover retries
+            log.warning(
+                "archive_orphan_removal_deferred", run_id=run_id, key=key, error=_describe(exc)
+            )
+            return
     clear_pending(meta, run_id)
 
 
@@ -248,7 +262,7 @@ def run_pipeline(
         meta.execute(
             "UPDATE pipeline_runs SET status = 'succeeded', finished_at = now(), "
             "rows_scanned = %s, rows_affected = %s, bytes_written = %s, objects = %s, "
-            "progress = coalesce(progress, '{}'::jsonb) - 'pending' WHERE id = %s",
+            "progress = coalesce(progress, '{}'::jsonb) - 'pending' - 'pending_keys' WHERE id = %s",
             (
                 ctx.stats.rows_scanned,
                 ctx.stats.rows_affected,

@@ -84,6 +84,15 @@ class NotEligible(GdprError):
     """The user is not soft-deleted, or still inside the grace period: nothing erased."""
 
 
+ARCHIVE_RACE_ATTEMPTS = 3
+
+
+class _ArchivedMeanwhile(Exception):
+    def __init__(self, objects: int) -> None:
+        super().__init__(f"{objects} archived object(s) hold the user's rows")
+        self.objects = objects
+
+
 @dataclass(frozen=True)
 class Step:
     table: str
@@ -347,49 +356,66 @@ def erase(
         for key in plan.exports:
             storage.delete(key)
         result.exports_deleted = len(plan.exports)
-        rewritten = archive.rewrite_for_erasure(
-            conn,
-            storage,
-            user,
-            subjects=subjects_of(user),
-            settings=settings,
-            tag=reference.rsplit(":", 1)[-1][:8],
-        )
-        result.archives_rewritten = len(rewritten)
-        with conn.transaction():
-            conn.execute(
-                sql.SQL("SET LOCAL lock_timeout = {}").format(
-                    sql.Literal(settings.pipeline_lock_timeout_ms)
+        # An archive batch or month that read the user's rows before the transaction below
+        # could change them, and committed after the rewrite, holds them in an object the
+        # rewrite did not see. The transaction's own updates wait for such an archive (row or
+        # month locks), so a check after them sees its objects: then roll back and rewrite.
+        for attempt in range(1, ARCHIVE_RACE_ATTEMPTS + 1):
+            try:
+                rewritten = archive.rewrite_for_erasure(
+                    conn,
+                    storage,
+                    user,
+                    subjects=subjects_of(user),
+                    settings=settings,
+                    tag=reference.rsplit(":", 1)[-1][:8],
                 )
-            )
-            user = _load_user(conn, uid, lock=True)  # re-check under the row lock
-            if user is None:
-                raise UserNotFound(f"no user {uid}")
-            _check_eligible(user, now, grace)  # restored meanwhile? then untouched
-            counts = erase_in_database(conn, user, plan.steps)
-            counts["gdpr_exports:delete"] = conn.execute(
-                "DELETE FROM gdpr_exports WHERE user_id = %s", (uid,)
-            ).rowcount
-            # Redis first, while the transaction can still roll back: if Redis is down the
-            # erase fails whole and is retried, rather than leaving cached personal data of a
-            # user nobody can find any more. Once more after the commit, in case an app
-            # re-cached the profile in between.
-            result.redis_keys = _drop_redis_keys(user, settings)
-            result.broker_messages = _drop_dramatiq_messages(user, settings)
-            counts["archives:rewritten"] = len(rewritten)
-            counts["exports:deleted"] = len(plan.exports)
-            _compliance(conn, "data_deletion_completed", None, reference, {"counts": counts})
-            conn.execute(
-                "INSERT INTO audit_logs (action, entity_type, entity_id, actor, details) "
-                "VALUES ('gdpr_erase', 'user_erasure', %s, %s, %s)",
-                (reference, by, json.dumps({"counts": counts})),
-            )
-            recorded = conn.execute(
-                "INSERT INTO erasures (reference, subject_hash, erased_by) VALUES (%s, %s, %s) "
-                "RETURNING erased_at",
-                (reference, subject_hash(uid), by),
-            ).fetchone()
-            erased_at = recorded[0] if recorded else now
+                result.archives_rewritten += len(rewritten)
+                with conn.transaction():
+                    conn.execute(
+                        sql.SQL("SET LOCAL lock_timeout = {}").format(
+                            sql.Literal(settings.pipeline_lock_timeout_ms)
+                        )
+                    )
+                    locked = _load_user(conn, uid, lock=True)  # re-check under the row lock
+                    if locked is None:
+                        raise UserNotFound(f"no user {uid}")
+                    user = locked
+                    _check_eligible(user, now, grace)  # restored meanwhile? then untouched
+                    counts = erase_in_database(conn, user, plan.steps, archived_meanwhile=True)
+                    counts["gdpr_exports:delete"] = conn.execute(
+                        "DELETE FROM gdpr_exports WHERE user_id = %s", (uid,)
+                    ).rowcount
+                    # Redis first, while the transaction can still roll back: if Redis is
+                    # down the erase fails whole and is retried, rather than leaving cached
+                    # personal data of a user nobody can find any more. Once more after the
+                    # commit, in case an app re-cached the profile in between.
+                    result.redis_keys = _drop_redis_keys(user, settings)
+                    result.broker_messages = _drop_dramatiq_messages(user, settings)
+                    counts["archives:rewritten"] = result.archives_rewritten
+                    counts["exports:deleted"] = len(plan.exports)
+                    _compliance(
+                        conn, "data_deletion_completed", None, reference, {"counts": counts}
+                    )
+                    conn.execute(
+                        "INSERT INTO audit_logs (action, entity_type, entity_id, actor, details) "
+                        "VALUES ('gdpr_erase', 'user_erasure', %s, %s, %s)",
+                        (reference, by, json.dumps({"counts": counts})),
+                    )
+                    recorded = conn.execute(
+                        "INSERT INTO erasures (reference, subject_hash, erased_by) "
+                        "VALUES (%s, %s, %s) RETURNING erased_at",
+                        (reference, subject_hash(uid), by),
+                    ).fetchone()
+                    erased_at = recorded[0] if recorded else now
+                break
+            except _ArchivedMeanwhile as late:
+                log.warning("gdpr_erase_archived_meanwhile", objects=late.objects, attempt=attempt)
+                if attempt == ARCHIVE_RACE_ATTEMPTS:
+                    raise GdprError(
+                        "an archive run kept storing the user's rows during the erase; "
+                        "nothing was erased, try again"
+                    ) from None
         result.counts = counts
         result.erased = True
     result.redis_keys += _drop_redis_keys(user, settings)
@@ -409,9 +435,16 @@ def erase(
     return result
 
 
-def erase_in_database(conn: Any, user: dict[str, Any], steps: list[Step]) -> dict[str, int]:
+def erase_in_database(
+    conn: Any, user: dict[str, Any], steps: list[Step], *, archived_meanwhile: bool = False
+) -> dict[str, int]:
     """The database part of an erase, inside the caller's transaction: the plan's steps in FK
-    order, then the mentions outside foreign keys and the Stripe payloads."""
+    order, then the mentions outside foreign keys and the Stripe payloads.
+
+    ``archived_meanwhile``: the caller rewrote every archived object holding the user just
+    before; an index entry still naming the user now is an object archived since (its rows
+    read before these updates, which waited for its commit): raise _ArchivedMeanwhile rather
+    than drop that entry, so the caller rewrites it too."""
     uid = user["id"]
     ensure_tombstone(conn)
     conn.execute("UPDATE users SET push_token = NULL WHERE id = %s", (uid,))
@@ -442,6 +475,15 @@ def erase_in_database(conn: Any, user: dict[str, Any], steps: list[Step]) -> dic
         )
     subjects = subjects_of(user)
     if "archive_subjects" in existing:
+        if archived_meanwhile:
+            late = conn.execute(
+                sql.SQL("SELECT count(DISTINCT object_id) FROM {} WHERE subject = ANY(%s)").format(
+                    sql.Identifier(existing["archive_subjects"], "archive_subjects")
+                ),
+                (subjects,),
+            ).fetchone()
+            if late and late[0]:
+                raise _ArchivedMeanwhile(int(late[0]))
         conn.execute(
             sql.SQL("DELETE FROM {} WHERE subject = ANY(%s)").format(
                 sql.Identifier(existing["archive_subjects"], "archive_subjects")

@@ -187,6 +187,47 @@ def drop_partition(
     return True
 
 
+def drop_partitions(
+    conn: Any,
+    table: str,
+    months: Sequence[Partition],
+    *,
+    lock_timeout_ms: int = 2000,
+    require_empty: bool = False,
+) -> list[str]:
+    """drop_partition for several months in one transaction (one commit); a month that is not
+    empty under the DETACH's lock (``require_empty``) is kept, the others still go. Returns
+    the names dropped."""
+    dropped: list[str] = []
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout_ms)))
+        for part in months:
+            ident = sql.Identifier(part.schema, part.name)
+            with conn.transaction():  # a savepoint: a month with rows rolls back alone
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(
+                        sql.Identifier(table), ident
+                    )
+                )
+                if require_empty:
+                    left = conn.execute(
+                        sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(ident)
+                    ).fetchone()
+                    if left and left[0]:
+                        log.warning(
+                            "partition_drop_aborted",
+                            table=table,
+                            partition=part.name,
+                            reason="rows arrived after the emptiness check",
+                        )
+                        raise psycopg.Rollback()
+                conn.execute(sql.SQL("DROP TABLE {}").format(ident))
+                dropped.append(part.name)
+    for name in dropped:
+        log.info("partition_dropped", table=table, partition=name)
+    return dropped
+
+
 def ensure_months(
     conn: Any, table: str, months: Sequence[date], *, lock_timeout_ms: int = 2000
 ) -> int:

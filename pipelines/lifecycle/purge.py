@@ -118,12 +118,21 @@ class PurgePlan:
         return out
 
 
-def scan_state(conn: Any, policy: Policy, cutoff: datetime, *, exact: bool = True) -> TableState:
+def scan_state(
+    conn: Any,
+    policy: Policy,
+    cutoff: datetime,
+    *,
+    exact: bool = True,
+    count_partitions: bool = True,
+) -> TableState:
     """Read what the plan needs (counts, partitions). The only I/O before planning.
 
     ``exact=False`` (a real run) takes the planner's row estimate instead of counting: a
     count of millions of expiring rows would cost a good part of deleting them, and the
     figure only feeds the progress bar; the run records the rows it actually removed.
+    ``count_partitions=False`` skips counting the expired months (an archive run counts each
+    under its lock anyway).
     """
     t = sql.Identifier(policy.table)  # via the search_path: the app's schema, then tidemill's
     where = _where(policy, after=False)
@@ -143,7 +152,7 @@ def scan_state(conn: Any, policy: Policy, cutoff: datetime, *, exact: bool = Tru
     partition_rows: dict[str, int] = {}
     if parts.is_partitioned(conn, policy.table) and policy.age_column == "created_at":
         partitions = tuple(parts.list_partitions(conn, policy.table))
-        for p in parts.plan_expired(partitions, cutoff):
+        for p in parts.plan_expired(partitions, cutoff) if count_partitions else ():
             n = conn.execute(
                 sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(p.schema, p.name))
             ).fetchone()
