@@ -323,19 +323,30 @@ class _PathFigures:
 # ------------------------------------------------------------------- whole-partition archive
 
 
-def _slices(conn: Any, part: parts.Partition, rows: int, batch_size: int) -> list[_Slice]:
-    """Block ranges of the partition holding ``batch_size`` to about twice that many rows
-    each (``rows // batch_size`` ranges of equal size: no small tail object, which S3 charges
-    like a full one, 40 KB of overhead each in GLACIER): a TID range scan reads one as cheaply
-    as a sequential scan, with no sort and no index pass to find where each object starts.
-    The partition is locked, so the ranges cover every row exactly once (the last one runs to
-    the end of the table)."""
-    size = conn.execute(
-        "SELECT pg_relation_size(format('%%I.%%I', %s::text, %s::text)::regclass) "
-        "/ current_setting('block_size')::bigint",
-        (part.schema, part.name),
+SAMPLE_BLOCKS = 8  # heap blocks read to estimate a month's rows per block
+
+
+def _slices(conn: Any, part: parts.Partition, batch_size: int) -> list[_Slice]:
+    """Block ranges of the partition holding about ``batch_size`` to twice that many rows
+    each (``rows // batch_size`` ranges of equal size, the rows estimated from the first
+    SAMPLE_BLOCKS blocks: no small tail object, which S3 charges like a full one, 40 KB of
+    overhead each in GLACIER): a TID range scan reads one as cheaply as a sequential scan,
+    with no sort and no index pass to find where each object starts. The partition is
+    locked, so the ranges cover every row exactly once (the last one runs to the end of the
+    table); the estimate only sizes the objects."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT pg_relation_size({r}::regclass) / current_setting('block_size')::bigint, "
+            "(SELECT count(*) FROM {rel} WHERE ctid < {end}::tid)"
+        ).format(
+            r=sql.Literal(f"{sql.Identifier(part.schema, part.name).as_string(conn)}"),
+            rel=sql.Identifier(part.schema, part.name),
+            end=sql.Literal(f"({SAMPLE_BLOCKS},0)"),
+        )
     ).fetchone()
-    blocks = max(int(size[0]) if size else 1, 1)
+    blocks = max(int(row[0]) if row else 1, 1)
+    sampled = int(row[1]) if row else 0
+    rows = sampled * blocks // min(blocks, SAMPLE_BLOCKS)
     step = max(-(-blocks // max(rows // batch_size, 1)), 1)
     out = [_Slice(lo, lo + step) for lo in range(0, blocks, step)]
     return [*out[:-1], _Slice(out[-1].lo, None)]
@@ -375,11 +386,10 @@ def _archive_partition(
     rel = sql.Identifier(part.schema, part.name)
     with ctx.batch() as conn:
         conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(rel))
-        found = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(rel)).fetchone()
-        count = int(found[0]) if found else 0
-        if count == 0:
+        found = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(rel)).fetchone()
+        if not (found and found[0]):
             return  # empty already: the caller drops it
-        slices = _slices(conn, part, count, policy.batch_size)
+        slices = _slices(conn, part, policy.batch_size)
         suffix = f".{policy.format}.zst"
         keys = [partition_object_key(policy, part, i) for i in range(len(slices))]
         taken = {
@@ -394,21 +404,26 @@ def _archive_partition(
         ctx.note_pending_keys(keys)
         total = 0
         size = 0
-        # The subjects of every range are read on the run's other connection while this one
-        # streams: the month is locked against writes, so both see the same rows, and the
-        # server's second backend works while the client is busy with the COPY.
+
+        # The month's row count and the subjects of every range are read on the run's other
+        # connection while this one streams: the month is locked against writes, so both see
+        # the same rows, and the server's second backend works while the client is busy with
+        # the COPY (a count first, on this connection, was a full scan the COPY waited for).
+        def alongside() -> tuple[int, list[list[str]]]:
+            counted = ctx.meta.execute(sql.SQL("SELECT count(*) FROM {}").format(rel)).fetchone()
+            names = [
+                _subjects_of_batch(ctx.meta, policy, {}, exprs, relation=rel, where=s.where())
+                for s in slices
+            ]
+            return (int(counted[0]) if counted else 0), names
+
         with ThreadPoolExecutor(1, thread_name_prefix="archive-subjects") as pool:
-            pending = pool.submit(
-                lambda: [
-                    _subjects_of_batch(ctx.meta, policy, {}, exprs, relation=rel, where=s.where())
-                    for s in slices
-                ]
-            )
+            pending = pool.submit(alongside)
             written = []
             for piece, key in zip(slices, keys, strict=True):
                 statement = _select_statement(policy, rel, piece.where())
                 written.append(_stream_batch(ctx, conn, statement, {}, key))  # read back too
-            subjects = pending.result()
+            count, subjects = pending.result()
         for piece, key, (rows, put), names in zip(slices, keys, written, subjects, strict=True):
             if policy.storage_class:
                 ctx.storage.set_storage_class(key, policy.storage_class)
