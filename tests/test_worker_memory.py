@@ -1,4 +1,4 @@
-"""A worker's RSS does not step up with each pool thread that runs a backup (issue 18's soak).
+"""A worker's RSS does not step up as it runs backups and pipelines (issue 18's soak).
 
 The cause (core/malloc.py): glibc raises its mmap threshold after the first big block is freed,
 so a backup's 1 MiB chunks then come from the running thread's own arena and stay there, free
@@ -61,3 +61,45 @@ def test_operator_environment_and_zero_leave_glibc_alone() -> None:
     assert tune_worker_malloc(arena_max=0, mmap_threshold=0) == {}
     env = {"MALLOC_ARENA_MAX": "4", "MALLOC_MMAP_THRESHOLD_": "131072"}
     assert tune_worker_malloc(arena_max=2, mmap_threshold=262144, environ=env) == {}
+
+
+PRELOAD_PROBE = """
+import json, sys
+import dramatiq
+import workers.actors
+from workers.broker import broker
+from workers.middleware import PRELOAD_BY_QUEUE
+wanted = [m for ms in PRELOAD_BY_QUEUE.values() for m in ms]
+before = [m for m in wanted if m in sys.modules]
+worker = dramatiq.Worker(broker, queues=QUEUES, worker_threads=1, worker_timeout=100)
+worker.start()
+worker.stop()
+print(json.dumps({"before": before, "after": [m for m in wanted if m in sys.modules]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("queues", "loaded"),
+    [
+        (None, {"pipelines", "backups"}),
+        ({"backups"}, {"backups"}),
+        ({"default", "cache"}, set()),
+    ],
+)
+def test_worker_boot_imports_what_its_queues_jobs_import(
+    queues: set[str] | None, loaded: set[str]
+) -> None:
+    from workers.middleware import PRELOAD_BY_QUEUE
+
+    # Given a fresh process that imported every actor (the jobs' modules are still unloaded)
+    code = PRELOAD_PROBE.replace("QUEUES", repr(queues))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["before"] == [], seen
+    # When a worker for those queues boots, then it has imported theirs and nobody else's
+    expected = sorted(m for q in loaded for m in PRELOAD_BY_QUEUE[q])
+    assert sorted(seen["after"]) == expected
