@@ -19,6 +19,15 @@ Goals (issue 18), printed, never asserted: each process's RSS growth after a war
 10 minutes, or a third of a shorter run) < 5 %, and the intake p99 of each sample window over
 time. Default 30 minutes at 40/s (``make bench``); the issue-20 report in docs/lifecycle.md is
 ``--minutes 120 --rate 20``. ``--quick``: 3 minutes at 20/s. The last line is one JSON object.
+
+``--prune-every M --prune-age A`` (minutes) run ``outbox-relayed-prune`` every M minutes on
+done rows older than A minutes instead of every 10 minutes on rows older than an hour (a copy
+of the packaged policy file with that policy's schedule and age changed, given to every process
+as ``TIDEMILL_POLICY_FILE``), so a run of a few minutes sees many prunes that delete rows: what
+a default run sees only after its first hour. ``--backup-every M`` adds a schedule that runs
+the hourly ``backup-incremental`` job (``backup_base``, a full base backup the first time) every
+M minutes as well: the job whose freed 1 MiB buffers stepped the worker children's RSS up
+(docs/lifecycle.md).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -98,6 +108,21 @@ def table_sizes(conn: psycopg.Connection[Any]) -> dict[str, tuple[float, int]]:
         ).fetchone()
         if row:
             out[table] = (row[0] / 2**20, int(row[1]))
+    return out
+
+
+def finished_runs(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Scheduled work done so far: succeeded pipeline runs (prunes among them) and base
+    backups, the two kinds of job a worker child's RSS is read against."""
+    out = {}
+    for name, table, where in (
+        ("pipeline_runs", "pipeline_runs", "status = 'succeeded'"),
+        ("backups", "backups", "status = 'complete'"),
+    ):
+        found = conn.execute("SELECT to_regclass(%s)", (qualified(conn, table),)).fetchone()
+        if found and found[0]:
+            row = conn.execute(f"SELECT count(*) FROM {qualified(conn, table)} WHERE {where}")
+            out[name] = int(row.fetchone()[0])  # type: ignore[index]
     return out
 
 
@@ -183,12 +208,47 @@ def growth_after_warmup(samples: list[dict[str, Any]], warmup_min: float) -> dic
     return out
 
 
+def fast_prune_policy_file(path: Path, every_min: int, age_min: int) -> Path:
+    """A copy of the packaged policy file where ``outbox-relayed-prune`` runs every
+    ``every_min`` minutes on rows done ``age_min`` minutes ago; every other policy unchanged."""
+    from pipelines.lifecycle.policies import DEFAULT_FILE, load_policy_file
+
+    text = DEFAULT_FILE.read_text()
+    start = text.index('name = "outbox-relayed-prune"')
+    end = text.find("[[policy]]", start)
+    end = len(text) if end < 0 else end
+    block = re.sub(r'(?m)^age = ".*"$', f'age = "{age_min} minutes"', text[start:end])
+    block = re.sub(r'(?m)^schedule = ".*"$', f'schedule = "*/{every_min} * * * *"', block)
+    path.write_text(text[:start] + block + text[end:])
+    prune = next(p for p in load_policy_file(path) if p.name == "outbox-relayed-prune")
+    assert prune.schedule == f"*/{every_min} * * * *", prune  # the edit took
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--rate", type=float, default=40.0, help="webhooks per second")
     parser.add_argument("--every", type=float, default=60.0, help="seconds between samples")
     parser.add_argument("--quick", action="store_true", help="3 minutes at 20/s, every 20 s")
+    parser.add_argument(
+        "--prune-every",
+        type=int,
+        default=0,
+        help="minutes between outbox-relayed-prune runs (default: the policy's 10)",
+    )
+    parser.add_argument(
+        "--prune-age",
+        type=int,
+        default=2,
+        help="with --prune-every: prune outbox rows done this many minutes ago (policy: 60)",
+    )
+    parser.add_argument(
+        "--backup-every",
+        type=int,
+        default=0,
+        help="minutes between extra backup-incremental runs (default: only the hourly one)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.minutes, args.rate, args.every = 3.0, 20.0, 20.0
@@ -216,6 +276,24 @@ def main(argv: list[str] | None = None) -> int:
             "STRIPE_WEBHOOK_SECRETS": secret,
             "PYTHONPATH": str(ROOT),
         }
+        if args.prune_every:
+            env["TIDEMILL_POLICY_FILE"] = str(
+                fast_prune_policy_file(root / "policies.toml", args.prune_every, args.prune_age)
+            )
+        if args.backup_every:
+            env["TIDEMILL_SCHEDULES_EXTRA"] = json.dumps(
+                [
+                    {
+                        "name": "soak-backup-incremental",
+                        "cron": f"*/{args.backup_every} * * * *",
+                        "actor": "backup_base",
+                        "queue": "backups",
+                        "kwargs": {"incremental": True},
+                        "misfire": "skip",
+                        "misfire_grace_s": 60,
+                    }
+                ]
+            )
         with psycopg.connect(url, autocommit=True) as conn:
             users = [
                 str(r[0])
@@ -264,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                 conn.execute("ANALYZE " + ", ".join(qualified(conn, t) for t in OWN_TABLES))
                 rss = rss_by_process(procs)
                 sizes = table_sizes(conn)
+                runs = finished_runs(conn)
                 window_p99 = p99(load.take_latencies())
                 sample_: dict[str, Any] = {
                     "minute": round(minute, 2),
@@ -272,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                     "failed": load.failed,
                     "rss_mb": rss,
                     "tables": sizes,
+                    "runs": runs,
                 }
                 samples.append(sample_)
                 if not header:
@@ -279,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                         "min  accepted  p99ms  "
                         + "  ".join(sample_["rss_mb"])
                         + "  | MB(rows) "
-                        + " ".join(OWN_TABLES),
+                        + " ".join(OWN_TABLES)
+                        + "  | runs "
+                        + " ".join(runs),
                         flush=True,
                     )
                     header = True
@@ -288,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                     + f"{window_p99 or 0:5.1f}  "
                     + "  ".join(f"{v:.1f}" for v in rss.values())
                     + "  | "
-                    + " ".join(f"{mb:.1f}({rows})" for mb, rows in sizes.values()),
+                    + " ".join(f"{mb:.1f}({rows})" for mb, rows in sizes.values())
+                    + "  | "
+                    + " ".join(str(n) for n in runs.values()),
                     flush=True,
                 )
                 if now >= deadline:
@@ -339,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": "soak",
                 "minutes": last["minute"],
                 "rate": args.rate,
+                "prune_every_min": args.prune_every or 10,
+                "backup_every_min": args.backup_every or 60,
                 "accepted": last["accepted"],
                 "failed": last["failed"],
                 "rss_mb_end": {k: round(v, 1) for k, v in last["rss_mb"].items()},
@@ -346,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rss_slope_mb_per_min": slopes,
                 "intake_p99_ms": ({"min": low, "median": mid, "max": high} if p99s else None),
                 "tables_mb_end": {k: round(mb, 1) for k, (mb, _) in last["tables"].items()},
+                "runs_succeeded": last["runs"],
             }
         )
     )

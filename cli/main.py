@@ -91,6 +91,13 @@ def worker(
     from dramatiq.cli import make_argument_parser
 
     require_services(settings)
+    from core.malloc import tune_worker_malloc
+
+    # Before dramatiq forks the children and they start their threads (core/malloc.py: why).
+    malloc = tune_worker_malloc(
+        arena_max=settings.worker_malloc_arena_max,
+        mmap_threshold=settings.worker_mmap_threshold,
+    )
     argv = [
         "workers.actors",
         *(modules or []),
@@ -101,7 +108,7 @@ def worker(
     ]
     if queues:
         argv += ["--queues", *queues]
-    log.info("worker_starting", argv=argv)
+    log.info("worker_starting", argv=argv, malloc=malloc)
     raise typer.Exit(dramatiq_main(make_argument_parser().parse_args(argv)))
 
 

@@ -48,6 +48,13 @@ def _pos_int(name: str, raw: str) -> int:
     return value
 
 
+def _nonneg_int(name: str, raw: str) -> int:
+    value = _int(name, raw)
+    if value < 0:
+        raise SettingsError(f"{name}={raw!r} must be 0 or more")
+    return value
+
+
 def _optional_pos_int(name: str, raw: str) -> int | None:
     return _pos_int(name, raw) if raw.strip() else None
 
@@ -254,6 +261,23 @@ FIELDS: tuple[Field, ...] = (
         _pos_int,
     ),
     Field("TIDEMILL_WORKER_THREADS", "worker_threads", "8", "threads per worker process", _pos_int),
+    Field(
+        "TIDEMILL_WORKER_MALLOC_ARENA_MAX",
+        "worker_malloc_arena_max",
+        "2",
+        "glibc malloc arenas a worker process's threads share (0: glibc's default, 8 per core); "
+        "MALLOC_ARENA_MAX, if set, wins",
+        _nonneg_int,
+    ),
+    Field(
+        "TIDEMILL_WORKER_MMAP_THRESHOLD",
+        "worker_mmap_threshold",
+        "262144",
+        "bytes from which a worker's malloc blocks are always mmapped and given back when freed "
+        "(0: glibc's default, which rises after big blocks and then keeps them); "
+        "MALLOC_MMAP_THRESHOLD_, if set, wins",
+        _nonneg_int,
+    ),
     Field(
         "TIDEMILL_WORKER_POLL_MS",
         "worker_poll_ms",
@@ -699,6 +723,8 @@ class Settings:
     web_port: int
     worker_processes: int
     worker_threads: int
+    worker_malloc_arena_max: int
+    worker_mmap_threshold: int
     worker_poll_ms: int
     max_retries: int
     min_backoff_ms: int

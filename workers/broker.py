@@ -25,7 +25,12 @@ from dramatiq.middleware import (
 from core.log import configure_logging
 from core.settings import Settings, SettingsError, get_settings, redact_url
 from workers.jobs import JobRecord
-from workers.middleware import FreezeImports, LogContext, UnitOfWorkMiddleware
+from workers.middleware import (
+    FreezeImports,
+    LogContext,
+    PreloadJobModules,
+    UnitOfWorkMiddleware,
+)
 from workers.pause import QueuePause
 from workers.stats import Stats
 
@@ -97,6 +102,7 @@ def middleware(settings: Settings, *, metrics: bool = True) -> list[Middleware]:
             max_backoff=settings.max_backoff_ms,
         ),
         UnitOfWorkMiddleware(),
+        PreloadJobModules(),  # before FreezeImports: what it imports is frozen too
         FreezeImports(),
         Stats(),
     ]
