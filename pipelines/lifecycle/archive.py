@@ -243,21 +243,7 @@ def run(ctx: RunContext) -> ArchivePlan:
         # DETACH and DROP need brief strong locks on the parent and on the tables its foreign
         # keys reference (users, ...): behind a long transaction the drop gives up after
         # lock_timeout and the empty months wait for the next run; their rows are archived.
-        try:
-            parts.drop_partitions(
-                ctx.work,
-                policy.table,
-                whole,
-                lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
-                require_empty=True,
-            )
-        except psycopg.errors.LockNotAvailable:
-            log.warning(
-                "archive_partition_drop_deferred",
-                table=policy.table,
-                partitions=[p.name for p in whole],
-                reason="lock_timeout",
-            )
+        _drop_months(ctx, policy, whole)
         paths["partitions"].seconds = time.monotonic() - started
         first = next_bounds(ctx.work, policy, cutoff, None)  # what is left: the batched path
     started = time.monotonic()
@@ -617,6 +603,28 @@ def _stream_batch(
     return rows, put
 
 
+def _drop_months(ctx: RunContext, policy: Policy, months: list[parts.Partition]) -> None:
+    """Detach and drop archived months in one transaction, each re-checked empty under the
+    DETACH's lock (a row that arrived since keeps its month for the next run). Behind a long
+    transaction the drop gives up at lock_timeout: the months are empty and catalogued, so
+    the next run drops them."""
+    try:
+        parts.drop_partitions(
+            ctx.work,
+            policy.table,
+            months,
+            lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
+            require_empty=True,
+        )
+    except psycopg.errors.LockNotAvailable:
+        log.warning(
+            "archive_partition_drop_deferred",
+            table=policy.table,
+            partitions=[p.name for p in months],
+            reason="lock_timeout",
+        )
+
+
 def _drop_empty_partitions(ctx: RunContext, policy: Policy, cutoff: datetime) -> None:
     """Months entirely below the cutoff are empty once archived: drop them."""
     if policy.filter or policy.age_column != "created_at":
@@ -632,24 +640,9 @@ def _drop_if_empty(ctx: RunContext, policy: Policy, p: parts.Partition) -> None:
         sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(p.schema, p.name))
     ).fetchone()
     if left and not left[0]:
-        # Rows may arrive between this check and the drop: drop_partition checks again
-        # under the DETACH's lock and keeps the partition if any did. Its rows are archived:
-        # a drop that meets a long transaction waits for the next run (see run()).
-        try:
-            parts.drop_partition(
-                ctx.work,
-                policy.table,
-                p,
-                lock_timeout_ms=ctx.settings.pipeline_lock_timeout_ms,
-                require_empty=True,
-            )
-        except psycopg.errors.LockNotAvailable:
-            log.warning(
-                "archive_partition_drop_deferred",
-                table=policy.table,
-                partitions=[p.name],
-                reason="lock_timeout",
-            )
+        # Rows may arrive between this check and the drop: _drop_months checks again under
+        # the DETACH's lock and keeps the partition if any did.
+        _drop_months(ctx, policy, [p])
 
 
 # --------------------------------------------------------------------------- crash recovery

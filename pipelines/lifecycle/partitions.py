@@ -158,33 +158,11 @@ def drop_partition(
     the caller's check keeps the partition (the detach is rolled back) and waits for the next
     run to archive it.
     """
-    parent = sql.Identifier(table)
-    ident = sql.Identifier(part.schema, part.name)
-    dropped = False
-    with conn.transaction():
-        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout_ms)))
-        # Not CONCURRENTLY: Postgres refuses it when a default partition exists. The plain
-        # DETACH holds the parent's lock only for a catalog update; lock_timeout bounds the
-        # wait behind long transactions, and the run retries later if it expires.
-        conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, ident))
-        if require_empty:
-            left = conn.execute(
-                sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(ident)
-            ).fetchone()
-            if left and left[0]:
-                log.warning(
-                    "partition_drop_aborted",
-                    table=table,
-                    partition=part.name,
-                    reason="rows arrived after the emptiness check",
-                )
-                raise psycopg.Rollback()
-        conn.execute(sql.SQL("DROP TABLE {}").format(ident))
-        dropped = True
-    if not dropped:
-        return False
-    log.info("partition_dropped", table=table, partition=part.name)
-    return True
+    return bool(
+        drop_partitions(
+            conn, table, [part], lock_timeout_ms=lock_timeout_ms, require_empty=require_empty
+        )
+    )
 
 
 def drop_partitions(
@@ -203,6 +181,9 @@ def drop_partitions(
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout_ms)))
         for part in months:
             ident = sql.Identifier(part.schema, part.name)
+            # Not CONCURRENTLY: Postgres refuses it when a default partition exists. The plain
+            # DETACH holds the parent's lock only for a catalog update; lock_timeout bounds the
+            # wait behind long transactions, and the run retries later if it expires.
             with conn.transaction():  # a savepoint: a month with rows rolls back alone
                 conn.execute(
                     sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(
