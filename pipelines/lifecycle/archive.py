@@ -205,21 +205,29 @@ def columns(conn: Any, table: str) -> list[dict[str, str]]:
     ]
 
 
-def _copy_statement(policy: Policy) -> sql.Composable:
-    t = sql.Identifier(policy.table)
-    delete = sql.SQL("DELETE FROM {t} WHERE {w} RETURNING *").format(t=t, w=range_where(policy))
+def _copy_out(policy: Policy, rows: sql.Composable) -> sql.Composable:
+    """``COPY`` of the rows a query returns, in the policy's format. For JSON lines the server
+    renders each row as JSON and joins them into chunks of JSONL_CHUNK lines: the client
+    handles one COPY row per chunk instead of one per table row, which is most of the
+    client's cost at millions of rows."""
     if policy.format == "jsonl":
-        # The server renders each row as JSON and joins them into chunks of JSONL_CHUNK
-        # lines: the client handles one COPY row per chunk instead of one per table row,
-        # which is most of the client's cost at millions of rows.
         return sql.SQL(
-            "COPY (WITH gone AS ({d}), "
+            "COPY (WITH gone AS ({q}), "
             "lines AS (SELECT row_to_json(gone)::text AS line, row_number() OVER () AS n "
             "FROM gone) "
             "SELECT string_agg(line || E'\\n', '') FROM lines GROUP BY (n - 1) / {c}) "
             "TO STDOUT"
-        ).format(d=delete, c=sql.Literal(JSONL_CHUNK))
-    return sql.SQL("COPY ({d}) TO STDOUT (FORMAT csv, HEADER true)").format(d=delete)
+        ).format(q=rows, c=sql.Literal(JSONL_CHUNK))
+    return sql.SQL("COPY ({q}) TO STDOUT (FORMAT csv, HEADER true)").format(q=rows)
+
+
+def _copy_statement(policy: Policy) -> sql.Composable:
+    """A batch: its rows deleted and copied out in one statement."""
+    t = sql.Identifier(policy.table)
+    return _copy_out(
+        policy,
+        sql.SQL("DELETE FROM {t} WHERE {w} RETURNING *").format(t=t, w=range_where(policy)),
+    )
 
 
 def run(ctx: RunContext) -> ArchivePlan:
@@ -320,13 +328,14 @@ def _slices(conn: Any, part: parts.Partition, batch_size: int) -> list[_Slice]:
     with no sort and no index pass to find where each object starts. The partition is
     locked, so the ranges cover every row exactly once (the last one runs to the end of the
     table); the estimate only sizes the objects."""
+    rel = sql.Identifier(part.schema, part.name)
     row = conn.execute(
         sql.SQL(
-            "SELECT pg_relation_size({r}::regclass) / current_setting('block_size')::bigint, "
+            "SELECT pg_relation_size({r}) / current_setting('block_size')::bigint, "
             "(SELECT count(*) FROM {rel} WHERE ctid < {end}::tid)"
         ).format(
-            r=sql.Literal(f"{sql.Identifier(part.schema, part.name).as_string(conn)}"),
-            rel=sql.Identifier(part.schema, part.name),
+            r=sql.Literal(rel.as_string(conn)),
+            rel=rel,
             end=sql.Literal(f"({SAMPLE_BLOCKS},0)"),
         )
     ).fetchone()
@@ -449,16 +458,7 @@ def _month_bounds(
 
 def _select_statement(policy: Policy, rel: sql.Composable, where: sql.Composable) -> sql.Composable:
     """A slice of a locked partition: the batch statement with SELECT in place of DELETE."""
-    select = sql.SQL("SELECT * FROM {r} WHERE {w}").format(r=rel, w=where)
-    if policy.format == "jsonl":
-        return sql.SQL(
-            "COPY (WITH gone AS ({s}), "
-            "lines AS (SELECT row_to_json(gone)::text AS line, row_number() OVER () AS n "
-            "FROM gone) "
-            "SELECT string_agg(line || E'\\n', '') FROM lines GROUP BY (n - 1) / {c}) "
-            "TO STDOUT"
-        ).format(s=select, c=sql.Literal(JSONL_CHUNK))
-    return sql.SQL("COPY ({s}) TO STDOUT (FORMAT csv, HEADER true)").format(s=select)
+    return _copy_out(policy, sql.SQL("SELECT * FROM {r} WHERE {w}").format(r=rel, w=where))
 
 
 def _catalogue(
