@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from core.proc import free_port
 from core.settings import Settings, get_settings
 from tests.support.web import serve
+from web import webhooks
 from web.webhooks import MAX_BODY_BYTES, PATH
 
 EMAIL = "alice.smith@example.com"
@@ -375,6 +376,23 @@ def test_logs_carry_reason_and_size_but_no_payload(client, sql, caplog) -> None:
     # neither the address (masked or not) nor any other payload content reaches the logs
     assert "alice" not in caplog.text and "example.com" not in caplog.text
     assert "pi_1PxTest" not in caplog.text and "1999" not in caplog.text
+
+
+def test_a_log_line_that_cannot_be_written_does_not_stop_intake(
+    client, sql, caplog, monkeypatch
+) -> None:
+    """The `webhook_received` lines are written by the writer task every request waits on."""
+    caplog.set_level(logging.INFO)
+
+    def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError("log sink gone")
+
+    monkeypatch.setattr(webhooks, "info_lines", broken)
+    for i in range(3):
+        response = post_signed(client, json.dumps(sample_event(f"evt_log{i}")))
+        assert response.status_code == 200 and response.json()["duplicate"] is False
+    assert sql.execute("SELECT count(*) FROM webhook_events").fetchone()[0] == 3
+    assert len([r for r in caplog.records if _event(r) == "webhook_log_failed"]) == 3
 
 
 # --- hostile input: signed bodies that cannot be stored, headers, paths, slow bodies ------------

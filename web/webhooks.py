@@ -13,6 +13,7 @@ logged without any of its content.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +27,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from stripe import WebhookSignature  # bound once: `stripe.X` is a lazy module __getattr__
 
-from core.log import get_logger
+from core.log import get_logger, info_lines
 from core.settings import Settings
 from db.engine import connect_options, libpq_url
 
@@ -336,25 +337,47 @@ class EventWriter:
             await asyncio.sleep(0)
             while len(batch) < MAX_BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
+            stored = await self._store_batch(batch)
+            # One line per stored event, as each request's own would be, written together: a
+            # line written alone costs a request more than its signature check and parse.
+            rows = [{"event_id": e.id, "type": e.type, "duplicate": not new} for e, new in stored]
             try:
-                new = await self._write([event for event, _ in batch])
-            except Exception as exc:
-                if len(batch) == 1:
-                    _settle(batch[0][1], exc=exc)
-                    continue
-                # One bad event (say a body jsonb refuses) must not fail its neighbours: retry
-                # them one by one so that only the bad one gets its error.
-                for event, future in batch:
-                    try:
-                        _settle(future, result=event.id in await self._write([event]))
-                    except Exception as single:
-                        _settle(future, exc=single)
-                continue
-            claimed: set[str] = set()
+                info_lines(__name__, "webhook_received", rows)
+            except Exception:  # every request waits on this task: a log line must not end it
+                with contextlib.suppress(Exception):
+                    log.exception("webhook_log_failed")
+
+    async def _store_batch(
+        self, batch: list[tuple[StripeEvent, asyncio.Future[bool]]]
+    ) -> list[tuple[StripeEvent, bool]]:
+        """Store the batch and settle each request's future; (event, new) for each stored."""
+        try:
+            new = await self._write([event for event, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0][1], exc=exc)
+                return []
+            # One bad event (say a body jsonb refuses) must not fail its neighbours: retry
+            # them one by one so that only the bad one gets its error.
+            stored = []
             for event, future in batch:
-                # the same event twice in one batch: the first is new, the second a duplicate
-                _settle(future, result=event.id in new and event.id not in claimed)
-                claimed.add(event.id)
+                try:
+                    inserted = event.id in await self._write([event])
+                except Exception as single:
+                    _settle(future, exc=single)
+                else:
+                    _settle(future, result=inserted)
+                    stored.append((event, inserted))
+            return stored
+        stored = []
+        claimed: set[str] = set()
+        for event, future in batch:
+            # the same event twice in one batch: the first is new, the second a duplicate
+            inserted = event.id in new and event.id not in claimed
+            _settle(future, result=inserted)
+            claimed.add(event.id)
+            stored.append((event, inserted))
+        return stored
 
     async def _write(self, events: list[StripeEvent]) -> set[str]:
         if self.conn is None or self.conn.closed:
@@ -481,7 +504,7 @@ class StripeWebhook:
                 "webhook_store_failed", event_id=event.id, type=event.type, error=type(exc).__name__
             )
             return 503, _error("storage unavailable"), []
-        log.info("webhook_received", event_id=event.id, type=event.type, duplicate=not inserted)
+        # its `webhook_received` line was written by the writer with the rest of its batch
         return 200, _NEW if inserted else _DUPLICATE, []
 
 
