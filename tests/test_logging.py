@@ -21,16 +21,20 @@ import logging; logging.getLogger("lib").warning("library says hi to dave@exampl
 """
 
 
-def run(env: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-c", SNIPPET.format(env=env)],
+def python(code: str) -> subprocess.CompletedProcess[str]:
+    """`code` run by a fresh interpreter (logging is configured once per process)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         cwd=ROOT,
         env=dict(os.environ),
         check=True,
     )
-    return result.stderr
+
+
+def run(env: str) -> str:
+    return python(SNIPPET.format(env=env)).stderr
 
 
 def test_mask_email() -> None:
@@ -84,15 +88,7 @@ print(json.dumps(dict(one_by_one=one_by_one, together=Counting.writes - one_by_o
 
 
 def run_lines(level: str) -> dict[str, object]:
-    result = subprocess.run(
-        [sys.executable, "-c", LINES_SNIPPET.format(level=level)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ),
-        check=True,
-    )
-    return json.loads(result.stdout)
+    return json.loads(python(LINES_SNIPPET.format(level=level)).stdout)
 
 
 def test_info_lines_writes_the_lines_log_info_would_in_one_write() -> None:
