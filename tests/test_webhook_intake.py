@@ -6,6 +6,7 @@ outbox empty; an accepted one stores exactly one event row and one outbox row.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -17,11 +18,13 @@ from typing import Any
 import httpx
 import pytest
 import stripe
+import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.proc import free_port
 from core.settings import Settings, get_settings
+from tests.support.scheduler import structlog_to_caplog
 from tests.support.web import serve
 from web import webhooks
 from web.webhooks import MAX_BODY_BYTES, PATH
@@ -393,6 +396,36 @@ def test_a_log_line_that_cannot_be_written_does_not_stop_intake(
         assert response.status_code == 200 and response.json()["duplicate"] is False
     assert sql.execute("SELECT count(*) FROM webhook_events").fetchone()[0] == 3
     assert len([r for r in caplog.records if _event(r) == "webhook_log_failed"]) == 3
+
+
+@pytest.fixture
+def logs_to_caplog() -> None:
+    structlog_to_caplog()
+
+
+def test_batch_log_lines_carry_no_context_of_the_request_that_started_the_writer(
+    db, logs_to_caplog, caplog
+) -> None:
+    """The writer task is started by the first request; the lines it writes for later
+    requests' events must not carry what that request had bound."""
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        structlog.contextvars.bind_contextvars(request_id="r-first")
+        writer = webhooks.EventWriter(get_settings())
+        try:
+            event = webhooks.parse_event(json.dumps(sample_event("evt_ctx1")))
+            assert await writer.store(event) is True
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+            writer.task.cancel()
+            if writer.conn is not None:
+                await writer.conn.close()
+
+    asyncio.run(scenario())
+    received = [r.msg for r in caplog.records if _event(r) == "webhook_received"]
+    assert [line["event_id"] for line in received] == ["evt_ctx1"]
+    assert "request_id" not in received[0]
 
 
 # --- hostile input: signed bodies that cannot be stored, headers, paths, slow bodies ------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -319,7 +320,11 @@ class EventWriter:
         self.options = connect_options(settings)  # no server-side prepares behind PgBouncer
         self.queue: asyncio.Queue[tuple[StripeEvent, asyncio.Future[bool]]] = asyncio.Queue()
         self.conn: psycopg.AsyncConnection[Any] | None = None
-        self.task = asyncio.get_running_loop().create_task(self._run(), name="webhook-writer")
+        # In a context of its own: the task is started by the first request, and the batch's
+        # log lines (written here) must not carry whatever that request had bound.
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(), name="webhook-writer", context=contextvars.Context()
+        )
 
     async def store(self, event: StripeEvent) -> bool:
         """True if the event was new; raises if it could not be stored."""
