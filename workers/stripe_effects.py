@@ -157,12 +157,11 @@ _LOCK_PAYMENT = """
         SET stripe_charge_id = COALESCE(transactions.stripe_charge_id, EXCLUDED.stripe_charge_id)
     RETURNING id, user_id, status, dispute_status
 """
-# A payment's whole effect in one statement (one round trip, where it took five): find its
+# A payment's whole effect in one statement (one round trip, where it took four): find its
 # user (metadata.user_id if it names one, else the Stripe customer's), complete the
 # transaction (created if the app never wrote it), credit it once (`entry` is empty when
-# the payment was credited before, and then nothing below it moves), notify the user, and
-# say whether refunds or disputes wait for it. `owner` is NULL when no user is found, and
-# then nothing is written.
+# the payment was credited before, and then nothing below it moves) and notify the user.
+# No row when no user is found, and then nothing is written.
 _SUCCEED_PAYMENT = f"""
     WITH owner AS (
         SELECT id FROM users WHERE id = %(candidate)s::uuid
@@ -198,10 +197,7 @@ _SUCCEED_PAYMENT = f"""
         SELECT user_id, 'payment_succeeded', 'Payment received', NULL, %(notice)s::jsonb
         FROM entry
     )
-    SELECT (SELECT id FROM owner) AS owner, EXISTS (
-        SELECT FROM webhook_events
-        WHERE subject_id = %(subject)s::text AND status IN ('waiting', 'failed')
-    ) AS waiting
+    SELECT id AS owner FROM owner
 """
 # FOR KEY SHARE: the moment cannot be deleted between this check and the insert that refers
 # to it, so the foreign key cannot fail later in this transaction.
@@ -217,8 +213,14 @@ _REFUNDED_SO_FAR = """
 """
 _SET_DISPUTE = "UPDATE transactions SET dispute_status = %(status)s WHERE id = %(id)s"
 # Refunds and disputes that waited for this payment go again now, not at their next backoff.
-# Run only when _SUCCEED_PAYMENT found one waiting: an outbox INSERT, even of no rows, fires
-# the relay's wake-up NOTIFY, and NOTIFY serialises commits.
+# Looked for first: an outbox INSERT, even of no rows, fires the relay's wake-up NOTIFY, and
+# NOTIFY serialises commits. A statement of its own, after the payment's: its snapshot is taken
+# once the payment row is locked, so a refund that gave up while this payment waited for the
+# lock is seen (a check inside the payment's statement would read the older snapshot).
+_ANY_WAITING = """
+    SELECT 1 FROM webhook_events
+    WHERE subject_id = %(subject)s AND status IN ('waiting', 'failed') LIMIT 1
+"""
 _WAKE_WAITING = """
     WITH woken AS (
         UPDATE webhook_events SET status = 'received'
@@ -364,12 +366,11 @@ def payment_succeeded(uow: UnitOfWork, event: Event) -> None:
             "charge_id": charge_id,
             "event_id": event["id"],
             "notice": json.dumps(notice),
-        }
-        | subject,
+        },
     ).fetchone()
-    if row is None or row.owner is None:
+    if row is None:
         raise UnknownCustomer(f"no user for {_name(pi)}")
-    if row.waiting:
+    if uow.sql(_ANY_WAITING, subject).fetchone():
         uow.sql(_WAKE_WAITING, subject)
 
 
