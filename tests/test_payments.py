@@ -217,6 +217,53 @@ def test_unknown_customer_fails_permanently_and_replay_applies_after_fix(sql) ->
     assert sql.execute("SELECT balance FROM users").fetchone()[0] == Decimal("1.00")
 
 
+def test_payment_goes_to_the_metadata_user_else_the_customers_and_nothing_to_nobody(sql) -> None:
+    # Given one user named by metadata and another owning the Stripe customer
+    named = make_user(sql)
+    owner = make_user(sql, customer="cus_own")
+    pi = lambda n, uid, cus: {  # noqa: E731
+        **se.payment_intent(f"pi_own_{n}", user_id=uid, amount=100 * n),
+        "customer": cus,
+    }
+    events = [
+        # metadata names an existing user: that user, whatever the customer says
+        se.event("payment_intent.succeeded", pi(1, named, "cus_own"), created=T0),
+        # metadata names a UUID no user has: the customer's user
+        se.event("payment_intent.succeeded", pi(2, str(uuid.uuid4()), "cus_own"), created=T0),
+        # an expanded customer object counts as its id
+        se.event("payment_intent.succeeded", pi(4, "", {"id": "cus_own"}), created=T0),
+    ]
+    nobody = se.event("payment_intent.succeeded", pi(8, str(uuid.uuid4()), "cus_no"), created=T0)
+    apply(events)
+    se.store([nobody])
+    # When no user is found, the event fails permanently and writes nothing
+    with pytest.raises(Exception, match="no user"):
+        process_event(nobody["id"])
+    # Then each payment went to its user, once, with its notification
+    rows = sql.execute(
+        "SELECT t.stripe_payment_intent_id, t.user_id::text, l.user_id::text, n.user_id::text "
+        "FROM transactions t JOIN ledger_entries l ON l.source_id = t.stripe_payment_intent_id "
+        "JOIN notifications n ON n.data ->> 'payment_intent' = t.stripe_payment_intent_id "
+        "ORDER BY 1"
+    ).fetchall()
+    assert rows == [
+        ("pi_own_1", named, named, named),
+        ("pi_own_2", owner, owner, owner),
+        ("pi_own_4", owner, owner, owner),
+    ]
+    balances = dict(sql.execute("SELECT id::text, balance FROM users").fetchall())
+    assert balances == {named: Decimal("1.00"), owner: Decimal("6.00")}
+    assert (
+        sql.execute(
+            "SELECT count(*) FROM transactions WHERE stripe_payment_intent_id = 'pi_own_8'"
+        ).fetchone()[0]
+        == 0
+    )
+    status = sql.execute("SELECT status FROM webhook_events WHERE id = %s", (nobody["id"],))
+    assert status.fetchone()[0] == "failed"
+    assert_balance_is_sum_of_ledger(sql)
+
+
 def subscription_stream(uid: str, sub: str, cus: str, t: int) -> list[dict[str, Any]]:
     month = 30 * 86400
     return [

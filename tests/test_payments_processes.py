@@ -104,18 +104,21 @@ def test_worker_killed_mid_event_applies_it_exactly_once(servers, db, sql) -> No
     )
     se.store([e])
     env = {"TIDEMILL_HEARTBEAT_TIMEOUT_MS": "2000", "TIDEMILL_REDIS_MAINTENANCE_CHANCE": "1000000"}
-    # Given another session holding the user's row, so the worker stops inside its transaction
-    # right after it has written the ledger entry and before it moves the balance
+    # Given another session holding the user's row, so the worker stops inside its transaction,
+    # in the statement that has written the ledger entry and waits to move the balance
     with psycopg.connect(servers.database_url) as holder:
         holder.execute("SELECT 1 FROM users WHERE id = %s FOR NO KEY UPDATE", (uid,))
         process_event.send(e["id"])
         first = start_worker(processes=1, threads=2, **env)
         try:
+            # (the statement's text is longer than pg_stat_activity keeps: ask who waits for
+            # the holder instead)
             assert wait_until(
                 lambda: (
                     sql.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND query LIKE '%%UPDATE users SET balance%%'"
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE %s = ANY(pg_blocking_pids(pid)) AND wait_event_type = 'Lock'",
+                        (holder.info.backend_pid,),
                     ).fetchone()[0]
                     == 1
                 ),

@@ -154,7 +154,7 @@ def open_unit_of_work() -> UnitOfWork:
     """The current message's unit of work, opened on first use."""
     uow = _uow.get()
     if uow is None:
-        uow = UnitOfWork(lambda: get_database().sessions())
+        uow = UnitOfWork(get_database)
         _uow.set(uow)
     return uow
 

@@ -31,7 +31,17 @@ class EventNotFound(PermanentError):
     pass
 
 
-_LOCK_EVENT = "SELECT status, payload FROM webhook_events WHERE id = %(id)s FOR UPDATE"
+# Locks the event and marks it processed in one statement, returning the status it had: a
+# failure rolls the mark back with the effects, and the usual outcome costs no statement of its
+# own. FOR UPDATE in `old`: a duplicate delivery that waited for the lock sees the status the
+# first one committed (and then `marked` changes nothing).
+_LOCK_EVENT = """
+    WITH old AS (SELECT status, payload FROM webhook_events WHERE id = %(id)s FOR UPDATE),
+         marked AS (UPDATE webhook_events SET status = 'processed', attempts = attempts + 1,
+                        last_error = NULL, processed_at = now()
+                    WHERE id = %(id)s AND status NOT IN ('processed', 'ignored'))
+    SELECT status, payload FROM old
+"""
 _RECORD_FAILURE = """
     UPDATE webhook_events SET attempts = attempts + 1, last_error = %(error)s,
         status = CASE WHEN %(final)s THEN 'failed' WHEN %(waiting)s THEN 'waiting'
@@ -56,17 +66,14 @@ _QUEUE_EVENT = """
     INSERT INTO outbox (actor, queue_name, args)
     VALUES ('process_event', 'payments', jsonb_build_array(%(id)s::text))
 """
-_MARK_APPLIED = """
-    UPDATE webhook_events SET status = %(status)s, attempts = attempts + 1, last_error = NULL,
-        processed_at = now()
-    WHERE id = %(id)s
-"""
+_MARK_OUTCOME = "UPDATE webhook_events SET status = %(status)s WHERE id = %(id)s"
 
 
 # Its own retry budget: a refund that arrived before its payment waits through retries.
 @actor(queue_name="payments", max_retries=20)
 def process_event(uow: UnitOfWork, event_id: str) -> None:
-    """Lock the event row, apply it, mark it; a processed or ignored event is left alone."""
+    """Lock the event row (marking it processed), apply it, record any other outcome; a
+    processed or ignored event is left alone."""
     try:
         row = uow.sql(_LOCK_EVENT, {"id": event_id}).fetchone()
         if row is None:
@@ -75,7 +82,8 @@ def process_event(uow: UnitOfWork, event_id: str) -> None:
             log.info("webhook_event_already_applied", event_id=event_id, status=row.status)
             return
         outcome = apply_event(uow, row.payload)
-        uow.sql(_MARK_APPLIED, {"status": outcome, "id": event_id})
+        if outcome != "processed":  # 'ignored': a type nothing acts on
+            uow.sql(_MARK_OUTCOME, {"status": outcome, "id": event_id})
         log.info(
             "webhook_event_applied", event_id=event_id, type=row.payload["type"], outcome=outcome
         )

@@ -117,17 +117,11 @@ def _stripe_id(value: Any, field: str, obj: dict[str, Any]) -> str:
 _USER_BY_ID = "SELECT id FROM users WHERE id = %(id)s"
 _USER_BY_CUSTOMER = "SELECT id FROM users WHERE stripe_customer_id = %(customer)s"
 
-# The entry and the balances move in one statement, and only if the entry is new: the
-# per-currency balance always, users.balance only for an entry in the user's own currency.
-_CREDIT = """
-    WITH entry AS (
-        INSERT INTO ledger_entries (user_id, source_id, kind, amount, currency, stripe_charge_id,
-                                    stripe_event_id)
-        VALUES (%(user_id)s, %(source_id)s, %(kind)s, %(amount)s, %(currency)s, %(charge_id)s,
-                %(event_id)s)
-        ON CONFLICT (source_id) DO NOTHING
-        RETURNING user_id, amount, currency
-    ), per_currency AS (
+# The balances move in the statement that inserted the entry, and only if the entry is new
+# (`entry` returned it): the per-currency balance always, users.balance only for an entry in
+# the user's own currency.
+_MOVE_BALANCES = """
+    per_currency AS (
         INSERT INTO user_balances (user_id, currency, amount)
         SELECT user_id, currency, amount FROM entry WHERE user_id IS NOT NULL
         ON CONFLICT (user_id, currency) DO UPDATE
@@ -136,6 +130,16 @@ _CREDIT = """
         UPDATE users SET balance = users.balance + entry.amount, updated_at = now()
         FROM entry WHERE users.id = entry.user_id AND upper(users.currency) = entry.currency
     )
+"""
+_CREDIT = f"""
+    WITH entry AS (
+        INSERT INTO ledger_entries (user_id, source_id, kind, amount, currency, stripe_charge_id,
+                                    stripe_event_id)
+        VALUES (%(user_id)s, %(source_id)s, %(kind)s, %(amount)s, %(currency)s, %(charge_id)s,
+                %(event_id)s)
+        ON CONFLICT (source_id) DO NOTHING
+        RETURNING user_id, amount, currency
+    ), {_MOVE_BALANCES}
     SELECT count(*) AS inserted FROM entry
 """
 _NOTIFY = """
@@ -153,18 +157,47 @@ _LOCK_PAYMENT = """
         SET stripe_charge_id = COALESCE(transactions.stripe_charge_id, EXCLUDED.stripe_charge_id)
     RETURNING id, user_id, status, dispute_status
 """
-_COMPLETE_PAYMENT = """
-    INSERT INTO transactions (user_id, moment_id, type, amount, currency, status,
-                              stripe_payment_intent_id, stripe_charge_id, metadata)
-    VALUES (%(user_id)s, %(moment_id)s, 'payment', %(amount)s, %(currency)s, 'completed',
-            %(intent_id)s, %(charge_id)s, %(meta)s::jsonb)
-    ON CONFLICT (stripe_payment_intent_id) DO UPDATE
-        SET status = 'completed', amount = EXCLUDED.amount, currency = EXCLUDED.currency,
-            updated_at = now(),
-            stripe_charge_id = COALESCE(transactions.stripe_charge_id, EXCLUDED.stripe_charge_id),
-            metadata = CASE WHEN EXCLUDED.metadata IS NULL THEN transactions.metadata
-                            ELSE COALESCE(transactions.metadata, '{}') || EXCLUDED.metadata END
-    RETURNING id, user_id
+# A payment's whole effect in one statement (one round trip, where it took four): find its
+# user (metadata.user_id if it names one, else the Stripe customer's), complete the
+# transaction (created if the app never wrote it), credit it once (`entry` is empty when
+# the payment was credited before, and then nothing below it moves) and notify the user.
+# No row when no user is found, and then nothing is written.
+_SUCCEED_PAYMENT = f"""
+    WITH owner AS (
+        SELECT id FROM users WHERE id = %(candidate)s::uuid
+        UNION ALL
+        SELECT id FROM users WHERE stripe_customer_id = %(customer)s::text
+            AND NOT EXISTS (SELECT FROM users WHERE id = %(candidate)s::uuid)
+    ), payment AS (
+        INSERT INTO transactions (user_id, moment_id, type, amount, currency, status,
+                                  stripe_payment_intent_id, stripe_charge_id, metadata)
+        SELECT owner.id, %(moment_id)s::uuid, 'payment', %(amount)s::numeric,
+               %(currency)s::text, 'completed', %(intent_id)s::text, %(charge_id)s::text,
+               %(meta)s::jsonb
+        FROM owner
+        ON CONFLICT (stripe_payment_intent_id) DO UPDATE
+            SET status = 'completed', amount = EXCLUDED.amount, currency = EXCLUDED.currency,
+                updated_at = now(),
+                stripe_charge_id = COALESCE(transactions.stripe_charge_id,
+                                            EXCLUDED.stripe_charge_id),
+                metadata = CASE WHEN EXCLUDED.metadata IS NULL THEN transactions.metadata
+                                ELSE COALESCE(transactions.metadata, '{{}}') || EXCLUDED.metadata
+                           END
+        RETURNING user_id
+    ), entry AS (
+        INSERT INTO ledger_entries (user_id, source_id, kind, amount, currency, stripe_charge_id,
+                                    stripe_event_id)
+        SELECT COALESCE(payment.user_id, owner.id), %(intent_id)s::text, 'payment',
+               %(amount)s::numeric, %(currency)s::text, %(charge_id)s::text, %(event_id)s::text
+        FROM payment CROSS JOIN owner
+        ON CONFLICT (source_id) DO NOTHING
+        RETURNING user_id, amount, currency
+    ), {_MOVE_BALANCES}, notice AS (
+        INSERT INTO notifications (user_id, type, title, body, data)
+        SELECT user_id, 'payment_succeeded', 'Payment received', NULL, %(notice)s::jsonb
+        FROM entry
+    )
+    SELECT id AS owner FROM owner
 """
 # FOR KEY SHARE: the moment cannot be deleted between this check and the insert that refers
 # to it, so the foreign key cannot fail later in this transaction.
@@ -181,7 +214,9 @@ _REFUNDED_SO_FAR = """
 _SET_DISPUTE = "UPDATE transactions SET dispute_status = %(status)s WHERE id = %(id)s"
 # Refunds and disputes that waited for this payment go again now, not at their next backoff.
 # Looked for first: an outbox INSERT, even of no rows, fires the relay's wake-up NOTIFY, and
-# NOTIFY serialises commits.
+# NOTIFY serialises commits. A statement of its own, after the payment's: its snapshot is taken
+# once the payment row is locked, so a refund that gave up while this payment waited for the
+# lock is seen (a check inside the payment's statement would read the older snapshot).
 _ANY_WAITING = """
     SELECT 1 FROM webhook_events
     WHERE subject_id = %(subject)s AND status IN ('waiting', 'failed') LIMIT 1
@@ -201,17 +236,22 @@ def payment_subject(intent_id: str) -> str:
     return f"payment:{intent_id}"
 
 
+def _user_keys(obj: dict[str, Any]) -> tuple[uuid.UUID | None, str | None]:
+    """What names the object's user: metadata.user_id (if a UUID) and the Stripe customer."""
+    customer = obj.get("customer")
+    if isinstance(customer, dict):
+        customer = customer.get("id")
+    return _uuid(_metadata(obj).get("user_id")), customer if isinstance(customer, str) else None
+
+
 def find_user(uow: UnitOfWork, obj: dict[str, Any]) -> uuid.UUID:
     """metadata.user_id when it names a user, else the user with this Stripe customer."""
-    candidate = _uuid(_metadata(obj).get("user_id"))
+    candidate, customer = _user_keys(obj)
     if candidate is not None:
         row = uow.sql(_USER_BY_ID, {"id": candidate}).fetchone()
         if row:
             return uuid.UUID(str(row.id))
-    customer = obj.get("customer")
-    if isinstance(customer, dict):
-        customer = customer.get("id")
-    if isinstance(customer, str) and customer:
+    if customer:
         row = uow.sql(_USER_BY_CUSTOMER, {"customer": customer}).fetchone()
         if row:
             return uuid.UUID(str(row.id))
@@ -309,40 +349,27 @@ def payment_succeeded(uow: UnitOfWork, event: Event) -> None:
     amount = amount_of(pi, received, currency)
     charge = pi.get("latest_charge")
     charge_id = _stripe_id(charge, "latest_charge", pi) if charge else None
-    user_id = find_user(uow, pi)
+    candidate, customer = _user_keys(pi)
     moment = link_moment(uow, pi)
+    subject = {"subject": payment_subject(intent_id)}
+    notice = {"payment_intent": intent_id, "amount": str(amount), "currency": currency}
     row = uow.sql(
-        _COMPLETE_PAYMENT,
+        _SUCCEED_PAYMENT,
         {
-            "user_id": user_id,
+            "candidate": candidate,
+            "customer": customer or None,
             "moment_id": moment.moment_id,
             "meta": moment.meta,
             "amount": amount,
             "currency": currency,
             "intent_id": intent_id,
             "charge_id": charge_id,
+            "event_id": event["id"],
+            "notice": json.dumps(notice),
         },
     ).fetchone()
-    assert row is not None  # INSERT … ON CONFLICT DO UPDATE … RETURNING always returns the row
-    owner = row.user_id or user_id
-    if credit(
-        uow,
-        user_id=owner,
-        source_id=intent_id,
-        kind="payment",
-        amount=amount,
-        currency=currency,
-        charge_id=charge_id,
-        event_id=event["id"],
-    ):
-        notify(
-            uow,
-            owner,
-            "payment_succeeded",
-            "Payment received",
-            {"payment_intent": intent_id, "amount": str(amount), "currency": currency},
-        )
-    subject = {"subject": payment_subject(intent_id)}
+    if row is None:
+        raise UnknownCustomer(f"no user for {_name(pi)}")
     if uow.sql(_ANY_WAITING, subject).fetchone():
         uow.sql(_WAKE_WAITING, subject)
 
